@@ -1,1 +1,65 @@
-"""graphspace.graphs."""
+"""Model <-> parameter graph: one torch.fx analysis shared by graphs, merging and augmentation."""
+
+from graphspace.graphs.analysis import (
+    ACTIVATIONS,
+    EDGE_TYPES,
+    NODE_TYPES,
+    AnalysisContext,
+    ModelAnalysis,
+    NeuronSet,
+    ParamRecord,
+    analyze,
+    register_rule,
+    trace,
+)
+from graphspace.graphs.errors import (
+    ArchitectureMismatchError,
+    CoverageError,
+    GraphConversionError,
+    NonFiniteWeightError,
+    TraceError,
+    UnsupportedModuleError,
+    UnsupportedOperationError,
+)
+from graphspace.graphs.parameter_graph import GraphSpec, ParameterGraph, check_state_dict
+from graphspace.graphs.symmetry import (
+    PermutationGroup,
+    apply_permutation,
+    apply_scaling,
+    permutation_groups,
+    permute_model,
+    random_permutation,
+    random_scaling,
+    scaling_symmetries,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "EDGE_TYPES",
+    "NODE_TYPES",
+    "AnalysisContext",
+    "ArchitectureMismatchError",
+    "CoverageError",
+    "GraphConversionError",
+    "GraphSpec",
+    "ModelAnalysis",
+    "NeuronSet",
+    "NonFiniteWeightError",
+    "ParamRecord",
+    "ParameterGraph",
+    "PermutationGroup",
+    "TraceError",
+    "UnsupportedModuleError",
+    "UnsupportedOperationError",
+    "analyze",
+    "apply_permutation",
+    "apply_scaling",
+    "check_state_dict",
+    "permutation_groups",
+    "permute_model",
+    "random_permutation",
+    "random_scaling",
+    "register_rule",
+    "scaling_symmetries",
+    "trace",
+]

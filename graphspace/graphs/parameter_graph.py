@@ -1,0 +1,367 @@
+r"""``ParameterGraph``: a neural network as a PyG graph whose edges are its parameters.
+
+Nodes are neurons (model inputs, every output of a ``Linear``/``Conv``, normalised copies of
+channels, residual sums, attention ``Q``/``K``/``V`` neurons); edges are parameters. The graph
+converts back to the exact same state dict (bit for bit), so a graph can be edited and loaded
+into a model again.
+
+Node features (``x``, float, ``[num_nodes, 3]``): bias (or norm shift ``beta``), BatchNorm
+running mean, BatchNorm running variance (zero where absent). Integer node attributes:
+``node_type`` (:data:`~graphspace.graphs.analysis.NODE_TYPES`), ``node_layer`` (depth),
+``node_role`` (0 hidden, 1 input, 2 output), ``node_pos`` (input/output position, -1 hidden),
+``node_act`` (activation applied to the neuron, :data:`~graphspace.graphs.analysis.ACTIVATIONS`),
+``node_head`` (attention head, -1 otherwise).
+
+Edge features: ``edge_attr`` holds weights. With ``kernel="edge"`` (Graph Metanetworks,
+Lim et al. 2024) every kernel entry is its own edge, ``edge_attr`` is ``[E, 1]`` and ``edge_pos``
+``[E, 3]`` gives the entry's spatial offset (for a ``Linear`` after a flatten: the flattened
+spatial position). With ``kernel="channel"`` (Neural Graphs, Kofinas et al. 2024) there is one
+edge per channel pair and ``edge_attr`` is ``[E, prod(kernel_pad)]``: the kernel zero-padded
+(centred) to ``kernel_pad``. ``edge_type`` (:data:`~graphspace.graphs.analysis.EDGE_TYPES`) and
+``edge_layer`` are integer edge attributes; non-parameter edges (residual, products, attention
+``q -> k`` links) come after all parameter edges.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.data import Data
+
+from graphspace.graphs.analysis import ModelAnalysis, ParamRecord, analyze
+from graphspace.graphs.errors import ArchitectureMismatchError, NonFiniteWeightError
+
+KERNEL_MODES = ("edge", "channel")
+
+
+@dataclass
+class GraphSpec:
+    """What a graph needs to go back to a state dict (kept per graph, survives batching)."""
+
+    records: list[ParamRecord]
+    ranges: dict[str, tuple[int, int]]
+    extras: dict[str, Tensor]
+    kernel: str
+    kernel_pad: tuple[int, ...] | None
+    pad_index: dict[str, Tensor] = field(default_factory=dict)
+    num_param_edges: int = 0
+    analysis: ModelAnalysis | None = None
+
+    def __repr__(self) -> str:  # keep Data/Batch reprs short
+        return f"GraphSpec({len(self.records)} entries, kernel={self.kernel!r})"
+
+
+def _spatial_pad(records: Sequence[ParamRecord]) -> tuple[int, ...]:
+    nd = max([len(r.spatial) for r in records if r.kind == "edge"] + [1])
+    pad = [1] * nd
+    for r in records:
+        if r.kind != "edge":
+            continue
+        sp = (1,) * (nd - len(r.spatial)) + tuple(r.spatial)
+        pad = [max(a, b) for a, b in zip(pad, sp)]
+    return tuple(pad)
+
+
+def _pad_positions(spatial: Sequence[int], pad: Sequence[int]) -> Tensor:
+    """Flat indices, in a ``pad`` grid, of a centred kernel of shape ``spatial``."""
+    nd = len(pad)
+    sp = (1,) * (nd - len(spatial)) + tuple(spatial)
+    if any(s > p for s, p in zip(sp, pad)):
+        raise ValueError(f"kernel of shape {tuple(spatial)} does not fit kernel_pad={tuple(pad)}")
+    grids = torch.meshgrid(
+        *[torch.arange(s) + (p - s) // 2 for s, p in zip(sp, pad)], indexing="ij"
+    )
+    strides = [math.prod(pad[i + 1:]) for i in range(nd)]
+    flat = sum(g.reshape(-1) * st for g, st in zip(grids, strides))
+    return flat if isinstance(flat, Tensor) else torch.zeros(1, dtype=torch.long)
+
+
+def _canonical(t: Tensor, r: ParamRecord) -> Tensor:
+    assert r.view_shape is not None and r.perm is not None
+    return t.reshape(r.view_shape).permute(r.perm)
+
+
+def _from_canonical(c: Tensor, r: ParamRecord) -> Tensor:
+    assert r.perm is not None
+    inv = [0] * len(r.perm)
+    for i, p in enumerate(r.perm):
+        inv[p] = i
+    return c.permute(inv).reshape(r.shape)
+
+
+def _expand_src(r: ParamRecord, o: int, i_local: int, s: int) -> Tensor:
+    assert r.src is not None
+    if r.groups == 1:
+        return r.src.view(1, i_local, 1).expand(o, i_local, s)
+    g = r.groups
+    return r.src.view(g, 1, i_local, 1).expand(g, o // g, i_local, s).reshape(o, i_local, s)
+
+
+def _float_dtype(state: dict[str, Tensor], records: Sequence[ParamRecord]) -> torch.dtype:
+    dt = None
+    for r in records:
+        if r.kind == "extra":
+            continue
+        t = state[r.key]
+        if t.is_floating_point():
+            dt = t.dtype if dt is None else torch.promote_types(dt, t.dtype)
+    if dt is None or dt in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dt
+
+
+class ParameterGraph(Data):
+    """A PyG graph of a network's parameters that converts back to the exact weights.
+
+    Build one with :meth:`from_module` (or :meth:`from_state_dict` to reuse one analysis for
+    many checkpoints of an architecture), go back with :meth:`to_state_dict` or
+    :meth:`load_into`. Works with :class:`torch_geometric.data.Batch`, including batches of
+    different architectures (``batch.to_data_list()`` gives back graphs that convert back).
+    """
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_module(
+        cls,
+        model: nn.Module,
+        example_input: Any = None,
+        *,
+        kernel: str = "edge",
+        kernel_pad: Sequence[int] | None = None,
+        leaf_modules: Sequence[type] = (),
+        check_finite: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> ParameterGraph:
+        """Convert ``model`` (not modified) into a parameter graph.
+
+        Args:
+            model: a ``torch.fx``-traceable module.
+            example_input: optional example input, used to check shapes exactly.
+            kernel: ``"edge"`` (one edge per kernel entry, Graph Metanetworks) or
+                ``"channel"`` (one edge per channel pair with the padded kernel, Neural
+                Graphs).
+            kernel_pad: with ``kernel="channel"``, the spatial shape kernels are padded to
+                (default: the largest kernel of this model; fix it to batch models).
+            leaf_modules: extra module types kept as leaves of the trace.
+            check_finite: raise :class:`NonFiniteWeightError` on NaN/Inf weights.
+            dtype: float dtype of the graph (default: the widest parameter dtype, at least
+                float32, so the round trip is exact).
+        """
+        analysis = analyze(model, example_input, leaf_modules)
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        return cls.from_state_dict(state, analysis, kernel=kernel, kernel_pad=kernel_pad,
+                                   check_finite=check_finite, dtype=dtype)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: dict[str, Tensor],
+        analysis: ModelAnalysis,
+        *,
+        kernel: str = "edge",
+        kernel_pad: Sequence[int] | None = None,
+        check_finite: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> ParameterGraph:
+        """Build the graph of ``state_dict`` for an architecture analysed once with
+        :func:`graphspace.graphs.analyze`."""
+        if kernel not in KERNEL_MODES:
+            raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {kernel!r}")
+        check_state_dict(state_dict, analysis)
+        records = analysis.records
+        if check_finite:
+            bad = [r.key for r in records if state_dict[r.key].is_floating_point()
+                   and not bool(torch.isfinite(state_dict[r.key]).all())]
+            if bad:
+                raise NonFiniteWeightError(f"non-finite (NaN or Inf) values in {bad}")
+        dt = dtype or _float_dtype(state_dict, records)
+        pad = None
+        if kernel == "channel":
+            pad = tuple(kernel_pad) if kernel_pad is not None else _spatial_pad(records)
+        # edge counts
+        sizes: list[int] = []
+        for r in records:
+            if r.kind == "edge":
+                c = r.canonical_shape
+                sizes.append(c[0] * c[1] * (math.prod(c[2:]) if kernel == "edge" else 1))
+            elif r.kind == "diag":
+                sizes.append(r.numel)
+            else:
+                sizes.append(0)
+        n_param = sum(sizes)
+        n_struct = sum(int(s.src.numel()) for s in analysis.struct_edges)
+        e = n_param + n_struct
+        width = 1 if kernel == "edge" else math.prod(pad or (1,))
+        edge_index = torch.empty(2, e, dtype=torch.long)
+        edge_attr = torch.zeros(e, width, dtype=dt)
+        edge_type = torch.empty(e, dtype=torch.long)
+        edge_layer = torch.empty(e, dtype=torch.long)
+        edge_pos = torch.zeros(e, 3, dtype=torch.long) if kernel == "edge" else None
+        x = torch.zeros(analysis.num_nodes, 3, dtype=dt)
+        ranges: dict[str, tuple[int, int]] = {}
+        extras: dict[str, Tensor] = {}
+        pad_index: dict[str, Tensor] = {}
+        a = 0
+        for r, n in zip(records, sizes):
+            t = state_dict[r.key]
+            if r.kind == "edge":
+                c = _canonical(t, r)
+                o, il = c.shape[0], c.shape[1]
+                sp = tuple(c.shape[2:])
+                s = math.prod(sp)
+                if kernel == "edge":
+                    b = a + n
+                    assert r.dst is not None
+                    edge_index[1, a:b].view(o, il, s).copy_(r.dst.view(o, 1, 1).expand(o, il, s))
+                    edge_index[0, a:b].view(o, il, s).copy_(_expand_src(r, o, il, s))
+                    edge_attr[a:b, 0].view(c.shape).copy_(c)
+                    if sp:
+                        if len(sp) > 3:
+                            raise ValueError(f"'{r.key}': more than 3 spatial dimensions")
+                        grid = torch.stack(torch.meshgrid(*[torch.arange(k) for k in sp],
+                                                          indexing="ij"), -1).view(s, len(sp))
+                        edge_pos[a:b, : len(sp)].view(o, il, s, len(sp)).copy_(  # type: ignore
+                            grid.view(1, 1, s, len(sp)).expand(o, il, s, len(sp)))
+                else:
+                    b = a + n
+                    assert r.dst is not None
+                    edge_index[1, a:b].view(o, il).copy_(r.dst.view(o, 1).expand(o, il))
+                    edge_index[0, a:b].view(o, il).copy_(_expand_src(r, o, il, 1)[..., 0])
+                    idx = _pad_positions(sp, pad)  # type: ignore[arg-type]
+                    pad_index[r.key] = idx
+                    edge_attr[a:b][:, idx] = c.reshape(o * il, s).to(dt)
+            elif r.kind == "diag":
+                b = a + n
+                assert r.dst is not None and r.src is not None
+                edge_index[1, a:b] = r.dst
+                edge_index[0, a:b] = r.src
+                col = 0 if kernel == "edge" else int(_pad_positions((), pad)[0])  # type: ignore
+                edge_attr[a:b, col] = t.to(dt)
+            elif r.kind == "node":
+                b = a
+                assert r.nodes is not None
+                x[r.nodes, r.column] = t.reshape(-1).to(dt)
+            else:
+                b = a
+                extras[r.key] = t.clone()
+            if r.kind in ("edge", "diag"):
+                edge_type[a:b] = r.edge_type
+                edge_layer[a:b] = r.layer
+                ranges[r.key] = (a, b)
+            a = b
+        for se in analysis.struct_edges:
+            b = a + int(se.src.numel())
+            edge_index[0, a:b] = se.src
+            edge_index[1, a:b] = se.dst
+            col = 0 if kernel == "edge" else int(_pad_positions((), pad)[0])  # type: ignore
+            edge_attr[a:b, col] = se.weight
+            edge_type[a:b] = se.edge_type
+            edge_layer[a:b] = se.layer
+            a = b
+        spec = GraphSpec(records=records, ranges=ranges, extras=extras, kernel=kernel,
+                         kernel_pad=pad, pad_index=pad_index, num_param_edges=n_param,
+                         analysis=analysis)
+        g = cls(
+            x=x,
+            edge_index=edge_index,
+            edge_attr=edge_attr,
+            edge_type=edge_type,
+            edge_layer=edge_layer,
+            node_type=analysis.node_type.clone(),
+            node_layer=analysis.node_layer.clone(),
+            node_role=analysis.node_role.clone(),
+            node_pos=analysis.node_pos.clone(),
+            node_act=analysis.node_act.clone(),
+            node_head=analysis.node_head.clone(),
+            num_nodes=analysis.num_nodes,
+        )
+        if edge_pos is not None:
+            g.edge_pos = edge_pos
+        g.spec = spec
+        return g
+
+    # -- back to weights ----------------------------------------------------------------------
+    def to_state_dict(self) -> dict[str, Tensor]:
+        """The state dict this graph represents (exact: the original dtypes and values)."""
+        spec: GraphSpec = self.spec
+        if isinstance(spec, list):
+            raise ValueError("this is a batch: call batch.to_data_list() and convert each graph")
+        out: dict[str, Tensor] = {}
+        ea = self.edge_attr
+        for r in spec.records:
+            if r.kind == "edge":
+                a, b = spec.ranges[r.key]
+                c = r.canonical_shape
+                if spec.kernel == "edge":
+                    vals = ea[a:b, 0].reshape(c)
+                else:
+                    o, il = c[0], c[1]
+                    vals = ea[a:b][:, spec.pad_index[r.key]].reshape(c)
+                out[r.key] = _from_canonical(vals, r).to(r.dtype).clone()
+            elif r.kind == "diag":
+                a, b = spec.ranges[r.key]
+                col = 0 if spec.kernel == "edge" else int(_pad_positions((), spec.kernel_pad)[0])
+                out[r.key] = ea[a:b, col].reshape(r.shape).to(r.dtype).clone()
+            elif r.kind == "node":
+                assert r.nodes is not None
+                out[r.key] = self.x[r.nodes, r.column].reshape(r.shape).to(r.dtype).clone()
+            else:
+                out[r.key] = spec.extras[r.key].clone()
+        keys = spec.analysis.state_keys if spec.analysis is not None else list(out)
+        return {k: out[k] for k in keys}
+
+    def load_into(self, model: nn.Module, strict: bool = True) -> nn.Module:
+        """Load this graph's weights into ``model`` (in place) and return it.
+
+        Raises :class:`ArchitectureMismatchError` naming the first differing tensor.
+        """
+        sd = self.to_state_dict()
+        target = model.state_dict()
+        for k, v in target.items():
+            if k not in sd:
+                if strict:
+                    raise ArchitectureMismatchError(f"the graph has no tensor '{k}'")
+                continue
+            if tuple(v.shape) != tuple(sd[k].shape):
+                raise ArchitectureMismatchError(
+                    f"tensor '{k}' has shape {tuple(sd[k].shape)} in the graph but "
+                    f"{tuple(v.shape)} in the model"
+                )
+        extra = [k for k in sd if k not in target]
+        if extra and strict:
+            raise ArchitectureMismatchError(f"the model has no tensor '{extra[0]}'")
+        model.load_state_dict(sd, strict=strict)
+        return model
+
+    def to_module(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` holding this graph's weights (``model`` is untouched)."""
+        return self.load_into(copy.deepcopy(model))
+
+    @property
+    def num_param_edges(self) -> int:
+        """Number of edges that carry a parameter entry (the rest are structural)."""
+        return int(self.spec.num_param_edges)
+
+    def __inc__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        return super().__inc__(key, value, *args, **kwargs)
+
+
+def check_state_dict(state_dict: dict[str, Tensor], analysis: ModelAnalysis) -> None:
+    """Raise :class:`ArchitectureMismatchError` naming the first tensor that differs."""
+    for r in analysis.records:
+        if r.key not in state_dict:
+            raise ArchitectureMismatchError(f"missing tensor '{r.key}'")
+        if tuple(state_dict[r.key].shape) != r.shape:
+            raise ArchitectureMismatchError(
+                f"tensor '{r.key}' has shape {tuple(state_dict[r.key].shape)}, expected {r.shape}"
+            )
+    known = {r.key for r in analysis.records}
+    for k in state_dict:
+        if k not in known:
+            raise ArchitectureMismatchError(f"unexpected tensor '{k}'")
