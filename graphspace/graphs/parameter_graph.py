@@ -15,7 +15,8 @@ running mean, BatchNorm running variance (zero where absent). Integer node attri
 Edge features: ``edge_attr`` holds weights. With ``kernel="edge"`` (Graph Metanetworks,
 Lim et al. 2024) every kernel entry is its own edge, ``edge_attr`` is ``[E, 1]`` and ``edge_pos``
 ``[E, 3]`` gives the entry's spatial offset (for a ``Linear`` after a flatten: the flattened
-spatial position). With ``kernel="channel"`` (Neural Graphs, Kofinas et al. 2024) there is one
+spatial position; stored as ``int16``, or ``int32`` for offsets beyond 32767, to keep an 11M-edge
+graph small: call ``.long()`` before an embedding lookup). With ``kernel="channel"`` (Neural Graphs, Kofinas et al. 2024) there is one
 edge per channel pair and ``edge_attr`` is ``[E, prod(kernel_pad)]``: the kernel zero-padded
 (centred) to ``kernel_pad``. ``edge_type`` (:data:`~graphspace.graphs.analysis.EDGE_TYPES`) and
 ``edge_layer`` are integer edge attributes; non-parameter edges (residual, products, attention
@@ -202,7 +203,11 @@ class ParameterGraph(Data):
         edge_attr = torch.zeros(e, width, dtype=dt)
         edge_type = torch.empty(e, dtype=torch.long)
         edge_layer = torch.empty(e, dtype=torch.long)
-        edge_pos = torch.zeros(e, 3, dtype=torch.long) if kernel == "edge" else None
+        edge_pos = None
+        if kernel == "edge":
+            max_sp = max([max(r.spatial, default=0) for r in records if r.kind == "edge"] + [0])
+            pos_dtype = torch.int16 if max_sp <= torch.iinfo(torch.int16).max else torch.int32
+            edge_pos = torch.empty(e, 3, dtype=pos_dtype)
         x = torch.zeros(analysis.num_nodes, 3, dtype=dt)
         ranges: dict[str, tuple[int, int]] = {}
         extras: dict[str, Tensor] = {}
@@ -221,13 +226,15 @@ class ParameterGraph(Data):
                     edge_index[1, a:b].view(o, il, s).copy_(r.dst.view(o, 1, 1).expand(o, il, s))
                     edge_index[0, a:b].view(o, il, s).copy_(_expand_src(r, o, il, s))
                     edge_attr[a:b, 0].view(c.shape).copy_(c)
+                    assert edge_pos is not None
+                    if len(sp) > 3:
+                        raise ValueError(f"'{r.key}': more than 3 spatial dimensions")
                     if sp:
-                        if len(sp) > 3:
-                            raise ValueError(f"'{r.key}': more than 3 spatial dimensions")
                         grid = torch.stack(torch.meshgrid(*[torch.arange(k) for k in sp],
                                                           indexing="ij"), -1).view(s, len(sp))
-                        edge_pos[a:b, : len(sp)].view(o, il, s, len(sp)).copy_(  # type: ignore
+                        edge_pos[a:b, : len(sp)].view(o, il, s, len(sp)).copy_(
                             grid.view(1, 1, s, len(sp)).expand(o, il, s, len(sp)))
+                    edge_pos[a:b, len(sp):] = 0
                 else:
                     b = a + n
                     assert r.dst is not None
@@ -238,6 +245,8 @@ class ParameterGraph(Data):
                     edge_attr[a:b][:, idx] = c.reshape(o * il, s).to(dt)
             elif r.kind == "diag":
                 b = a + n
+                if edge_pos is not None:
+                    edge_pos[a:b] = 0
                 assert r.dst is not None and r.src is not None
                 edge_index[1, a:b] = r.dst
                 edge_index[0, a:b] = r.src
@@ -255,6 +264,8 @@ class ParameterGraph(Data):
                 edge_layer[a:b] = r.layer
                 ranges[r.key] = (a, b)
             a = b
+        if edge_pos is not None:
+            edge_pos[n_param:] = 0
         for se in analysis.struct_edges:
             b = a + int(se.src.numel())
             edge_index[0, a:b] = se.src
@@ -301,7 +312,6 @@ class ParameterGraph(Data):
                 if spec.kernel == "edge":
                     vals = ea[a:b, 0].reshape(c)
                 else:
-                    o, il = c[0], c[1]
                     vals = ea[a:b][:, spec.pad_index[r.key]].reshape(c)
                 out[r.key] = _from_canonical(vals, r).to(r.dtype).clone()
             elif r.kind == "diag":

@@ -1,0 +1,76 @@
+import os
+
+import pytest
+import torch
+
+from graphspace.cli import main
+from graphspace.graphs import ParameterGraph
+from graphspace.graphs.io import load_graph, save_graph
+from graphspace.io import (
+    UntrustedCheckpointError,
+    atomic_write,
+    load_state_dict,
+    save_state_dict,
+)
+from graphspace.testing.models import SmallCNN
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_untrusted_checkpoint_is_refused(tmp_path):
+    p = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(1), "payload": Evil()}, p)
+    with pytest.raises(UntrustedCheckpointError, match="refusing"):
+        load_state_dict(p)
+
+
+def test_state_dict_files_round_trip(tmp_path):
+    m = SmallCNN()
+    for name in ("a.safetensors", "b.pt"):
+        save_state_dict(m.state_dict(), tmp_path / name)
+        sd = load_state_dict(tmp_path / name)
+        assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    torch.save({"state_dict": m.state_dict(), "epoch": 3}, tmp_path / "wrapped.pt")
+    assert set(load_state_dict(tmp_path / "wrapped.pt")) == set(m.state_dict())
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def boom(p):
+        with open(p, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, boom)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_graph_file_round_trip(tmp_path):
+    m = SmallCNN()
+    g = ParameterGraph.from_module(m)
+    save_graph(g, tmp_path / "g.safetensors")
+    g2 = load_graph(tmp_path / "g.safetensors", SmallCNN())
+    sd = g2.to_state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+
+
+def test_cli_convert_and_info(tmp_path, capsys):
+    m = SmallCNN()
+    save_state_dict(m.state_dict(), tmp_path / "m.safetensors")
+    out = tmp_path / "g.safetensors"
+    rc = main(["convert", str(tmp_path / "m.safetensors"), "--model",
+               "graphspace.testing.models:SmallCNN", "-o", str(out)])
+    assert rc == 0 and out.exists()
+    g = load_graph(out, SmallCNN())
+    assert torch.equal(g.to_state_dict()["fc.weight"], m.fc.weight)
+    assert main(["info", "--model", "graphspace.testing.models:ResNet"]) == 0
+    text = capsys.readouterr().out
+    assert "permutation group stem" in text
+    assert main(["nonsense"]) == 2
