@@ -13,14 +13,15 @@ running mean, BatchNorm running variance (zero where absent). Integer node attri
 ``node_head`` (attention head, -1 otherwise).
 
 Edge features: ``edge_attr`` holds weights. With ``kernel="edge"`` (Graph Metanetworks,
-Lim et al. 2024) every kernel entry is its own edge, ``edge_attr`` is ``[E, 1]`` and ``edge_pos``
-``[E, 3]`` gives the entry's spatial offset (for a ``Linear`` after a flatten: the flattened
-spatial position; stored as ``int16``, or ``int32`` for offsets beyond 32767, to keep an 11M-edge
-graph small: call ``.long()`` before an embedding lookup). With ``kernel="channel"`` (Neural Graphs, Kofinas et al. 2024) there is one
-edge per channel pair and ``edge_attr`` is ``[E, prod(kernel_pad)]``: the kernel zero-padded
-(centred) to ``kernel_pad``. ``edge_type`` (:data:`~graphspace.graphs.analysis.EDGE_TYPES`) and
-``edge_layer`` are integer edge attributes; non-parameter edges (residual, products, attention
-``q -> k`` links) come after all parameter edges.
+Lim et al. 2024) every kernel entry is its own edge, ``edge_attr`` is ``[E, 1]`` and
+``edge_pos`` ``[E, 3]`` gives the entry's spatial offset (for a ``Linear`` after a flatten:
+the flattened spatial position). ``edge_pos`` is stored as ``int16`` (``int32`` for offsets
+beyond 32767) to keep an 11M-edge graph small: call ``.long()`` before an embedding lookup.
+With ``kernel="channel"`` (Neural Graphs, Kofinas et al. 2024) there is one edge per channel
+pair and ``edge_attr`` is ``[E, prod(kernel_pad)]``: the kernel zero-padded (centred) to
+``kernel_pad``. ``edge_type`` (:data:`~graphspace.graphs.analysis.EDGE_TYPES`) and
+``edge_layer`` are integer edge attributes. Non-parameter edges (residual sums, products,
+attention ``q -> k`` links) come after all parameter edges.
 """
 
 from __future__ import annotations

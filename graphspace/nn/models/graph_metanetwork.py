@@ -1,0 +1,175 @@
+r"""``GraphMetaNetwork``: a GNN over parameter graphs, invariant to hidden-neuron permutations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graphspace.graphs.analysis import ACTIVATIONS, EDGE_TYPES, NODE_TYPES
+from graphspace.nn.models.backbones import BACKBONES, make_block
+from graphspace.ops import scatter
+
+READOUTS = ("pool", "output")
+
+
+class ParameterGraphEncoder(nn.Module):
+    r"""Embeds parameter-graph nodes and edges.
+
+    Node embedding: :math:`W_x \mathbf{x} + E_{type} + E_{layer} + E_{io} + E_{act}` where the
+    input/output embedding :math:`E_{io}` distinguishes each input and output position (inputs
+    and outputs are not permutable) and gives all hidden neurons one shared vector, so the
+    encoding is invariant to permutations of hidden neurons (Lim et al. 2024; Kofinas et al.
+    2024). Edge embedding: :math:`W_e \mathbf{e} + E_{type} + E_{layer} + \sum_d E^{(d)}_{pos}`.
+    Attention head indices are deliberately not encoded (heads are permutable).
+    """
+
+    def __init__(self, hidden_channels: int, edge_channels: int, node_in: int = 3,
+                 edge_in: int = 1, max_layers: int = 64, max_io: int = 1024,
+                 max_pos: int = 64) -> None:
+        super().__init__()
+        self.max_layers, self.max_io, self.max_pos = max_layers, max_io, max_pos
+        self.node_lin = nn.Linear(node_in, hidden_channels)
+        self.node_type = nn.Embedding(len(NODE_TYPES), hidden_channels)
+        self.node_layer = nn.Embedding(max_layers, hidden_channels)
+        self.node_io = nn.Embedding(1 + 2 * max_io, hidden_channels)
+        self.node_act = nn.Embedding(len(ACTIVATIONS), hidden_channels)
+        self.edge_lin = nn.Linear(edge_in, edge_channels)
+        self.edge_type = nn.Embedding(len(EDGE_TYPES), edge_channels)
+        self.edge_layer = nn.Embedding(max_layers, edge_channels)
+        self.edge_pos = nn.ModuleList(nn.Embedding(max_pos, edge_channels) for _ in range(3))
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.reset_parameters()
+
+    def forward(self, data: Any) -> tuple[Tensor, Tensor]:
+        x = self.node_lin(data.x)
+        x = x + self.node_type(data.node_type) + self.node_layer(
+            data.node_layer.clamp_max(self.max_layers - 1))
+        role, pos = data.node_role, data.node_pos.clamp(0, self.max_io - 1)
+        io = torch.where(role == 1, 1 + pos, torch.where(role == 2, 1 + self.max_io + pos,
+                                                         torch.zeros_like(pos)))
+        x = x + self.node_io(io) + self.node_act(data.node_act)
+        e = self.edge_lin(data.edge_attr) + self.edge_type(data.edge_type) + self.edge_layer(
+            data.edge_layer.clamp_max(self.max_layers - 1))
+        ep = getattr(data, "edge_pos", None)
+        if ep is not None:
+            ep = ep.long().clamp(0, self.max_pos - 1)
+            for d in range(3):
+                e = e + self.edge_pos[d](ep[:, d])
+        return x, e
+
+
+class GraphMetaNetwork(nn.Module):
+    r"""A graph metanetwork: encoder, message-passing blocks, readout.
+
+    It consumes :class:`~graphspace.graphs.ParameterGraph` batches (``torch_geometric`` ``Batch``
+    objects) of any architectures and returns one vector per network. Every block is equivariant
+    to node permutations and the encoder gives hidden neurons no identity, so the output is
+    invariant to permutations of each input network's hidden neurons (but not of its input or
+    output neurons).
+
+    Args:
+        out_channels (int): size of the per-network output.
+        hidden_channels (int): node width (default 64).
+        edge_channels (int): edge width (default ``hidden_channels``).
+        num_layers (int): message-passing blocks (default 4).
+        backbone (str): ``"metanet"`` (:class:`~graphspace.nn.conv.MetaNetworkConv`, default),
+            or another family from :data:`graphspace.nn.models.backbones.BACKBONES`.
+        readout (str): ``"pool"`` (DeepSets: mean and max over nodes and mean over edges, then an
+            MLP) or ``"output"`` (concatenate the output neurons' features in output order,
+            plus the pooled features; every network in a batch must have as many outputs as
+            ``num_outputs``).
+        num_outputs (int): output neurons per network for ``readout="output"``.
+        bidirectional (bool): also pass messages along reversed edges (with a direction
+            embedding) (default ``True``).
+        node_in (int), edge_in (int): raw feature sizes (3 and 1 for ``kernel="edge"`` graphs).
+        backbone_kwargs (dict): extra arguments for the blocks.
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        hidden_channels: int = 64,
+        edge_channels: int | None = None,
+        num_layers: int = 4,
+        backbone: str = "metanet",
+        readout: str = "pool",
+        num_outputs: int = 0,
+        bidirectional: bool = True,
+        node_in: int = 3,
+        edge_in: int = 1,
+        dropout: float = 0.0,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
+        if readout not in READOUTS:
+            raise ValueError(f"unknown readout {readout!r}; choose from {READOUTS}")
+        if readout == "output" and num_outputs <= 0:
+            raise ValueError("readout='output' needs num_outputs > 0")
+        edge_channels = edge_channels or hidden_channels
+        self.out_channels = out_channels
+        self.hidden_channels = hidden_channels
+        self.backbone = backbone
+        self.readout = readout
+        self.num_outputs = num_outputs
+        self.bidirectional = bidirectional
+        self.encoder = ParameterGraphEncoder(hidden_channels, edge_channels, node_in, edge_in)
+        self.direction = nn.Embedding(2, edge_channels)
+        self.blocks = nn.ModuleList(
+            make_block(backbone, hidden_channels, edge_channels, dropout,
+                       **(backbone_kwargs or {}))
+            for _ in range(num_layers)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden_channels) for _ in range(num_layers))
+        pooled = 3 * hidden_channels
+        if readout == "output":
+            pooled += num_outputs * hidden_channels
+        self.head = nn.Sequential(nn.Linear(pooled, hidden_channels), nn.SiLU(),
+                                  nn.Dropout(dropout), nn.Linear(hidden_channels, out_channels))
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def forward(self, data: Any) -> Tensor:
+        x, e = self.encoder(data)
+        edge_index = data.edge_index
+        batch = getattr(data, "batch", None)
+        if batch is None:
+            batch = torch.zeros(x.size(0), dtype=torch.long, device=x.device)
+        num_graphs = int(getattr(data, "num_graphs", 1) or 1)
+        if self.bidirectional:
+            edge_index = torch.cat([edge_index, edge_index.flip(0)], dim=1)
+            d = self.direction.weight
+            e = torch.cat([e + d[0], e + d[1]], dim=0)
+        for block, norm in zip(self.blocks, self.norms):
+            x, e = block(x, edge_index, e, batch)
+            x = norm(x)
+        ebatch = batch.index_select(0, edge_index[1])
+        pooled = [scatter(x, batch, 0, num_graphs, "mean"), scatter(x, batch, 0, num_graphs, "max"),
+                  scatter(e, ebatch, 0, num_graphs, "mean")]
+        if self.readout == "output":
+            pooled.append(self._outputs(x, data, batch, num_graphs))
+        return self.head(torch.cat(pooled, dim=-1))
+
+    def _outputs(self, x: Tensor, data: Any, batch: Tensor, num_graphs: int) -> Tensor:
+        mask = data.node_role == 2
+        counts = torch.bincount(batch[mask], minlength=num_graphs)
+        if bool((counts != self.num_outputs).any()):
+            raise ValueError(f"readout='output' expects {self.num_outputs} output neurons per "
+                             f"network, got {counts.tolist()}")
+        key = batch[mask] * self.num_outputs + data.node_pos[mask]
+        order = torch.argsort(key)
+        return x[mask][order].reshape(num_graphs, self.num_outputs * x.size(-1))
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(out_channels={self.out_channels}, "
+                f"hidden_channels={self.hidden_channels}, num_layers={len(self.blocks)}, "
+                f"backbone={self.backbone!r}, readout={self.readout!r})")
