@@ -1,0 +1,73 @@
+r"""INR classification: recognise the image class that an implicit neural representation encodes.
+
+The benchmark of DWSNets (Navon et al. 2023), NFN (Zhou et al. 2023) and Neural Graphs (Kofinas
+et al. 2024): each sample is a SIREN fitted to one image (MNIST / Fashion-MNIST in the papers,
+the scikit-learn digits zoo offline); the label is the image class. A metanetwork must be
+invariant to the SIREN's hidden-neuron permutations (and may use its sign-flip symmetry as an
+augmentation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Accuracy
+
+from graphspace.nn.models.graph_metanetwork import GraphMetaNetwork
+
+
+class INRClassifier(pl.LightningModule):
+    """Classify parameter graphs of INRs with a graph metanetwork.
+
+    Args:
+        num_classes: number of image classes (default 10).
+        model: the metanetwork (default ``GraphMetaNetwork(num_classes)``); it must return
+            ``[batch, num_classes]`` logits.
+        lr, weight_decay: AdamW settings.
+        label_smoothing: cross-entropy label smoothing (default 0).
+    """
+
+    def __init__(self, num_classes: int = 10, model: nn.Module | None = None, lr: float = 1e-3,
+                 weight_decay: float = 0.0, label_smoothing: float = 0.0,
+                 target: str = "y") -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model if model is not None else GraphMetaNetwork(num_classes)
+        self.acc = nn.ModuleDict({f"{s}_acc": Accuracy("multiclass", num_classes=num_classes)
+                                  for s in ("train", "val", "test")})
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.model(batch)
+
+    def _common_step(self, batch: Any, stage: str) -> Tensor:
+        y = getattr(batch, self.hparams.target).view(-1).long()
+        logits = self(batch)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        acc = self.acc[f"{stage}_acc"]
+        acc(logits.argmax(-1), y)
+        self.log(f"{stage}/loss", loss, batch_size=y.numel(), prog_bar=True)
+        self.log(f"{stage}/acc", acc, batch_size=y.numel(), prog_bar=True,
+                 on_epoch=True, on_step=False)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._common_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._common_step(batch, "test")
+
+    def results_table(self) -> str:
+        acc = self.trainer.callback_metrics.get("test/acc") if self._trainer else None
+        value = float(acc) if acc is not None else float("nan")
+        return f"| model | test accuracy |\n|---|---|\n| gmn | {value:.4f} |"
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
+                                 weight_decay=self.hparams.weight_decay)
