@@ -1,0 +1,75 @@
+r"""Activation matching (Ainsworth et al. 2023, "Git Re-Basin", sec. 3.1).
+
+For every permutation group :math:`P`, B's neurons are assigned to A's by maximising the
+summed cross-correlation of their activations on data,
+
+.. math::
+    \pi_P = \arg\max_{\pi} \sum_i \sum_{s \in P}
+            \mathrm{corr}\big(a^{(s)}_i,\; b^{(s)}_{\pi(i)}\big),
+
+where :math:`s` runs over the neuron sets tied in :math:`P` (a residual stream sums the
+correlations of all its members) and activations are taken over every sample, spatial position
+and token. Activations do not depend on the permutations of other groups, so each group is one
+assignment; groups sharing attention heads use the head-aware block assignment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from graphspace.merge.activations import activation_statistics
+from graphspace.merge.assignment import LapSolver
+from graphspace.merge.spec import AlignmentSpec
+from graphspace.merge.weight_matching import MatchResult, solve_unit
+
+
+def activation_matching(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable,
+    *,
+    spec: AlignmentSpec | None = None,
+    num_batches: int | None = None,
+    backend: str | LapSolver = "auto",
+    eps: float = 1e-8,
+) -> MatchResult:
+    """Permutations of B's neurons maximising activation correlation with A.
+
+    Args:
+        model_a: reference model.
+        model_b: model to align (same architecture).
+        loader: iterable of batches (tensors, ``(x, y)`` pairs or dicts with ``"x"``).
+        spec: the architecture's :class:`AlignmentSpec` (built if omitted).
+        num_batches: use only the first ``num_batches`` batches.
+        backend: linear-assignment backend.
+        eps: added to the standard deviations in the correlation.
+
+    Models are evaluated in eval mode (their mode is restored afterwards).
+    """
+    spec = spec or AlignmentSpec(model_a)
+    spec.check(model_b.state_dict(), "model B")
+    sets = sorted({s for g in spec.groups for s in g.sets})
+    modes = (model_a.training, model_b.training)
+    model_a.eval()
+    model_b.eval()
+    try:
+        stats = activation_statistics(model_a, loader, sets, model_b, num_batches,
+                                      analysis=spec.analysis, analysis_b=spec.analysis)
+    finally:
+        model_a.train(modes[0])
+        model_b.train(modes[1])
+    perms = {}
+    for unit in spec.units:
+        costs = []
+        for gi in unit:
+            g = spec.groups[gi]
+            c = torch.zeros(g.size, g.size, dtype=torch.float64)
+            for s in g.sets:
+                c += stats[s].correlation(eps).cpu()
+            costs.append(c.numpy())
+        for gi, p in zip(unit, solve_unit(spec, unit, costs, backend)):
+            perms[spec.groups[gi].name] = torch.from_numpy(p)
+    return MatchResult(perms=perms, passes=1)

@@ -1,0 +1,242 @@
+r"""Activations of neuron sets, read through the same torch.fx trace as the model analysis.
+
+:class:`ActivationTap` runs a model through the graph traced by
+:func:`graphspace.graphs.trace` and returns, for each requested neuron set of the analysis, its
+values as a ``[samples, neurons]`` matrix (the neuron axis moved last; batch, spatial positions
+and tokens all count as samples). The fx node that produces each set, and where its neuron axis
+lies, come from the analysis walk itself, so every set the analysis knows (``Linear``/``Conv``
+outputs, norms, residual sums, ...) is found without per-architecture code. Sets that no traced
+value carries (attention ``Q``/``K``/``V`` neurons inside ``MultiheadAttention``) are computed
+from their incoming dense parameter record: :math:`z = x W^\top + b`.
+
+Values are *pre-activations* (the output of the layer, before its nonlinearity).
+
+:func:`activation_statistics` streams per-neuron means and (co)variances of one or two models
+over a loader; activation matching, activation-based OT fusion and REPAIR use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from graphspace.graphs import ModelAnalysis, analyze
+from graphspace.graphs.analysis import Act, AnalysisContext, _Walker, trace
+from graphspace.graphs.parameter_graph import _canonical
+from graphspace.merge._utils import batch_input, iterate, model_device, to_device
+from graphspace.merge.spec import node_lookup
+
+
+def _set_producers(model: nn.Module) -> tuple[fx.GraphModule, dict[int, tuple[str, int, int]]]:
+    """The traced module and ``set id -> (fx node name, neuron axis, offset on that axis)``."""
+    from graphspace.graphs import rules  # noqa: F401  (registers the built-in rules)
+
+    gm = trace(model)
+    ctx = AnalysisContext(model)
+    walker = _Walker(ctx, gm, None)
+    walker.run()
+    out: dict[int, tuple[str, int, int]] = {}
+    for node in gm.graph.nodes:
+        v = walker.env.get(node)
+        if not isinstance(v, Act) or not v.segs or v.flat is not None:
+            continue
+        off = 0
+        for s in v.segs:
+            if s not in out:
+                out[s] = (node.name, v.cdim, off)
+            off += ctx.sets[s].size
+    return gm, out
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = out
+        return out
+
+
+class ActivationTap:
+    """Pre-activations of neuron sets of ``model`` on an input batch.
+
+    Args:
+        model: the model (used as is: its current weights and train/eval mode).
+        sets: neuron-set ids to return (default: every hidden permutable set).
+        analysis: the model's analysis (computed if omitted).
+
+    Example:
+        >>> tap = ActivationTap(model)            # doctest: +SKIP
+        >>> acts = tap(x)                         # {set_id: [samples, neurons]}
+    """
+
+    def __init__(self, model: nn.Module, sets: Iterable[int] | None = None,
+                 analysis: ModelAnalysis | None = None) -> None:
+        self.model = model
+        self.analysis = analysis or analyze(model)
+        a = self.analysis
+        self.gm, self.producers = _set_producers(model)
+        if sets is None:
+            sets = [s.id for s in a.sets if s.permutable]
+        self.sets = list(sets)
+        self.derived: dict[int, tuple[str, Tensor, str | None, Tensor | None]] = {}
+        need = set(self.sets)
+        todo = [s for s in self.sets if s not in self.producers]
+        while todo:
+            s = todo.pop()
+            if s in self.derived:
+                continue
+            key, rows, bkey, brows, srcs = self._incoming(s)
+            self.derived[s] = (key, rows, bkey, brows)
+            for t in srcs:
+                need.add(t)
+                if t not in self.producers and t not in self.derived:
+                    todo.append(t)
+        self._need = need
+        self._wanted = {self.producers[s][0] for s in need if s in self.producers}
+
+    def _incoming(self, s: int) -> tuple[str, Tensor, str | None, Tensor | None, list[int]]:
+        a = self.analysis
+        nodes = a.sets[s].nodes
+        for r in a.records:
+            if r.kind != "edge" or s not in r.dst_sets:
+                continue
+            if r.spatial or r.groups != 1:
+                break
+            assert r.dst is not None
+            rows = node_lookup(r.dst, a.num_nodes)[nodes]
+            bkey, brows = None, None
+            for rb in a.records:
+                if rb.kind == "node" and rb.column == 0 and rb.nodes is not None and \
+                        s in rb.dst_sets:
+                    bkey, brows = rb.key, node_lookup(rb.nodes, a.num_nodes)[nodes]
+            return r.key, rows, bkey, brows, list(r.src_sets)
+        raise ValueError(
+            f"no traced value carries neuron set {a.sets[s].name!r} ({a.sets[s].kind}) and it is "
+            "not produced by a dense (Linear-like) parameter: its activations cannot be read")
+
+    @torch.no_grad()
+    def __call__(self, x: Any) -> dict[int, Tensor]:
+        rec = _Recorder(self.gm, self._wanted)
+        args = x if isinstance(x, tuple) else (x,)
+        rec.run(*args)
+        out: dict[int, Tensor] = {}
+
+        def get(s: int) -> Tensor:
+            if s in out:
+                return out[s]
+            size = self.analysis.sets[s].size
+            if s in self.producers:
+                name, cdim, off = self.producers[s]
+                v = rec.values[name]
+                if isinstance(v, (tuple, list)):
+                    v = v[0]
+                v = v.narrow(cdim if cdim >= 0 else v.dim() + cdim, off, size)
+                if cdim != -1 and v.dim() > 2:
+                    v = v.movedim(cdim, -1)
+                out[s] = v.reshape(-1, size)
+            else:
+                key, rows, bkey, brows = self.derived[s]
+                r = self.analysis.record(key)
+                state = self.model.state_dict()
+                w = _canonical(state[key], r).reshape(r.canonical_shape[0], -1)
+                xs = torch.cat([get(t) for t in r.src_sets], dim=1)
+                z = xs @ w[rows.to(w.device)].T
+                if bkey is not None and brows is not None:
+                    z = z + state[bkey].reshape(-1)[brows.to(w.device)]
+                out[s] = z
+            return out[s]
+
+        return {s: get(s) for s in self.sets}
+
+
+@dataclass
+class SetStatistics:
+    """Streaming statistics of one neuron set: per-neuron means and variances of model A (and
+    B), and the cross moment :math:`E[a b^\\top]` when two models are tapped."""
+
+    count: int
+    mean_a: Tensor
+    var_a: Tensor
+    mean_b: Tensor | None = None
+    var_b: Tensor | None = None
+    cross: Tensor | None = None
+
+    @property
+    def std_a(self) -> Tensor:
+        return self.var_a.clamp_min(0).sqrt()
+
+    @property
+    def std_b(self) -> Tensor:
+        assert self.var_b is not None
+        return self.var_b.clamp_min(0).sqrt()
+
+    def correlation(self, eps: float = 1e-8) -> Tensor:
+        r"""Pearson correlation :math:`\mathrm{corr}(a_i, b_j)` (``[n_A, n_B]``)."""
+        assert self.cross is not None and self.mean_b is not None
+        cov = self.cross - self.mean_a[:, None] * self.mean_b[None, :]
+        return cov / (self.std_a[:, None] * self.std_b[None, :] + eps)
+
+    def squared_distance(self) -> Tensor:
+        r""":math:`E[(a_i - b_j)^2]` (``[n_A, n_B]``), the activation ground cost of OT fusion."""
+        assert self.cross is not None and self.mean_b is not None and self.var_b is not None
+        ea2 = self.var_a + self.mean_a ** 2
+        eb2 = self.var_b + self.mean_b ** 2
+        return ea2[:, None] + eb2[None, :] - 2 * self.cross
+
+
+@torch.no_grad()
+def activation_statistics(
+    model_a: nn.Module,
+    loader: Iterable,
+    sets: Sequence[int] | None = None,
+    model_b: nn.Module | None = None,
+    num_batches: int | None = None,
+    analysis: ModelAnalysis | None = None,
+    analysis_b: ModelAnalysis | None = None,
+) -> dict[int, SetStatistics]:
+    """Per-set activation statistics of ``model_a`` (and ``model_b``, paired sample by sample)
+    over the first ``num_batches`` batches of ``loader``. Models are run in their current mode.
+    """
+    tap_a = ActivationTap(model_a, sets, analysis)
+    tap_b = ActivationTap(model_b, tap_a.sets, analysis_b) if model_b is not None else None
+    dev_a = model_device(model_a)
+    dev_b = model_device(model_b) if model_b is not None else dev_a
+    acc: dict[int, list[Any]] = {}
+    for batch in iterate(loader, num_batches):
+        x = batch_input(batch)
+        xa = tap_a(to_device(x, dev_a))
+        xb = tap_b(to_device(x, dev_b)) if tap_b is not None else None
+        for s, va in xa.items():
+            va = va.double()
+            st = acc.setdefault(s, [0, 0.0, 0.0, 0.0, 0.0, 0.0])
+            st[0] += va.shape[0]
+            st[1] = st[1] + va.sum(0)
+            st[2] = st[2] + (va * va).sum(0)
+            if xb is not None:
+                vb = xb[s].double().to(va.device)
+                if vb.shape[0] != va.shape[0]:
+                    raise ValueError(f"set {s}: models A and B give different sample counts")
+                st[3] = st[3] + vb.sum(0)
+                st[4] = st[4] + (vb * vb).sum(0)
+                st[5] = st[5] + va.T @ vb
+    if not acc:
+        raise ValueError("the loader yielded no batches")
+    out = {}
+    for s, (n, sa, sa2, sb, sb2, sab) in acc.items():
+        ma = sa / n
+        res = SetStatistics(count=n, mean_a=ma, var_a=sa2 / n - ma ** 2)
+        if tap_b is not None:
+            mb = sb / n
+            res.mean_b, res.var_b, res.cross = mb, sb2 / n - mb ** 2, sab / n
+        out[s] = res
+    return out

@@ -1,0 +1,163 @@
+r"""The permutation structure that matching needs, derived from the shared model analysis.
+
+:class:`AlignmentSpec` reads :func:`graphspace.graphs.permutation_groups` and the parameter
+records of :func:`graphspace.graphs.analyze` and lists, for every permutation group :math:`P`,
+each axis of each state-dict entry that :math:`P` indexes (a *slot*): the rows of a weight whose
+output neurons are in :math:`P`, the columns of a weight consuming :math:`P` (also after a
+flatten: the canonical layout ``(out, in_per_group, *spatial)`` keeps the channel axis), biases,
+norm scales and shifts. Nothing is written per architecture: a residual stream, a BatchNorm or
+an attention projection is whatever the analysis tied together.
+
+Slots are index vectors into the canonical layout: ``index[k]`` is the row (or column) of the
+group's ``k``-th neuron in one member set. A record may hold several member sets of a group
+(e.g. the ``Q`` and ``K`` rows of a packed ``in_proj_weight``); each is its own slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graphspace.graphs import (
+    ModelAnalysis,
+    ParamRecord,
+    PermutationGroup,
+    analyze,
+    check_state_dict,
+    permutation_groups,
+)
+from graphspace.graphs.parameter_graph import _canonical
+
+
+@dataclass
+class Slot:
+    """Axis ``axis`` (0 rows / vector entries, 1 columns) of entry ``key`` at ``index``."""
+
+    key: str
+    axis: int
+    index: Tensor
+
+
+def node_lookup(nodes: Tensor, num_nodes: int) -> Tensor:
+    """``inv[v]``: the position of node ``v`` in ``nodes`` (-1 where absent)."""
+    inv = torch.full((num_nodes,), -1, dtype=torch.long)
+    inv[nodes] = torch.arange(nodes.numel())
+    return inv
+
+
+class AlignmentSpec:
+    """Permutation groups of an architecture and the state-dict axes each one indexes.
+
+    Args:
+        model: a module or a :class:`~graphspace.graphs.ModelAnalysis`.
+        example_input: optional input used by the analysis to check shapes.
+        include_buffers: also use BatchNorm running statistics in matching costs (they are
+            permuted either way).
+    """
+
+    def __init__(self, model: nn.Module | ModelAnalysis, example_input: Any = None,
+                 include_buffers: bool = False) -> None:
+        self.analysis = model if isinstance(model, ModelAnalysis) else analyze(model,
+                                                                               example_input)
+        a = self.analysis
+        self.groups: list[PermutationGroup] = permutation_groups(a)
+        self.index = {g.name: i for i, g in enumerate(self.groups)}
+        self.records: dict[str, ParamRecord] = {r.key: r for r in a.records}
+        n = a.num_nodes
+        self.node_group = torch.full((n,), -1, dtype=torch.long)
+        for gi, g in enumerate(self.groups):
+            for m in g.members:
+                self.node_group[m] = gi
+        self._inv: dict[tuple[str, int], Tensor] = {}
+        self._device_cache: dict[tuple[str, int, torch.device], tuple[Tensor, Tensor]] = {}
+        self.slots: list[list[Slot]] = [[] for _ in self.groups]
+        self.matched: list[str] = []
+        for r in a.records:
+            if r.kind == "extra" or (r.kind == "node" and r.column != 0 and not include_buffers):
+                continue
+            self.matched.append(r.key)
+            axes = [(0, r.dst if r.kind in ("edge", "diag") else r.nodes)]
+            if r.kind == "edge" and r.groups == 1:
+                axes.append((1, r.src))
+            for axis, nodes in axes:
+                assert nodes is not None
+                inv = node_lookup(nodes, n)
+                self._inv[(r.key, axis)] = inv
+                gids = torch.unique(self.node_group[nodes])
+                for gi in gids.tolist():
+                    if gi < 0:
+                        continue
+                    for m in self.groups[gi].members:
+                        idx = inv[m]
+                        if bool((idx >= 0).all()):
+                            self.slots[gi].append(Slot(r.key, axis, idx))
+        # matching units: a group alone, or all groups sharing an attention head permutation
+        units: dict[Any, list[int]] = {}
+        for gi, g in enumerate(self.groups):
+            key = ("heads", g.head_group) if g.num_heads and g.head_group is not None else gi
+            units.setdefault(key, []).append(gi)
+        self.units: list[list[int]] = list(units.values())
+
+    # ------------------------------------------------------------------------------------------
+    def check(self, state: Mapping[str, Tensor], name: str = "model") -> None:
+        """Raise :class:`~graphspace.graphs.ArchitectureMismatchError` naming the first
+        tensor of ``state`` that does not fit this architecture."""
+        from graphspace.graphs import ArchitectureMismatchError
+
+        try:
+            check_state_dict(dict(state), self.analysis)
+        except ArchitectureMismatchError as e:
+            raise ArchitectureMismatchError(f"{name}: {e}") from None
+
+    def canonical(self, state: Mapping[str, Tensor], device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The matched entries of ``state`` in canonical layout (vectors as ``[n, 1]``)."""
+        out = {}
+        for key in self.matched:
+            r = self.records[key]
+            t = state[key].detach()
+            t = t.to(device=device, dtype=dtype or (t.dtype if t.is_floating_point()
+                                                     else torch.float32))
+            out[key] = _canonical(t, r) if r.kind == "edge" else t.reshape(-1, 1)
+        return out
+
+    def identity(self) -> dict[str, Tensor]:
+        return {g.name: torch.arange(g.size) for g in self.groups}
+
+    def node_map(self, perms: Mapping[str, Tensor], device: torch.device | None = None
+                 ) -> Tensor:
+        """``node_map[v]``: the (old) node whose values new node ``v`` takes under ``perms``."""
+        nm = torch.arange(self.analysis.num_nodes)
+        for g in self.groups:
+            p = perms.get(g.name)
+            if p is None:
+                continue
+            p = torch.as_tensor(p, dtype=torch.long).cpu()
+            for m in g.members:
+                nm[m] = m[p]
+        return nm.to(device) if device is not None else nm
+
+    def positions(self, key: str, axis: int, node_map: Tensor) -> Tensor | None:
+        """Indices that apply ``node_map`` along ``axis`` of ``key`` (``None``: not permuted)."""
+        ck = (key, axis, node_map.device)
+        cached = self._device_cache.get(ck)
+        if cached is None:
+            inv = self._inv.get((key, axis))
+            if inv is None:
+                return None
+            r = self.records[key]
+            nodes = (r.dst if r.kind in ("edge", "diag") else r.nodes) if axis == 0 else r.src
+            assert nodes is not None
+            cached = self._device_cache[ck] = (inv.to(node_map.device),
+                                               nodes.to(node_map.device))
+        inv, nodes = cached
+        return inv[node_map[nodes]]
+
+
+def invert(perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse permutation of every group."""
+    return {k: torch.argsort(torch.as_tensor(p)) for k, p in perms.items()}
