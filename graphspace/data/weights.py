@@ -1,0 +1,393 @@
+r"""Fast parameter graphs for model zoos, per-layer weight statistics and normalisation.
+
+A zoo holds thousands of checkpoints of a few architectures. :class:`GraphBuilder` analyses an
+architecture once and then fills its :class:`~graphspace.graphs.ParameterGraph` from a flat
+parameter vector with two gathers (about 10x faster than
+:meth:`ParameterGraph.from_state_dict <graphspace.graphs.ParameterGraph.from_state_dict>`, with
+identical output; 0.15 ms instead of 2 ms for a Small CNN).
+
+:func:`map_records` / :func:`set_state_dict` edit the weights that a graph carries, tensor by
+tensor (the inverse of :meth:`~graphspace.graphs.ParameterGraph.to_state_dict`); augmentations
+and :class:`NormalizeWeights` are built on them.
+
+Weight normalisation (as in DWSNets, Navon et al. 2023, and Neural Graphs, Kofinas et al.
+2024) standardises every parameter tensor :math:`W_\ell` with statistics of the *training*
+split,
+
+.. math::
+    \hat W_\ell = (W_\ell - \mu_\ell) / \sigma_\ell ,
+
+where :math:`\mu_\ell, \sigma_\ell` are scalars pooled over all entries and networks
+(``per_element=False``) or tensors of :math:`W_\ell`'s shape (``per_element=True``, the DWSNets
+statistics files).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.transforms import BaseTransform
+
+from graphspace.graphs import ModelAnalysis, ParameterGraph, ParamRecord, analyze
+from graphspace.graphs.parameter_graph import _canonical, _pad_positions
+
+__all__ = [
+    "GraphBuilder",
+    "NormalizeWeights",
+    "WeightStatistics",
+    "compute_statistics",
+    "is_weight_record",
+    "map_records",
+    "set_state_dict",
+]
+
+
+def is_weight_record(r: ParamRecord) -> bool:
+    """Whether a state-dict entry is a trainable weight (weights, biases, norm scales/shifts) and
+    not a buffer (BatchNorm running statistics, ``num_batches_tracked``)."""
+    return r.kind in ("edge", "diag") or (r.kind == "node" and r.column == 0)
+
+
+class GraphBuilder:
+    """Build parameter graphs of one architecture from flat parameter vectors.
+
+    The flat layout is the model's ``state_dict()`` order, every tensor flattened row-major in
+    PyTorch layout (buffers included). ``build(flatten(sd))`` equals
+    ``ParameterGraph.from_state_dict(sd, analyze(model), kernel=..., dtype=...)``.
+
+    Args:
+        model: the architecture (a module or its :class:`~graphspace.graphs.ModelAnalysis`).
+        kernel: ``"edge"`` or ``"channel"`` (see :class:`~graphspace.graphs.ParameterGraph`).
+        kernel_pad: spatial padding of kernels with ``kernel="channel"``.
+        dtype: float dtype of the graphs (default ``float32``).
+    """
+
+    def __init__(self, model: nn.Module | ModelAnalysis, kernel: str = "edge",
+                 kernel_pad: Sequence[int] | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        a = model if isinstance(model, ModelAnalysis) else analyze(model)
+        self.analysis = a
+        self.kernel = kernel
+        self.dtype = dtype
+        recs = {r.key: r for r in a.records}
+        self.records = [recs[k] for k in a.state_keys]
+        self.offsets: dict[str, tuple[int, int]] = {}
+        off = 0
+        idx_sd: dict[str, Tensor] = {}
+        for r in self.records:
+            n = math.prod(r.shape)
+            self.offsets[r.key] = (off, off + n)
+            idx_sd[r.key] = torch.arange(off + 1, off + n + 1, dtype=torch.float64).reshape(
+                r.shape)
+            off += n
+        self.numel = off
+        if off >= 2 ** 52:
+            raise ValueError("architecture too large for the flat index map")
+        g = ParameterGraph.from_state_dict(idx_sd, a, kernel=kernel, kernel_pad=kernel_pad,
+                                           check_finite=False, dtype=torch.float64)
+        p = g.num_param_edges
+        self._edge_map = g.edge_attr[:p].round().long()  # 0 = zero padding, else index + 1
+        self._x_map = g.x.round().long()
+        self._struct_attr = g.edge_attr[p:].to(dtype)
+        self._template = g
+        self.spec = g.spec
+        self._extras = [r for r in self.records if r.kind == "extra"]
+        self._tensor_keys = [k for k in ("edge_index", "edge_type", "edge_layer", "edge_pos",
+                                         "node_type", "node_layer", "node_role", "node_pos",
+                                         "node_act", "node_head") if k in g]
+
+    # -- flat <-> state dict --------------------------------------------------------------------
+    def flatten(self, state_dict: Mapping[str, Tensor], dtype: torch.dtype = torch.float32
+                ) -> Tensor:
+        """The flat vector of ``state_dict`` (keys and shapes must match the architecture)."""
+        parts = []
+        for r in self.records:
+            t = state_dict[r.key]
+            if tuple(t.shape) != tuple(r.shape):
+                raise ValueError(f"'{r.key}' has shape {tuple(t.shape)}, expected {r.shape}")
+            parts.append(t.detach().reshape(-1).to(dtype))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """The state dict held by a flat vector (tensors get the architecture's dtypes)."""
+        if flat.numel() != self.numel:
+            raise ValueError(f"flat vector has {flat.numel()} entries, expected {self.numel}")
+        return {r.key: flat[a:b].reshape(r.shape).to(r.dtype)
+                for r, (a, b) in zip(self.records, self.offsets.values())}
+
+    # -- graphs ---------------------------------------------------------------------------------
+    def build(self, flat: Tensor) -> ParameterGraph:
+        """The parameter graph of the network whose flat parameter vector is ``flat``."""
+        if flat.numel() != self.numel:
+            raise ValueError(f"flat vector has {flat.numel()} entries, expected {self.numel}")
+        v = torch.cat([flat.new_zeros(1), flat.reshape(-1)]).to(self.dtype)
+        edge_attr = torch.cat([v[self._edge_map], self._struct_attr])
+        x = v[self._x_map]
+        t = self._template
+        g = ParameterGraph(x=x, edge_attr=edge_attr, num_nodes=t.num_nodes,
+                           **{k: t[k].clone() for k in self._tensor_keys})
+        spec = self.spec
+        if self._extras:
+            extras = {}
+            for r in self._extras:
+                a, b = self.offsets[r.key]
+                extras[r.key] = flat[a:b].reshape(r.shape).to(r.dtype)
+            spec = dataclasses.replace(spec, extras=extras)
+        g.spec = spec
+        return g
+
+    def build_from_state_dict(self, state_dict: Mapping[str, Tensor]) -> ParameterGraph:
+        return self.build(self.flatten(state_dict, torch.float64 if self.dtype == torch.float64
+                                       else torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Editing the weights a graph carries
+# ----------------------------------------------------------------------------------------------
+
+
+def _center_col(spec: Any) -> int:
+    return 0 if spec.kernel == "edge" else int(_pad_positions((), spec.kernel_pad)[0])
+
+
+def map_records(
+    graph: ParameterGraph,
+    fn: Callable[[ParamRecord, Tensor], Tensor | None],
+    records: Iterable[ParamRecord] | None = None,
+) -> ParameterGraph:
+    """A shallow copy of ``graph`` whose parameter values are replaced by ``fn``'s output.
+
+    ``fn(record, values)`` receives a state-dict entry's current values -- in the canonical
+    layout ``record.canonical_shape`` for weights (``(out, in_per_group, *spatial)``), as a
+    vector for per-neuron entries -- and returns new values of the same shape, or ``None`` to
+    keep them. ``graph`` itself is not modified (new ``x`` / ``edge_attr`` tensors).
+    """
+    spec = graph.spec
+    if isinstance(spec, list):
+        raise ValueError("this is a batch: call batch.to_data_list() first")
+    ea = graph.edge_attr.clone()
+    x = graph.x.clone()
+    col = _center_col(spec)
+    for r in (spec.records if records is None else records):
+        if r.kind == "edge":
+            a, b = spec.ranges[r.key]
+            c = r.canonical_shape
+            if spec.kernel == "edge":
+                cur = ea[a:b, 0].reshape(c)
+            else:
+                cur = ea[a:b][:, spec.pad_index[r.key]].reshape(c)
+            new = fn(r, cur)
+            if new is None:
+                continue
+            if spec.kernel == "edge":
+                ea[a:b, 0] = new.reshape(-1).to(ea.dtype)
+            else:
+                ea[a:b, spec.pad_index[r.key]] = new.reshape(c[0] * c[1], -1).to(ea.dtype)
+        elif r.kind == "diag":
+            a, b = spec.ranges[r.key]
+            new = fn(r, ea[a:b, col])
+            if new is not None:
+                ea[a:b, col] = new.reshape(-1).to(ea.dtype)
+        elif r.kind == "node":
+            assert r.nodes is not None
+            new = fn(r, x[r.nodes, r.column])
+            if new is not None:
+                x[r.nodes, r.column] = new.reshape(-1).to(x.dtype)
+    out = copy.copy(graph)
+    out.edge_attr = ea
+    out.x = x
+    return out
+
+
+def set_state_dict(graph: ParameterGraph, state_dict: Mapping[str, Tensor]) -> ParameterGraph:
+    """A copy of ``graph`` carrying ``state_dict``'s weights (the inverse of ``to_state_dict``;
+    the architecture must be the graph's). Non-parameter entries go to the graph's spec."""
+    spec = graph.spec
+
+    def fn(r: ParamRecord, cur: Tensor) -> Tensor:
+        t = state_dict[r.key]
+        if r.kind == "edge":
+            return _canonical(t, r)
+        return t.reshape(-1)
+
+    out = map_records(graph, fn)
+    extras = {r.key: state_dict[r.key].clone() for r in spec.records if r.kind == "extra"}
+    if extras:
+        out.spec = dataclasses.replace(spec, extras=extras)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics and normalisation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WeightStatistics:
+    """Per-tensor normalisation statistics, keyed by state-dict name (PyTorch layout).
+
+    ``mean[k]`` / ``std[k]`` are scalars (0-dim) or tensors of the parameter's shape.
+    """
+
+    mean: dict[str, Tensor]
+    std: dict[str, Tensor]
+
+    def to_dict(self) -> dict[str, dict[str, Tensor]]:
+        return {"mean": dict(self.mean), "std": dict(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Mapping[str, Tensor]]) -> WeightStatistics:
+        return cls(dict(d["mean"]), dict(d["std"]))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the statistics (tensors only, loadable with ``weights_only=True``) atomically."""
+        from graphspace.data._io import save_torch
+
+        return save_torch(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> WeightStatistics:
+        return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    @classmethod
+    def from_dwsnets(cls, stats: Mapping[str, Any] | str | Path,
+                     keys: Sequence[tuple[str, str]],
+                     shapes: Mapping[str, Sequence[int]] | None = None,
+                     transposed: bool = True) -> WeightStatistics:
+        """Convert a DWSNets / Neural Graphs statistics file.
+
+        Those files hold ``{"weights": {"mean": [...], "std": [...]}, "biases": {...}}`` with
+        one entry per layer: weights of shape ``(in, out, 1)`` (DWSNets transposes weights;
+        ``transposed=False`` for files that keep ``(out, in, 1)``, e.g. Neural Graphs'
+        ``nfn_mnist_statistics.pth``), biases ``(out, 1)``, or scalars. ``keys`` lists this
+        architecture's ``(weight_key, bias_key)`` per layer; with ``shapes`` (key -> parameter
+        shape) the orientation of non-square weights is checked and fixed automatically.
+        """
+        if not isinstance(stats, Mapping):
+            stats = torch.load(stats, map_location="cpu", weights_only=True)
+        mean: dict[str, Tensor] = {}
+        std: dict[str, Tensor] = {}
+        for i, (wk, bk) in enumerate(keys):
+            for name, key, nd in (("weights", wk, 2), ("biases", bk, 1)):
+                m = torch.as_tensor(stats[name]["mean"][i]).float()
+                s = torch.as_tensor(stats[name]["std"][i]).float()
+                if m.dim() == nd + 1 and m.shape[-1] == 1:
+                    m, s = m.squeeze(-1), s.squeeze(-1)
+                if nd == 2 and m.dim() == 2:
+                    want = tuple(shapes[key]) if shapes is not None and key in shapes else None
+                    if want is not None and tuple(m.shape) != want and tuple(m.t().shape) == want:
+                        m, s = m.t(), s.t()
+                    elif want is None or tuple(m.shape) != want or m.shape[0] == m.shape[1]:
+                        if transposed:
+                            m, s = m.t(), s.t()
+                mean[key], std[key] = m.contiguous(), s.contiguous()
+        return cls(mean, std)
+
+
+def compute_statistics(
+    state_dicts: Iterable[tuple[Sequence[ParamRecord], Mapping[str, Tensor]]] | Any,
+    per_element: bool = False,
+) -> WeightStatistics:
+    r"""Mean and standard deviation of every weight tensor over a collection of networks.
+
+    Args:
+        state_dicts: a :class:`~graphspace.data.WeightZooDataset` (use the *training* split) or
+            an iterable of ``(records, state_dict)`` pairs.
+        per_element: statistics per weight entry (tensors of the parameter's shape, as the
+            DWSNets files) instead of one scalar per tensor. Entries whose shape varies across
+            networks (heterogeneous zoos) always get scalars.
+
+    Buffers (BatchNorm running statistics) are not normalised and get no statistics.
+    """
+    if hasattr(state_dicts, "iter_state_dicts"):
+        state_dicts = state_dicts.iter_state_dicts()
+    s1: dict[str, Tensor] = {}
+    s2: dict[str, Tensor] = {}
+    cnt: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for records, sd in state_dicts:
+        for r in records:
+            if not is_weight_record(r):
+                continue
+            t = sd[r.key].detach().double()
+            k = r.key
+            if k not in shapes:
+                shapes[k] = tuple(t.shape)
+                s1[k] = torch.zeros_like(t)
+                s2[k] = torch.zeros_like(t)
+                cnt[k] = 0
+                s1[k + "\0"] = torch.zeros((), dtype=torch.float64)
+                s2[k + "\0"] = torch.zeros((), dtype=torch.float64)
+                cnt[k + "\0"] = 0
+            if shapes[k] == tuple(t.shape):
+                s1[k] += t
+                s2[k] += t * t
+                cnt[k] += 1
+            else:
+                shapes[k] = None
+            s1[k + "\0"] += t.sum()
+            s2[k + "\0"] += (t * t).sum()
+            cnt[k + "\0"] += t.numel()
+    if not shapes:
+        raise ValueError("no networks to compute statistics from")
+    mean: dict[str, Tensor] = {}
+    std: dict[str, Tensor] = {}
+    for k, shp in shapes.items():
+        kk = k if (per_element and shp is not None) else k + "\0"
+        n = cnt[kk]
+        m = s1[kk] / n
+        var = (s2[kk] / n - m * m).clamp_min(0.0)
+        if n > 1:
+            var = var * n / (n - 1)
+        mean[k], std[k] = m.float(), var.sqrt().float()
+    return WeightStatistics(mean, std)
+
+
+class NormalizeWeights(BaseTransform):
+    r"""Standardise every weight tensor of a parameter graph: :math:`(W - \mu) / \sigma`.
+
+    Args:
+        stats: :class:`WeightStatistics` (compute them on the training split only, e.g. with
+            :func:`compute_statistics`).
+        eps: standard deviations below ``eps`` are replaced by 1 (constant tensors, e.g. zero
+            biases at initialisation, are only centred).
+        inverse: undo the normalisation instead (:math:`W = \sigma \hat W + \mu`).
+
+    Tensors without statistics and buffers are left unchanged. Works on graphs of any kernel
+    mode; for ``kernel="channel"`` the zero padding of kernels stays zero.
+    """
+
+    def __init__(self, stats: WeightStatistics, eps: float = 1e-8, inverse: bool = False
+                 ) -> None:
+        self.stats = stats
+        self.eps = eps
+        self.inverse = inverse
+
+    def _fn(self, r: ParamRecord, v: Tensor) -> Tensor | None:
+        if not is_weight_record(r) or r.key not in self.stats.mean:
+            return None
+        m = self.stats.mean[r.key].to(v.dtype)
+        s = self.stats.std[r.key].to(v.dtype)
+        s = torch.where(s < self.eps, torch.ones_like(s), s)
+        if m.dim() > 0:
+            if tuple(m.shape) != tuple(r.shape):
+                return None  # per-element statistics of another shape (heterogeneous zoo)
+            if r.kind == "edge":
+                m, s = _canonical(m, r), _canonical(s, r)
+            else:
+                m, s = m.reshape(-1), s.reshape(-1)
+        return v * s + m if self.inverse else (v - m) / s
+
+    def forward(self, data: Any) -> Any:
+        return map_records(data, self._fn)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({len(self.stats.mean)} tensors"
+                f"{', inverse' if self.inverse else ''})")
