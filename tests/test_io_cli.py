@@ -1,4 +1,6 @@
 import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +52,15 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         atomic_write(target, boom)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_atomic_write_respects_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = atomic_write(tmp_path / "f.txt", lambda p: Path(p).write_text("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
 
 
 def test_graph_file_round_trip(tmp_path):

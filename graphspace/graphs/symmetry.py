@@ -82,7 +82,7 @@ def permutation_groups(model: Any, example_input: Any = None) -> list[Permutatio
         heads = max(a.sets[s].num_heads for s in sids)
         hg = next((a.sets[s].head_group for s in sids if a.sets[s].head_group is not None), None)
         groups.append(PermutationGroup(
-            name=first.name if first.kind not in ("attn_q", "attn_k", "attn_v") else first.name,
+            name=first.name,
             size=first.size, sets=sids, members=[a.sets[s].nodes for s in sids],
             num_heads=heads, head_group=hg,
         ))
@@ -138,13 +138,15 @@ def _node_map(a: ModelAnalysis, groups: Sequence[PermutationGroup],
     return node_map
 
 
-def _positions(nodes: Tensor, node_map: Tensor, n: int) -> Tensor:
+def _positions(nodes: Tensor, node_map: Tensor, n: int, device: torch.device) -> Tensor:
+    """Index (on ``device``) that gathers a parameter's entries into the permuted order."""
+    nodes, node_map = nodes.cpu(), node_map.cpu()
     tmp = torch.full((n,), -1, dtype=torch.long)
     tmp[nodes] = torch.arange(nodes.numel())
     idx = tmp[node_map[nodes]]
     if bool((idx < 0).any()):
         raise ValueError("permutation maps a neuron outside its parameter's neuron list")
-    return idx
+    return idx.to(device)
 
 
 def _transform(
@@ -177,15 +179,15 @@ def apply_permutation(
 
     def edge(r: ParamRecord, c: Tensor) -> Tensor:
         assert r.dst is not None and r.src is not None
-        c = c.index_select(0, _positions(r.dst, node_map, n))
+        c = c.index_select(0, _positions(r.dst, node_map, n, c.device))
         if r.groups == 1:
-            c = c.index_select(1, _positions(r.src, node_map, n))
+            c = c.index_select(1, _positions(r.src, node_map, n, c.device))
         return c
 
     def vec(r: ParamRecord, t: Tensor) -> Tensor:
         nodes = r.dst if r.kind == "diag" else r.nodes
         assert nodes is not None
-        return t.reshape(-1)[_positions(nodes, node_map, n)].reshape(t.shape)
+        return t.reshape(-1)[_positions(nodes, node_map, n, t.device)].reshape(t.shape)
 
     return _transform(a, state_dict, edge, vec)
 
