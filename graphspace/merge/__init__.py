@@ -46,6 +46,7 @@ _LAZY = {
     "STEMatching": "graphspace.merge.ste",
     "ste_matching": "graphspace.merge.ste",
     "DigitsDataModule": "graphspace.merge.digits",
+    "MergeEvaluation": "graphspace.merge.task",
     "train_classifier": "graphspace.merge.digits",
 }
 
@@ -63,6 +64,7 @@ __all__ = [
     "ActivationTap",
     "AlignmentSpec",
     "DigitsDataModule",
+    "MergeEvaluation",
     "FusionResult",
     "InterpolationCurve",
     "MatchResult",

@@ -37,6 +37,10 @@ class GraphspaceCLI(LightningCLI):
         report(self.trainer, self.trainer.lightning_module)
 
 
+    def after_test(self) -> None:
+        report(self.trainer, self.trainer.lightning_module)
+
+
 def report(trainer: pl.Trainer, module: pl.LightningModule) -> str | None:
     """Print and save (``<log_dir>/results.md``, atomically) the module's results table."""
     table_fn = getattr(module, "results_table", None)
