@@ -10,6 +10,7 @@ metric of Unterthiner et al. 2020 and of the NFN / Neural Graphs papers) and :ma
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,12 +23,24 @@ from torchmetrics import KendallRankCorrCoef, MetricCollection, R2Score
 from graphspace.nn.models.graph_metanetwork import GraphMetaNetwork
 
 BASELINES = ("statnn", "norms", "flat")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class FeatureMLP(nn.Module):
     r"""MLP on a per-network feature vector (StatNN: Unterthiner et al. 2020 use per-layer
-    statistics followed by a small fully connected network). Inputs are standardised with
-    statistics fitted once on the first training batches (:meth:`fit_normalizer`)."""
+    statistics followed by a small fully connected network).
+
+    Inputs are standardised, :math:`(\mathbf f - \boldsymbol\mu) / \boldsymbol\sigma`, with
+    statistics of the training split set by :meth:`fit_normalizer` (which
+    :class:`GeneralizationPredictor` calls in ``setup`` with the whole training split, before
+    any distributed wrapping); if it was never called, the first training batch is used.
+
+    Args:
+        attr: batch attribute holding the ``[batch, F]`` features.
+        hidden: hidden width (64).
+        out_channels: outputs (1).
+        dropout: dropout after the first layer (0).
+    """
 
     def __init__(self, attr: str, hidden: int = 64, out_channels: int = 1,
                  dropout: float = 0.0) -> None:
@@ -39,25 +52,54 @@ class FeatureMLP(nn.Module):
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("std", torch.zeros(0))
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the input statistics are set."""
+        return self.mean.numel() > 0
+
+    @torch.no_grad()
+    def fit_normalizer(self, features: Tensor) -> None:
+        """Set the standardisation statistics from ``[N, F]`` training features and
+        materialise the lazy first layer."""
+        if features.dim() != 2 or features.size(0) == 0:
+            raise ValueError(f"expected [N, F] features with N > 0, got {tuple(features.shape)}")
+        f = features.float()
+        device = self.mean.device
+        self.mean = f.mean(0).to(device)
+        self.std = (f.std(0).clamp_min(1e-6) if f.size(0) > 1
+                    else torch.ones_like(f[0])).to(device)
+        self.net(torch.zeros(1, f.size(1), device=device))
+
     def forward(self, batch: Any) -> Tensor:
         f = getattr(batch, self.attr).float()
-        if self.mean.numel() == 0:
+        if not self.fitted:
             if not self.training:  # not fitted yet (e.g. Lightning's sanity check)
                 return self.net(f)
-            self.mean = f.mean(0).detach()
-            self.std = (f.std(0).detach().clamp_min(1e-6) if f.size(0) > 1
-                        else torch.ones_like(self.mean))
+            self.fit_normalizer(f.detach())
         return self.net((f - self.mean) / self.std)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         for name in ("mean", "std"):
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+                setattr(self, name, torch.empty_like(state_dict[prefix + name],
+                                                     device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class GeneralizationPredictor(pl.LightningModule):
     r"""Predict test accuracy from a parameter graph (plus baselines, side by side).
+
+    Every predictor :math:`f` (the graph metanetwork ``gmn`` and each baseline) is trained with
+    the mean squared error :math:`\frac1B\sum_b (f(G_b) - y_b)^2` on the same batches; the
+    summed loss trains each one independently because their parameters are disjoint (AdamW is
+    a per-parameter method; do not combine with gradient-norm clipping, which would couple
+    them). Validation and test report Kendall's :math:`\tau` and :math:`R^2` per predictor,
+    computed over the whole split (gathered across processes under DDP).
+
+    **Model selection.** With ``select_best=True`` each predictor keeps a copy of its weights
+    from the validation epoch with its highest Kendall :math:`\tau` (stored in checkpoints) and
+    is tested with them, as if it had been trained alone with early stopping; the baselines
+    are thus not judged at the metanetwork's best epoch.
 
     Args:
         model: the graph model (default: :class:`GraphMetaNetwork` with 1 output).
@@ -66,6 +108,10 @@ class GeneralizationPredictor(pl.LightningModule):
             :class:`graphspace.tasks.features.AttachWeightFeatures`.
         lr, weight_decay: AdamW settings (default 1e-3, 0).
         target: batch attribute holding the targets (default ``y``).
+        baseline_hidden: hidden width of the baselines' MLPs (64).
+        select_best: test every predictor at its best validation epoch (default ``True``).
+        lr_schedule: ``"constant"`` (default) or ``"cosine"`` (annealed to 0 over
+            ``trainer.max_epochs``, stepped per epoch).
     """
 
     def __init__(
@@ -76,12 +122,16 @@ class GeneralizationPredictor(pl.LightningModule):
         weight_decay: float = 0.0,
         target: str = "y",
         baseline_hidden: int = 64,
+        select_best: bool = True,
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         for b in baselines:
             if b not in BASELINES:
                 raise ValueError(f"unknown baseline {b!r}; choose from {BASELINES}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose from {LR_SCHEDULES}")
         self.model = model if model is not None else GraphMetaNetwork(1)
         attrs = {"statnn": "stats", "norms": "norms", "flat": "flat"}
         self.baselines = nn.ModuleDict(
@@ -94,7 +144,32 @@ class GeneralizationPredictor(pl.LightningModule):
             for stage in ("val", "test")
         })
         self.results: dict[str, dict[str, float]] = {}
+        #: per predictor: best validation tau, its epoch and a CPU copy of the weights
+        self.best: dict[str, dict[str, Any]] = {}
 
+    def predictor(self, name: str) -> nn.Module:
+        """The module of predictor ``name`` (``"gmn"`` or a baseline)."""
+        return self.model if name == "gmn" else self.baselines[name]
+
+    # -- set-up -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Fit the baselines' input standardisation on the whole training split (before DDP
+        wraps the module, so the lazy layers exist and every process holds the same
+        statistics)."""
+        if stage != "fit" or all(m.fitted for m in self.baselines.values()):
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or type(dm).train_dataloader is pl.LightningDataModule.train_dataloader:
+            return  # no datamodule: the first training batch is used instead
+        feats: dict[str, list[Tensor]] = {n: [] for n in self.baselines}
+        for batch in dm.train_dataloader():
+            for n, m in self.baselines.items():
+                feats[n].append(getattr(batch, m.attr).float())
+        for n, m in self.baselines.items():
+            if feats[n]:
+                m.fit_normalizer(torch.cat(feats[n]).to(self.device))
+
+    # -- steps ------------------------------------------------------------------------------
     def forward(self, batch: Any) -> dict[str, Tensor]:
         preds = {"gmn": self.model(batch).view(-1)}
         for name, mod in self.baselines.items():
@@ -108,7 +183,8 @@ class GeneralizationPredictor(pl.LightningModule):
         loss = sum(losses.values())
         bs = y.numel()
         for n, v in losses.items():
-            self.log(f"{stage}/loss_{n}", v, batch_size=bs, prog_bar=(n == "gmn"))
+            self.log(f"{stage}/loss_{n}", v, batch_size=bs, prog_bar=(n == "gmn"),
+                     sync_dist=stage != "train")
         if stage in self.metrics:
             for n, p in preds.items():
                 self.metrics[stage][n].update(p.float().detach(), y)
@@ -124,29 +200,69 @@ class GeneralizationPredictor(pl.LightningModule):
         self._common_step(batch, "test")
 
     def _epoch_end(self, stage: str) -> None:
+        sanity = self._trainer is not None and self.trainer.sanity_checking
         for n in self.names:
-            vals = self.metrics[stage][n].compute()
-            self.metrics[stage][n].reset()
+            coll = self.metrics[stage][n]
+            if not coll["tau"].update_called:
+                continue
+            vals = coll.compute()  # torchmetrics gathers the states of all processes
+            coll.reset()
             row = {k: float(v) for k, v in vals.items()}
             for k, v in row.items():
                 self.log(f"{stage}/{k}_{n}", v, prog_bar=(n == "gmn" and k == "tau"))
             self.results.setdefault(stage, {}).update({f"{k}_{n}": v for k, v in row.items()})
+            if stage == "val" and not sanity and self.hparams.select_best:
+                self._keep_if_best(n, row["tau"])
+
+    def _keep_if_best(self, name: str, tau: float) -> None:
+        if math.isnan(tau) or (name in self.best and tau <= self.best[name]["tau"]):
+            return
+        state = {k: v.detach().to("cpu", copy=True)
+                 for k, v in self.predictor(name).state_dict().items()}
+        self.best[name] = {"tau": tau, "epoch": int(self.current_epoch), "state": state}
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
 
+    def on_test_epoch_start(self) -> None:
+        if not self.hparams.select_best:
+            return
+        for name, b in self.best.items():
+            if name in self.names:
+                self.predictor(name).load_state_dict(b["state"])
+
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
 
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["graphspace_best_predictors"] = self.best
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best = dict(checkpoint.get("graphspace_best_predictors", {}))
+
+    # -- report -----------------------------------------------------------------------------
     def results_table(self, stage: str = "test") -> str:
-        """A Markdown table of Kendall tau and R^2 per predictor."""
+        """A Markdown table of Kendall tau and R^2 per predictor (with, under model selection,
+        the validation tau and epoch each predictor was taken from)."""
         res = self.results.get(stage, {})
-        lines = ["| predictor | Kendall tau | R^2 |", "|---|---|---|"]
+        sel = self.hparams.select_best and bool(self.best)
+        head = "| predictor | Kendall tau | R^2 |" + (" best val tau (epoch) |" if sel else "")
+        lines = [head, "|---|---|---|" + ("---|" if sel else "")]
         for n in self.names:
             tau, r2 = res.get(f"tau_{n}", float("nan")), res.get(f"r2_{n}", float("nan"))
-            lines.append(f"| {n} | {tau:.4f} | {r2:.4f} |")
+            line = f"| {n} | {tau:.4f} | {r2:.4f} |"
+            if sel:
+                b = self.best.get(n)
+                line += f" {b['tau']:.4f} ({b['epoch']}) |" if b else " - |"
+            lines.append(line)
         return "\n".join(lines)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
-                                 weight_decay=self.hparams.weight_decay)
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "constant":
+            return opt
+        epochs = max(1, int(self.trainer.max_epochs or 1)) if self._trainer is not None else 1
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -94,6 +94,57 @@ def resnet18(num_classes: int = 10) -> ResNet:
     return ResNet(widths=(64, 128, 256, 512), blocks=2, in_channels=3, num_classes=num_classes)
 
 
+class _ResNet20Block(BasicBlock):
+    """:class:`BasicBlock` whose projection shortcut is a 3x3 strided convolution + BatchNorm,
+    as in the Git Re-Basin code's ResNet-20 (``src/resnet20.py`` of samuela/git-re-basin)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__(cin, cout, stride)
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20 (He et al. 2016, sec. 4.2) at a width multiplier ``w``, laid out like the
+    network of Git Re-Basin (Ainsworth et al. 2023): a 3x3 stem of ``16w`` channels, three stages
+    of three basic blocks of ``16w``, ``32w``, ``64w`` channels (the first block of stages 2 and 3
+    has stride 2 and a 3x3 projection shortcut, every other shortcut is the identity), global
+    average pooling and a linear classifier. Git Re-Basin's code uses LayerNorm; this one uses
+    BatchNorm as in He et al.
+
+    Permutation symmetry: 3 residual streams (one per stage) and 9 block-internal channel sets.
+    """
+
+    def __init__(self, width_multiplier: int = 1, num_classes: int = 10,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        if width_multiplier < 1:
+            raise ValueError(f"width_multiplier must be >= 1, got {width_multiplier}")
+        w = int(width_multiplier)
+        self.stem = nn.Conv2d(in_channels, 16 * w, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16 * w)
+        blocks = []
+        cin = 16 * w
+        for stage, cout in enumerate((16 * w, 32 * w, 64 * w)):
+            for b in range(3):
+                blocks.append(_ResNet20Block(cin, cout, 2 if (b == 0 and stage > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.layers(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def resnet20(width_multiplier: int = 1, num_classes: int = 10) -> ResNet20:
+    """:class:`ResNet20` at ``width_multiplier`` (0.29M parameters at 1, 4.7M at 4, 74M at 16,
+    297M at 32)."""
+    return ResNet20(width_multiplier, num_classes)
+
+
 class DepthwiseSeparableCNN(nn.Module):
     """MobileNet-style depthwise-separable convolutions with BatchNorm."""
 

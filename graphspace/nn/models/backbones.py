@@ -1,25 +1,78 @@
-"""Message-passing blocks that :class:`GraphMetaNetwork` can use as its backbone.
+r"""Message-passing blocks that :class:`~graphspace.nn.models.GraphMetaNetwork` can use as its
+backbone (``GraphMetaNetwork(..., backbone=name, backbone_kwargs={...})``).
 
-Every block maps ``(x, edge_index, edge_attr, batch) -> (x, edge_attr)`` and is equivariant to
-node permutations, so the metanetwork stays invariant to hidden-neuron permutations whatever
-the backbone.
+=============  ==============================================================================
+name           block
+=============  ==============================================================================
+``metanet``    :class:`MetaNetBlock`: :class:`~graphspace.nn.conv.MetaNetworkConv` (default)
+``egnn``       :class:`EGNNBlock`: :class:`~graphspace.nn.conv.EGNNConv` with learned or
+               positional node coordinates carried across blocks
+``sheaf``      :class:`SheafBlock`: Neural Sheaf Diffusion (:class:`~graphspace.nn.conv.SheafConv`)
+               with restriction maps learned from both endpoints *and* the edge features
+``unitary``    :class:`UnitaryBlock`: :class:`~graphspace.nn.conv.UnitaryConv` (or
+               :class:`~graphspace.nn.conv.LieUnitaryConv`) on a symmetric, signed,
+               edge-feature-weighted operator
+``subgraph``   :class:`SubgraphBlock`: :class:`~graphspace.nn.conv.SPENConv` on the bag of
+               node-marked 1-hop ego-networks
+=============  ==============================================================================
+
+The block protocol. A block maps ``(x, edge_index, edge_attr, batch) -> (x, edge_attr)``.
+A backbone whose blocks need extra per-node or per-graph state (EGNN coordinates, a
+precomputed subgraph bag, a coalesced operator) defines a static method
+``make_state(hidden, edge_channels, **backbone_kwargs) -> nn.Module``; the model then builds
+that module once, calls ``state = module(x, edge_index, edge_attr, batch, data)`` once per
+forward pass (after the encoder and after adding reversed edges), and calls every block as
+``block(x, edge_index, edge_attr, batch, state) -> (x, edge_attr, state)``.
+
+Every block uses the edge features (the parameter values live on the edges) and only
+node-permutation-equivariant operations (gathers by ``edge_index``, scatters, shared
+per-node/per-edge maps), and no state gives nodes an identity, so the metanetwork stays
+invariant to permutations of the input networks' hidden neurons whatever the backbone.
+Every block costs :math:`O(|\mathcal E|\,F)` for :math:`F` the hidden width (plus terms on
+coalesced node pairs, which are far fewer than parameter edges); see each block.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
+from graphspace.nn.conv.egnn_conv import EGNNConv
 from graphspace.nn.conv.metanetwork_conv import MetaNetworkConv
+from graphspace.nn.conv.sheaf_conv import SheafConv, SheafLaplacian, orthogonal_from_params
+from graphspace.nn.conv.subgraph_conv import SPENConv, bag_to_nodes
+from graphspace.nn.conv.unitary_conv import LieUnitaryConv, UnitaryConv
+from graphspace.ops import scatter
+
+__all__ = [
+    "BACKBONES",
+    "CoordinateEncoder",
+    "EGNNBlock",
+    "EgoNetBag",
+    "EgoNets",
+    "MetaNetBlock",
+    "SheafBlock",
+    "SubgraphBlock",
+    "SymmetricOperator",
+    "SymmetricPairs",
+    "UnitaryBlock",
+    "make_block",
+    "make_state",
+    "register_backbone",
+]
 
 BlockFactory = Callable[..., nn.Module]
 BACKBONES: dict[str, BlockFactory] = {}
 
 
 def register_backbone(name: str) -> Callable[[BlockFactory], BlockFactory]:
-    """Register a block factory ``f(hidden, edge_channels, dropout, **kw) -> nn.Module``."""
+    """Register a block factory ``f(hidden, edge_channels, dropout, **kw) -> nn.Module`` under
+    ``name`` (usable as a class decorator). A factory with a ``make_state`` attribute gets a
+    state module (see the module docstring)."""
 
     def deco(fn: BlockFactory) -> BlockFactory:
         BACKBONES[name] = fn
@@ -28,12 +81,63 @@ def register_backbone(name: str) -> Callable[[BlockFactory], BlockFactory]:
     return deco
 
 
+def _factory(name: str) -> BlockFactory:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
 def make_block(name: str, hidden: int, edge_channels: int, dropout: float = 0.0,
                **kwargs: Any) -> nn.Module:
-    return BACKBONES[name](hidden, edge_channels, dropout, **kwargs)
+    """One block of backbone ``name``."""
+    return _factory(name)(hidden, edge_channels, dropout, **kwargs)
+
+
+def make_state(name: str, hidden: int, edge_channels: int, **kwargs: Any) -> nn.Module | None:
+    """The backbone's state module (``None`` for stateless backbones)."""
+    maker = getattr(_factory(name), "make_state", None)
+    return None if maker is None else maker(hidden, edge_channels, **kwargs)
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, out_dim))
+
+
+def _reset_linears(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.reset_parameters()
+
+
+class _EdgeUpdate(nn.Module):
+    r""":math:`\mathbf e'_{ij} = \mathbf e_{ij} + \phi_e([\mathbf x_i \,\|\, \mathbf x_j \,\|\,
+    \mathbf e_{ij} \,\|\, \mathbf r_{ij}])` (target :math:`i`, source :math:`j`, optional
+    invariant extras :math:`\mathbf r_{ij}`)."""
+
+    def __init__(self, hidden: int, edge_channels: int, extra: int = 0,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = _mlp(2 * hidden + edge_channels + extra, hidden, edge_channels, dropout)
+
+    def reset_parameters(self) -> None:
+        _reset_linears(self.mlp)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
+                extra: Tensor | None = None) -> Tensor:
+        feats = [x.index_select(0, edge_index[1]), x.index_select(0, edge_index[0]), edge_attr]
+        if extra is not None:
+            feats.append(extra)
+        return edge_attr + self.mlp(torch.cat(feats, dim=-1))
+
+
+# --------------------------------------------------------------------------- metanet
 
 
 class MetaNetBlock(nn.Module):
+    """:class:`~graphspace.nn.conv.MetaNetworkConv` (edge update, FiLM messages, PNA
+    aggregation); ``backbone_kwargs`` go to the conv."""
+
     def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
                  **kwargs: Any) -> None:
         super().__init__()
@@ -48,3 +152,584 @@ class MetaNetBlock(nn.Module):
 
 
 register_backbone("metanet")(MetaNetBlock)
+
+
+# --------------------------------------------------------------------------- egnn
+
+Coords = Literal["learned", "positional"]
+
+
+class CoordinateEncoder(nn.Module):
+    r"""Initial node coordinates for the ``egnn`` backbone.
+
+    * ``"learned"``: :math:`\mathbf p_i = W_p \mathbf h^0_i \in \mathbb R^{k}`, a bias-free
+      projection of the encoder's node embedding (a translation would not matter: EGNN only
+      sees differences).
+    * ``"positional"``: fixed :math:`\mathbf p_i = (\ell_i / \max(1, \ell_{\max}),\
+      [\text{input}]\,(q_i + 1)/n_{in},\ [\text{output}]\,(q_i + 1)/n_{out}) \in [0, 1]^3`
+      from the layer index :math:`\ell_i`, the input/output position :math:`q_i` and the
+      per-network maxima. These attributes do not change under hidden-neuron permutations
+      (all hidden neurons of a layer share a position), so the coordinates never give hidden
+      neurons an identity.
+
+    Args:
+        hidden: node embedding size.
+        coords: ``"learned"`` or ``"positional"``.
+        coord_dim: :math:`k` for learned coordinates (default 3; positional ones are 3-D).
+    """
+
+    def __init__(self, hidden: int, coords: Coords = "learned",
+                 coord_dim: int | None = None) -> None:
+        super().__init__()
+        if coords not in ("learned", "positional"):
+            raise ValueError(f"coords must be 'learned' or 'positional', got {coords!r}")
+        if coords == "positional" and coord_dim not in (None, 3):
+            raise ValueError("positional coordinates are 3-dimensional; drop coord_dim")
+        self.coords = coords
+        self.coord_dim = 3 if coord_dim is None else coord_dim
+        self.proj = nn.Linear(hidden, self.coord_dim, bias=False) if coords == "learned" else None
+
+    def reset_parameters(self) -> None:
+        if self.proj is not None:
+            self.proj.reset_parameters()
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                data: Any) -> Tensor:
+        if self.proj is not None:
+            return self.proj(x)
+        for name in ("node_layer", "node_role", "node_pos"):
+            if getattr(data, name, None) is None:
+                raise ValueError(f"coords='positional' needs data.{name} (a ParameterGraph)")
+        n, dt = x.size(0), x.dtype
+        b = int(batch.max()) + 1 if n else 1
+        layer = data.node_layer.to(dt)
+        role, pos = data.node_role, (data.node_pos + 1).to(dt)
+        zero = torch.zeros_like(pos)
+        lmax = scatter(layer, batch, 0, b, "max").clamp_min(1.0)[batch]
+        cols = [layer / lmax]
+        for r in (1, 2):
+            q = torch.where(role == r, pos, zero)
+            qmax = scatter(q, batch, 0, b, "max").clamp_min(1.0)[batch]
+            cols.append(q / qmax)
+        return torch.stack(cols, dim=-1)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(coords={self.coords!r}, coord_dim={self.coord_dim})"
+
+
+@register_backbone("egnn")
+class EGNNBlock(nn.Module):
+    r"""An :class:`~graphspace.nn.conv.EGNNConv` block (Satorras et al. 2021) for parameter
+    graphs, followed by an edge update that sees the new coordinates:
+
+    .. math::
+        (\mathbf h', \mathbf p') &= \mathrm{EGCL}(\mathbf h, \mathbf p,
+            \mathbf a = \mathbf e) \\
+        \mathbf e'_{ij} &= \mathbf e_{ij} + \phi_e\big([\mathbf h'_i \,\|\, \mathbf h'_j
+            \,\|\, \mathbf e_{ij} \,\|\, \lVert \mathbf p'_i - \mathbf p'_j\rVert^2]\big)
+
+    The parameter-value edge features enter every message as :math:`\mathbf a_{ij}`; with
+    ``attention=True`` they also gate it. The edge update makes the coordinate update of
+    every block (the last one included) reach the output through invariant distances.
+    Coordinates :math:`\mathbf p` come from :class:`CoordinateEncoder`
+    (``coords="learned"``: a projection of the initial node embeddings; ``"positional"``:
+    layer index and input/output position) and are carried from block to block. The
+    coordinate stream is E(k)-equivariant and everything else
+    depends on coordinates only through distances, so rotating/reflecting or translating the
+    initial coordinates changes nothing downstream; the block is node-permutation
+    equivariant. Cost: two edge MLPs, :math:`O(|\mathcal E| F^2)`.
+
+    Args (``backbone_kwargs``):
+        coords: ``"learned"`` (default) or ``"positional"``.
+        coord_dim: size of learned coordinates (default 3).
+        attention: gate messages (default ``True``).
+        normalize: unit-length coordinate differences (default ``True``).
+        tanh: bound the coordinate weights by ``coords_range * tanh`` (default ``True``).
+        coords_range: default 1.0.
+        coords_agg: ``"mean"`` (default) or ``"sum"``.
+    """
+
+    def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
+                 coords: Coords = "learned", coord_dim: int | None = None,
+                 attention: bool = True, normalize: bool = True, tanh: bool = True,
+                 coords_range: float = 1.0, coords_agg: Literal["mean", "sum"] = "mean") -> None:
+        super().__init__()
+        if coords not in ("learned", "positional"):
+            raise ValueError(f"coords must be 'learned' or 'positional', got {coords!r}")
+        self.coords = coords
+        self.edge_update = _EdgeUpdate(hidden, edge_channels, extra=1, dropout=dropout)
+        self.conv = EGNNConv(hidden, hidden, hidden, edge_dim=edge_channels,
+                             attention=attention, normalize=normalize, tanh=tanh,
+                             coords_range=coords_range, coords_agg=coords_agg)
+        self.dropout = nn.Dropout(dropout)
+
+    @staticmethod
+    def make_state(hidden: int, edge_channels: int, coords: Coords = "learned",
+                   coord_dim: int | None = None, **kwargs: Any) -> nn.Module:
+        return CoordinateEncoder(hidden, coords, coord_dim)
+
+    def reset_parameters(self) -> None:
+        self.edge_update.reset_parameters()
+        self.conv.reset_parameters()
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h, pos = self.conv(self.dropout(x), pos, edge_index, edge_attr)
+        diff = pos.index_select(0, edge_index[1]) - pos.index_select(0, edge_index[0])
+        radial = (diff * diff).sum(-1, keepdim=True)
+        return h, self.edge_update(h, edge_index, edge_attr, radial), pos
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(coords={self.coords!r}, {self.conv})"
+
+
+# --------------------------------------------------------------------------- sheaf
+
+
+@register_backbone("sheaf")
+class SheafBlock(nn.Module):
+    r"""A Neural Sheaf Diffusion block (Bodnar et al., NeurIPS 2022) whose restriction maps
+    see the edge features.
+
+    Node features :math:`(n, F)` are read as :math:`d`-dimensional stalks with :math:`F/d`
+    channels. Every edge :math:`e = (j \to i)` of the batch (both directions, and every
+    parallel kernel-entry edge, are separate edges of a multigraph sheaf) gets
+
+    .. math::
+        \mathbf e' &= \mathbf e + \phi_e([\mathbf x_i \,\|\, \mathbf x_j \,\|\, \mathbf e]) \\
+        \mathcal F_{j \trianglelefteq e} &= \mathrm{maps}\big(\sigma(W [\mathbf x_j \,\|\,
+            \mathbf x_i] + V \mathbf e')\big), \qquad
+        \mathcal F_{i \trianglelefteq e} = \mathrm{maps}\big(\sigma(W [\mathbf x_i \,\|\,
+            \mathbf x_j] + V \mathbf e')\big)
+
+    (:math:`W` and :math:`\sigma` = tanh are the :class:`~graphspace.nn.conv.SheafConv` map
+    learner, :math:`V` the added edge term; ``maps`` is diagonal, orthogonal or general; with
+    orthogonal maps and ``edge_weights``, :math:`\mathcal F \leftarrow w_e \mathcal F` with
+    :math:`w_e = s_j s_i`, :math:`s = \mathrm{sigmoid}(U[\mathbf x \| \mathbf x'] +
+    u^\top \mathbf e')`). Then the normalised sheaf Laplacian
+    :math:`\Delta_{\mathcal F}` of this multigraph (:class:`~graphspace.nn.conv.SheafLaplacian`,
+    built from the batch's ``edge_index`` at every call: inductive) drives the NSD update of
+    :class:`~graphspace.nn.conv.SheafConv`,
+    :math:`X' = (1 + \tanh\varepsilon) \odot X - \sigma(\Delta_{\mathcal F}(I \otimes W_1) X W_2)`.
+    Cost :math:`O(|\mathcal E|(F^2 + d F))` (edge MLP, map learner, block coboundary).
+
+    Args (``backbone_kwargs``):
+        stalk_dim: :math:`d` (default 4; must divide the hidden width).
+        map_type: ``"diag"`` (default), ``"orthogonal"`` or ``"general"``.
+        orthogonal_map: ``"householder"`` (default), ``"cayley"`` or ``"matrix_exp"``.
+        edge_weights: learned edge weights for orthogonal maps (default: on for
+            ``map_type="orthogonal"``).
+        augmented, left_weights, right_weights, epsilon, act: as in
+            :class:`~graphspace.nn.conv.SheafConv`.
+    """
+
+    def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
+                 stalk_dim: int = 4, map_type: Literal["diag", "orthogonal", "general"] = "diag",
+                 orthogonal_map: Literal["householder", "cayley", "matrix_exp"] = "householder",
+                 edge_weights: bool | None = None, augmented: bool = True,
+                 left_weights: bool = True, right_weights: bool = True, epsilon: bool = True,
+                 act: str = "elu") -> None:
+        super().__init__()
+        if edge_weights is None:
+            edge_weights = map_type == "orthogonal"
+        self.edge_update = _EdgeUpdate(hidden, edge_channels, dropout=dropout)
+        self.conv = SheafConv(hidden, hidden, stalk_dim=stalk_dim, map_type=map_type,
+                              orthogonal_map=orthogonal_map, edge_weights=edge_weights,
+                              augmented=augmented, left_weights=left_weights,
+                              right_weights=right_weights, epsilon=epsilon, act=act,
+                              dropout=dropout)
+        p = self.conv.num_map_params
+        self.edge_maps = nn.Linear(edge_channels, p, bias=False) if p > 0 else None
+        self.edge_weight = nn.Linear(edge_channels, 1, bias=False) if edge_weights else None
+
+    def reset_parameters(self) -> None:
+        self.edge_update.reset_parameters()
+        self.conv.reset_parameters()
+        for lin in (self.edge_maps, self.edge_weight):
+            if lin is not None:
+                lin.reset_parameters()
+
+    def laplacian(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> SheafLaplacian:
+        """The normalised sheaf Laplacian of the multigraph ``edge_index`` with maps from the
+        node features and the (updated) edge features."""
+        conv, d, n = self.conv, self.conv.stalk_dim, x.size(0)
+        src, dst = edge_index[0], edge_index[1]
+        m = src.numel()
+        a = torch.cat([src, dst])  # incidence owner
+        b = torch.cat([dst, src])  # the other end
+        pair = torch.cat([x.index_select(0, a), x.index_select(0, b)], dim=-1)
+        if conv.learner is not None and self.edge_maps is not None:
+            em = self.edge_maps(edge_attr)
+            params = conv.learner.act(conv.learner.mlp(pair) + torch.cat([em, em]))
+        else:
+            params = x.new_zeros(2 * m, 0)
+        if conv.map_type == "diag":
+            maps = params
+        elif conv.map_type == "general":
+            maps = params.view(2 * m, d, d)
+        else:
+            maps = orthogonal_from_params(params, d, conv.orthogonal_map)
+            if self.edge_weight is not None and conv.edge_weight_learner is not None:
+                ew = self.edge_weight(edge_attr)
+                s = torch.sigmoid(conv.edge_weight_learner(pair) + torch.cat([ew, ew]))
+                w = s[:m] * s[m:]  # one weight per edge, shared by both incidences
+                maps = maps * torch.cat([w, w]).view(-1, 1, 1)
+        return SheafLaplacian(edge_index, maps[:m], maps[m:], n, conv.map_type, conv.augmented)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
+                batch: Tensor) -> tuple[Tensor, Tensor]:
+        e = self.edge_update(x, edge_index, edge_attr)
+        lap = self.laplacian(x, edge_index, e)
+        return self.conv._update(x, lap), e
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.conv})"
+
+
+# --------------------------------------------------------------------------- unitary
+
+
+class SymmetricPairs(NamedTuple):
+    """Coalesced symmetric support of a batch's edges (state of the ``unitary`` backbone).
+
+    Attributes:
+        pair_index: ``(2, P + N)`` distinct node pairs ``(source, target)`` of the symmetrised
+            edge set, followed by the ``N`` self-loops.
+        edge_to_pair: ``(2E,)``: the pair of every edge ``j -> i`` (first ``E`` entries,
+            feeding :math:`A_{ij}`) and of its transpose (last ``E``, feeding :math:`A_{ji}`).
+        num_pairs: :math:`P`.
+    """
+
+    pair_index: Tensor
+    edge_to_pair: Tensor
+    num_pairs: int
+
+
+class SymmetricOperator(nn.Module):
+    """Computes :class:`SymmetricPairs` once per forward pass (no parameters, no gradient):
+    ``torch.unique`` over the keys of every edge and its reverse, :math:`O(E \\log E)`."""
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                data: Any) -> SymmetricPairs:
+        n = x.size(0)
+        src, dst = edge_index[0], edge_index[1]
+        key = torch.cat([dst * n + src, src * n + dst])  # (target, source) of A and A^T
+        uniq, inv = torch.unique(key, return_inverse=True)
+        loops = torch.arange(n, device=x.device)
+        pair_index = torch.stack([torch.cat([uniq % n, loops]), torch.cat([uniq // n, loops])])
+        return SymmetricPairs(pair_index, inv, uniq.numel())
+
+
+@register_backbone("unitary")
+class UnitaryBlock(nn.Module):
+    r"""A unitary-convolution block (Kiani et al., NeurIPS 2024) on a symmetric operator
+    weighted by the edge features.
+
+    .. math::
+        \mathbf e'_{ij} &= \mathbf e_{ij} + \phi_e([\mathbf x_i \,\|\, \mathbf x_j \,\|\,
+            \mathbf e_{ij}]), \qquad w^{(h)}_{ij} = \tanh(\mathbf u_h^\top \mathbf e'_{ij}) \\
+        A^{(h)} &= \tfrac12 \textstyle\sum_{(j\to i)} w^{(h)}_{ij}\,
+            (\mathbf 1_i \mathbf 1_j^\top + \mathbf 1_j \mathbf 1_i^\top) + I, \qquad
+        \hat A^{(h)} = D_h^{-1/2} A^{(h)} D_h^{-1/2},\quad (D_h)_{ii} = \textstyle\sum_j
+            |A^{(h)}_{ij}| \\
+        \mathbf z^{(h)} &= \exp\big(i t \hat A^{(h)}\big) X^{(h)} W_h \ \text{(UniConv)}
+            \quad\text{or}\quad \exp\big(\hat A^{(h)} \otimes W_h^\top\big) X^{(h)}
+            \ \text{(Lie, orthogonal)} \\
+        \mathbf x'_i &= \mathbf x_i + \phi_h([\mathbf x_i \,\|\, \mathbf z_i])
+
+    with one signed scalar weight per edge and head (the hidden channels are split into
+    ``heads`` groups :math:`X^{(h)}`; for UniConv each group is read as complex channels in
+    the ``[Re | Im]`` paired form). Parallel edges (kernel entries) between two neurons add up.
+
+    **Why the operator is unitary-compatible.** :math:`\exp(it\hat A)` is unitary (and
+    :math:`\exp(\hat A \otimes W^\top)` orthogonal for skew :math:`W`) only for a real
+    symmetric (Hermitian) :math:`\hat A`. Every edge contributes half its weight to both
+    :math:`A_{ij}` and :math:`A_{ji}`; with ``bidirectional=True`` (the model's default) every
+    parameter is present as a forward and a reversed edge, each with its own
+    direction-embedded features, so :math:`A_{ij} = A_{ji} = \tfrac12(w(\mathbf e^{\to}) +
+    w(\mathbf e^{\leftarrow}))` summed over the parameters between the two neurons: the
+    operator is symmetric by construction, for any weights. Normalising by absolute degrees
+    (self-loops included) keeps :math:`\lVert \hat A \rVert_2 \le 1`, so the Taylor series of
+    order :math:`K` is accurate to :math:`t^{K+1}/(K+1)!`. Signed weights let the operator
+    reflect the sign of the network's parameters.
+
+    Cost: the edge MLP, :math:`O(|\mathcal E| F^2)`, plus :math:`K` sparse products over
+    the :math:`P` coalesced node pairs, :math:`O(K P F)` with :math:`P \ll |\mathcal E|` for
+    convolution kernels.
+
+    Args (``backbone_kwargs``):
+        conv: ``"uniconv"`` (:class:`~graphspace.nn.conv.UnitaryConv`, default) or ``"lie"``
+            (:class:`~graphspace.nn.conv.LieUnitaryConv`, real orthogonal).
+        heads: number of operators (default 4; must divide the width, twice for UniConv).
+        order: Taylor order :math:`K` (default 10).
+        t: UniConv time (default 1.0); ``learn_t`` to learn it.
+        weight: UniConv weight type (``"dense"`` default, ``"unitary"``, ``"identity"``).
+    """
+
+    def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
+                 conv: Literal["uniconv", "lie"] = "uniconv", heads: int = 4, order: int = 10,
+                 t: float = 1.0, learn_t: bool = False,
+                 weight: Literal["dense", "unitary", "identity"] = "dense") -> None:
+        super().__init__()
+        if conv not in ("uniconv", "lie"):
+            raise ValueError(f"conv must be 'uniconv' or 'lie', got {conv!r}")
+        per = 2 * heads if conv == "uniconv" else heads
+        if heads < 1 or hidden % per:
+            raise ValueError(f"hidden width {hidden} must be divisible by {per} "
+                             f"(heads={heads}, conv={conv!r})")
+        self.kind, self.heads, self.hidden = conv, heads, hidden
+        self.edge_update = _EdgeUpdate(hidden, edge_channels, dropout=dropout)
+        self.edge_weight = nn.Linear(edge_channels, heads)
+        c = hidden // heads
+        self.convs = nn.ModuleList(
+            UnitaryConv(c // 2, c // 2, order=order, t=t, learn_t=learn_t, weight=weight,
+                        normalize=False, add_self_loops=False) if conv == "uniconv"
+            else LieUnitaryConv(c, c, complex=False, order=order, normalize=False,
+                                add_self_loops=False)
+            for _ in range(heads)
+        )
+        self.node_update = _mlp(2 * hidden, hidden, hidden, dropout)
+
+    @staticmethod
+    def make_state(hidden: int, edge_channels: int, **kwargs: Any) -> nn.Module:
+        return SymmetricOperator()
+
+    def reset_parameters(self) -> None:
+        self.edge_update.reset_parameters()
+        self.edge_weight.reset_parameters()
+        for conv in self.convs:
+            conv.reset_parameters()
+        _reset_linears(self.node_update)
+
+    def operator(self, edge_attr: Tensor, pairs: SymmetricPairs) -> Tensor:
+        r"""Normalised symmetric weights :math:`\hat A^{(h)}` on ``pairs.pair_index``,
+        ``(P + N, heads)``."""
+        w = torch.tanh(self.edge_weight(edge_attr))
+        p = pairs.num_pairs
+        a = scatter(0.5 * torch.cat([w, w]), pairs.edge_to_pair, 0, p, "sum")
+        n = pairs.pair_index.size(1) - p
+        a = torch.cat([a, a.new_ones(n, self.heads)])
+        row, col = pairs.pair_index[1], pairs.pair_index[0]
+        deg = scatter(a.abs(), row, 0, n, "sum")  # >= 1 thanks to the self-loop
+        inv_sqrt = deg.rsqrt()
+        return inv_sqrt.index_select(0, row) * a * inv_sqrt.index_select(0, col)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                pairs: SymmetricPairs) -> tuple[Tensor, Tensor, SymmetricPairs]:
+        e = self.edge_update(x, edge_index, edge_attr)
+        ahat = self.operator(e, pairs)
+        chunks = x.chunk(self.heads, dim=-1)
+        z = torch.cat([conv(xh, pairs.pair_index, ahat[:, h])
+                       for h, (conv, xh) in enumerate(zip(self.convs, chunks))], dim=-1)
+        return x + self.node_update(torch.cat([x, z], dim=-1)), e, pairs
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(heads={self.heads}, conv={self.kind!r}, "
+                f"{self.convs[0]})")
+
+
+# --------------------------------------------------------------------------- subgraph
+
+
+class EgoNets(NamedTuple):
+    """The bag of 1-hop ego-networks of every node (state of the ``subgraph`` backbone).
+
+    Bag node ``v < N`` is the (marked) root of the ego-net of node ``v``; bag node ``N + p``
+    is the copy of node ``member[p]`` in the ego-net of ``center[p]``.
+
+    Attributes:
+        node_map: ``(N_bag,)`` original node of each bag node.
+        subgraph_id: ``(N_bag,)`` ego-net (= its root node) of each bag node.
+        bag_batch: ``(N_bag,)`` network of each bag node.
+        bag_edge_index: ``(2, E_bag)`` root-member edges and, for every triangle of the
+            graph, the member-member edges it induces, both directions.
+        edge_to_bag: ``(E,)`` for every edge ``j -> i``, the bag node "copy of ``j`` in the
+            ego-net of ``i``" (``i`` itself for a self-loop).
+        num_nodes, num_graphs, num_triangles: sizes.
+    """
+
+    node_map: Tensor
+    subgraph_id: Tensor
+    bag_batch: Tensor
+    bag_edge_index: Tensor
+    edge_to_bag: Tensor
+    num_nodes: int
+    num_graphs: int
+    num_triangles: int
+
+
+def _triangles(u: Tensor, v: Tensor, n: int, chunk: int) -> Tensor:
+    """All triangles of the simple undirected graph ``{u_k, v_k}`` (``u < v`` unique) as
+    ``(T, 3)``, with the compact-forward algorithm: orient every edge from lower to higher
+    (degree, id) rank and intersect out-neighbourhoods, scanning the shorter list of each
+    edge (:math:`O(\\sum_{a \\to b} \\min(d^+_a, d^+_b)) \\le O(U^{3/2})` candidate checks,
+    processed ``chunk`` at a time)."""
+    device = u.device
+    deg = torch.bincount(torch.cat([u, v]), minlength=n)
+    ru, rv = deg[u] * n + u, deg[v] * n + v
+    a = torch.where(ru < rv, u, v)
+    b = torch.where(ru < rv, v, u)
+    okey, order = torch.sort(a * n + b)
+    a, b = a[order], b[order]
+    dplus = torch.bincount(a, minlength=n)
+    ptr = torch.cumsum(dplus, 0) - dplus
+    s = torch.where(dplus[a] <= dplus[b], a, b)  # scan the shorter out-list
+    o = torch.where(dplus[a] <= dplus[b], b, a)
+    cnt = dplus[s]
+    found: list[Tensor] = []
+    ends = torch.cumsum(cnt, 0)
+    start_edge = 0
+    num_edges = a.numel()
+    while start_edge < num_edges:
+        base = int(ends[start_edge - 1]) if start_edge else 0
+        stop = int(torch.searchsorted(ends, torch.tensor(base + chunk, device=device),
+                                      right=True))
+        stop = max(stop, start_edge + 1)
+        sel = torch.arange(start_edge, min(stop, num_edges), device=device)
+        c = cnt[sel]
+        if int(c.sum()) > 0:
+            rep = sel.repeat_interleave(c)
+            first = (torch.cumsum(c, 0) - c).repeat_interleave(c)
+            off = torch.arange(rep.numel(), device=device) - first
+            third = b[ptr[s[rep]] + off]  # out-neighbour of the scanned end
+            want = o[rep] * n + third
+            pos = torch.searchsorted(okey, want).clamp_max(okey.numel() - 1)
+            hit = okey[pos] == want
+            found.append(torch.stack([a[rep[hit]], b[rep[hit]], third[hit]], dim=-1))
+        start_edge = stop
+    if not found:
+        return torch.empty(0, 3, dtype=torch.long, device=device)
+    return torch.cat(found)
+
+
+class EgoNetBag(nn.Module):
+    r"""Builds :class:`EgoNets`, the bag of node-marked 1-hop ego-networks (ESAN's
+    "ego-nets+" policy), once per forward pass (no parameters, no gradient).
+
+    Parallel and reversed edges are coalesced first (:math:`U` distinct neighbour pairs);
+    the bag has :math:`N + 2U` nodes and :math:`4U + 6T` edges (:math:`T` triangles), i.e.
+    it is linear in the graph size for the nearly triangle-free parameter graphs of
+    feed-forward networks, instead of the :math:`O(N^2)` of a node-marking or node-deletion
+    bag. Deeper ego-nets are not offered: two hops around a neuron already span two full
+    layers, so their bag grows like :math:`N \cdot \text{width}^2`. Construction: sorting
+    (:math:`O(E \log E)`) and triangle listing (see :func:`_triangles`).
+
+    Args:
+        chunk: candidate triangle checks processed at a time (bounds memory).
+    """
+
+    def __init__(self, chunk: int = 1 << 22) -> None:
+        super().__init__()
+        self.chunk = chunk
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                data: Any) -> EgoNets:
+        n, device = x.size(0), x.device
+        b = int(batch.max()) + 1 if n else 1
+        src, dst = edge_index[0], edge_index[1]
+        keep = src != dst
+        lo = torch.minimum(src, dst)[keep]
+        hi = torch.maximum(src, dst)[keep]
+        und = torch.unique(lo * n + hi)
+        u, v = und // n, und % n
+        # directed member list, sorted by (center, member)
+        mkey, _ = torch.sort(torch.cat([u * n + v, v * n + u]))
+        center, member = mkey // n, mkey % n
+        k = mkey.numel()
+        roots = torch.arange(n, device=device)
+        node_map = torch.cat([roots, member])
+        subgraph_id = torch.cat([roots, center])
+
+        def copy_of(c: Tensor, m: Tensor) -> Tensor:  # bag id of m's copy in ego(c), c != m
+            return n + torch.searchsorted(mkey, c * n + m)
+
+        copies = n + torch.arange(k, device=device)
+        e_src = [center, copies]
+        e_dst = [copies, center]
+        tri = _triangles(u, v, n, self.chunk)
+        for c, p, q in ((0, 1, 2), (1, 0, 2), (2, 0, 1)):
+            bp, bq = copy_of(tri[:, c], tri[:, p]), copy_of(tri[:, c], tri[:, q])
+            e_src += [bp, bq]
+            e_dst += [bq, bp]
+        bag_edge_index = torch.stack([torch.cat(e_src), torch.cat(e_dst)])
+        edge_to_bag = torch.where(keep, copy_of(dst, src).clamp_max(n + k - 1) if k else dst,
+                                  dst)
+        return EgoNets(node_map, subgraph_id, batch[subgraph_id], bag_edge_index, edge_to_bag,
+                       n, b, tri.size(0))
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(hops=1, marking=True)"
+
+
+@register_backbone("subgraph")
+class SubgraphBlock(nn.Module):
+    r"""A subgraph block: a SPEN-style layer (Mitton & Murray-Smith, TMLR 2023;
+    :class:`~graphspace.nn.conv.SPENConv`) on the bag of node-marked 1-hop ego-networks
+    (ESAN's ego-nets+ policy, Bevilacqua et al., ICLR 2022), built by :class:`EgoNetBag`.
+
+    For the copy of node :math:`v` in the ego-net of root :math:`i`,
+
+    .. math::
+        \mathbf e' &= \mathbf e + \phi_e([\mathbf x_i \,\|\, \mathbf x_j \,\|\, \mathbf e]) \\
+        \mathbf h_{i,v} &= \mathbf x_v + [v = i]\, \mathbf m
+            + [v \ne i]\, \operatorname*{mean}_{(v \to i) \in \mathcal E} W_e \mathbf e'_{iv}
+            \\
+        \mathbf h'_{i,v} &= \sigma\big(\mathrm{SPEN}(\mathbf h)_{i,v}\big) \\
+        \mathbf x'_v &= \mathbf x_v + \phi_h\big([\mathbf x_v \,\|\, \mathbf h'_{v,v} \,\|\,
+            \operatorname*{mean}_{i : v \in \mathrm{ego}(i)} \mathbf h'_{i,v}]\big)
+
+    The root marker :math:`\mathbf m` is the node marking; the edges between root and member
+    (all parallel kernel-entry edges, both directions) enter the member's features, so each
+    ego-net sees the parameter values of its root. SPEN combines the message passing inside
+    every ego-net with pooling within the ego-net, over the copies of a node and over the
+    bag; the readout uses the root copy and the mean over the copies. Every step is
+    equivariant to node permutations (and invariant to the order of the ego-nets).
+
+    Cost: the edge MLP :math:`O(|\mathcal E| F^2)` plus SPEN on :math:`N + 2U` bag nodes and
+    :math:`4U + 6T` bag edges, :math:`O((N + U + T) F^2)` (:math:`U` distinct neighbour
+    pairs, :math:`T` triangles; see :class:`EgoNetBag`).
+
+    Args (``backbone_kwargs``):
+        aggr: SPEN pooling, ``"mean"`` (default) or ``"sum"``.
+        bag_term: SPEN's pooled-over-the-bag term (default ``True``).
+    """
+
+    def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
+                 aggr: Literal["mean", "sum"] = "mean", bag_term: bool = True) -> None:
+        super().__init__()
+        self.edge_update = _EdgeUpdate(hidden, edge_channels, dropout=dropout)
+        self.edge_in = nn.Linear(edge_channels, hidden, bias=False)
+        self.marker = nn.Parameter(torch.empty(hidden))
+        self.conv = SPENConv(hidden, hidden, aggr=aggr, bag_term=bag_term)
+        self.act = nn.SiLU()
+        self.node_update = _mlp(3 * hidden, hidden, hidden, dropout)
+        self.reset_parameters()
+
+    @staticmethod
+    def make_state(hidden: int, edge_channels: int, **kwargs: Any) -> nn.Module:
+        return EgoNetBag()
+
+    def reset_parameters(self) -> None:
+        self.edge_update.reset_parameters()
+        self.edge_in.reset_parameters()
+        nn.init.normal_(self.marker, 0.0, 1.0 / math.sqrt(self.marker.numel()))
+        self.conv.reset_parameters()
+        _reset_linears(self.node_update)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                bag: EgoNets) -> tuple[Tensor, Tensor, EgoNets]:
+        n = bag.num_nodes
+        n_bag = bag.node_map.numel()
+        e = self.edge_update(x, edge_index, edge_attr)
+        eta = scatter(self.edge_in(e), bag.edge_to_bag, 0, n_bag, "mean")
+        is_root = (torch.arange(n_bag, device=x.device) < n).unsqueeze(-1).to(x.dtype)
+        h = x.index_select(0, bag.node_map) + eta + is_root * self.marker
+        h = self.act(self.conv(h, bag.bag_edge_index, bag.node_map, bag.subgraph_id,
+                               bag.bag_batch, n, n, bag.num_graphs))
+        pooled = bag_to_nodes(h, bag.node_map, n, "mean")
+        return x + self.node_update(torch.cat([x, h[:n], pooled], dim=-1)), e, bag
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(ego_hops=1, {self.conv})"

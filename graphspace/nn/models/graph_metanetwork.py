@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from graphspace.graphs.analysis import ACTIVATIONS, EDGE_TYPES, NODE_TYPES
-from graphspace.nn.models.backbones import BACKBONES, make_block
+from graphspace.nn.models.backbones import BACKBONES, make_block, make_state
 from graphspace.ops import scatter
 
 READOUTS = ("pool", "output")
@@ -77,8 +77,18 @@ class GraphMetaNetwork(nn.Module):
         hidden_channels (int): node width (default 64).
         edge_channels (int): edge width (default ``hidden_channels``).
         num_layers (int): message-passing blocks (default 4).
-        backbone (str): ``"metanet"`` (:class:`~graphspace.nn.conv.MetaNetworkConv`, default),
-            or another family from :data:`graphspace.nn.models.backbones.BACKBONES`.
+        backbone (str): the message-passing family of the blocks, one of
+            :data:`~graphspace.nn.models.backbones.BACKBONES`: ``"metanet"``
+            (:class:`~graphspace.nn.conv.MetaNetworkConv`, default), ``"egnn"``
+            (:class:`~graphspace.nn.conv.EGNNConv` with learned or positional coordinates),
+            ``"sheaf"`` (:class:`~graphspace.nn.conv.SheafConv`, neural sheaf diffusion),
+            ``"unitary"`` (:class:`~graphspace.nn.conv.UnitaryConv` /
+            :class:`~graphspace.nn.conv.LieUnitaryConv`) or ``"subgraph"``
+            (:class:`~graphspace.nn.conv.SPENConv` on node-marked ego-nets). Every backbone
+            uses the edge features and keeps the invariance to hidden-neuron permutations;
+            see :mod:`graphspace.nn.models.backbones` for the equations, options and costs.
+            New families are added with
+            :func:`~graphspace.nn.models.backbones.register_backbone`.
         readout (str): ``"pool"`` (DeepSets: mean and max over nodes and mean over edges, then an
             MLP) or ``"output"`` (concatenate the output neurons' features in output order,
             plus the pooled features; every network in a batch must have as many outputs as
@@ -87,7 +97,15 @@ class GraphMetaNetwork(nn.Module):
         bidirectional (bool): also pass messages along reversed edges (with a direction
             embedding) (default ``True``).
         node_in (int), edge_in (int): raw feature sizes (3 and 1 for ``kernel="edge"`` graphs).
-        backbone_kwargs (dict): extra arguments for the blocks.
+        backbone_kwargs (dict): extra arguments for the blocks, e.g.
+            ``{"coords": "positional"}`` for ``"egnn"``, ``{"map_type": "orthogonal"}`` for
+            ``"sheaf"``, ``{"conv": "lie", "heads": 2}`` for ``"unitary"``.
+
+    Example::
+
+        net = GraphMetaNetwork(1, hidden_channels=32, backbone="sheaf",
+                               backbone_kwargs={"stalk_dim": 4, "map_type": "orthogonal"})
+        y = net(Batch.from_data_list([ParameterGraph.from_module(m) for m in models]))
     """
 
     def __init__(
@@ -126,6 +144,10 @@ class GraphMetaNetwork(nn.Module):
                        **(backbone_kwargs or {}))
             for _ in range(num_layers)
         )
+        # Extra state carried through the blocks (EGNN coordinates, a subgraph bag, ...);
+        # None for stateless backbones such as "metanet".
+        self.state_encoder = make_state(backbone, hidden_channels, edge_channels,
+                                        **(backbone_kwargs or {}))
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_channels) for _ in range(num_layers))
         pooled = 3 * hidden_channels
         if readout == "output":
@@ -149,9 +171,15 @@ class GraphMetaNetwork(nn.Module):
             edge_index = torch.cat([edge_index, edge_index.flip(0)], dim=1)
             d = self.direction.weight
             e = torch.cat([e + d[0], e + d[1]], dim=0)
-        for block, norm in zip(self.blocks, self.norms):
-            x, e = block(x, edge_index, e, batch)
-            x = norm(x)
+        if self.state_encoder is None:
+            for block, norm in zip(self.blocks, self.norms):
+                x, e = block(x, edge_index, e, batch)
+                x = norm(x)
+        else:
+            state = self.state_encoder(x, edge_index, e, batch, data)
+            for block, norm in zip(self.blocks, self.norms):
+                x, e, state = block(x, edge_index, e, batch, state)
+                x = norm(x)
         ebatch = batch.index_select(0, edge_index[1])
         pooled = [scatter(x, batch, 0, num_graphs, "mean"), scatter(x, batch, 0, num_graphs, "max"),
                   scatter(e, ebatch, 0, num_graphs, "mean")]
