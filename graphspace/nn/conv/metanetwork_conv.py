@@ -122,12 +122,12 @@ class MetaNetworkConv(nn.Module):
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> tuple[Tensor, Tensor]:
         src, dst = edge_index[0], edge_index[1]
         n = x.size(0)
-        x_i, x_j = x.index_select(0, dst), x.index_select(0, src)
         if self.edge_mlp is not None:
-            upd = self.edge_mlp(torch.cat([x_i, x_j, edge_attr], dim=-1))
+            lin, rest = self.edge_mlp[0], self.edge_mlp[1:]
+            upd = rest(self._pair_linear(lin, x, src, dst, edge_attr))
             edge_attr = upd + edge_attr if upd.shape == edge_attr.shape else upd
         gamma, beta = self.film(edge_attr).chunk(2, dim=-1)
-        m = gamma * self.msg(torch.cat([x_i, x_j], dim=-1)) + beta
+        m = gamma * self._pair_linear(self.msg, x, src, dst) + beta
         deg = scatter(torch.ones_like(dst, dtype=x.dtype), dst, 0, n, "sum")
         aggs = [scatter(m, dst, 0, n, a) for a in self.aggregators]
         agg = torch.cat(aggs, dim=-1)
@@ -142,6 +142,22 @@ class MetaNetworkConv(nn.Module):
                 scaled.append(agg * (self.avg_log_degree / log_deg.clamp_min(math.log(2.0))))
         out = self.root(x) + self.update(torch.cat([x] + scaled, dim=-1))
         return out, edge_attr
+
+    def _pair_linear(self, lin: nn.Linear, x: Tensor, src: Tensor, dst: Tensor,
+                     edge_attr: Tensor | None = None) -> Tensor:
+        r""":math:`W[\mathbf x_i \,\|\, \mathbf x_j \,\|\, \mathbf e_{ij}] + b` computed as
+        :math:`(W_1 \mathbf x)_i + (W_2 \mathbf x)_j + W_3 \mathbf e_{ij} + b`: the node
+        projections are taken once per node and gathered, so no :math:`|\mathcal E| \times
+        (2F + D)` concatenation is materialised (same result, about half the memory
+        traffic on parameter graphs, where edges outnumber nodes ~100x)."""
+        f = self.in_channels
+        w = lin.weight
+        xw = x @ torch.cat([w[:, :f], w[:, f:2 * f]], dim=0).t()  # [N, 2h]
+        h = w.size(0)
+        out = xw[:, :h].index_select(0, dst) + xw[:, h:].index_select(0, src)
+        if edge_attr is not None:
+            out = torch.addmm(out, edge_attr, w[:, 2 * f:].t())
+        return out + lin.bias if lin.bias is not None else out
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
