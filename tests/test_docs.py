@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["index.md", "quickstart.md", "parameter-graphs.md", "symmetries.md", "extending.md"]
+PAGES = ["index.md", "quickstart.md", "parameter-graphs.md", "symmetries.md", "extending.md",
+         "augmentations.md", "datasets.md", "ops.md", "layers/sheaf.md", "layers/subgraph.md",
+         "layers/unitary.md", "tasks/contrastive.md", "tasks/generalization.md", "tasks/inr.md",
+         pytest.param("layers/egnn.md", marks=pytest.mark.slow)]
 
 
 def _blocks(page: str) -> list[str]:
@@ -15,7 +18,8 @@ def _blocks(page: str) -> list[str]:
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_doc_examples_run(page):
+def test_doc_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here
     blocks = [b for b in _blocks(page) if "checkpoints" not in b]
     for code in blocks:
         exec(compile(code, f"{page}", "exec"), {"__name__": "docs_example"})
