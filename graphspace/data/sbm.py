@@ -146,8 +146,8 @@ class SBMDataModule(pl.LightningDataModule):
         num_blocks, block_size: ``num_blocks`` blocks of ``block_size`` nodes, unless
             ``block_sizes`` is given (default 4 x 100).
         block_sizes: explicit block sizes (overrides ``num_blocks`` / ``block_size``).
-        p_in, p_out, num_features, feature_signal, feature_noise, train_ratio, val_ratio,
-            seed: see :func:`make_sbm_graph`.
+        p_in, p_out, num_features, feature_signal, feature_noise, train_ratio, val_ratio, seed:
+            see :func:`make_sbm_graph`.
         batch_size: graphs per batch (default 1).
     """
 
