@@ -92,3 +92,20 @@ def test_metanetwork_trains_and_reports_bad_config():
         GraphMetaNetwork(1, backbone="nope")
     with pytest.raises(ValueError, match="output neurons"):
         GraphMetaNetwork(1, readout="output", num_outputs=3)(copy.copy(batch))
+
+
+@pytest.mark.parametrize("kernel", ["edge", "channel"])
+def test_every_parameter_is_used_for_both_kernel_layouts(kernel):
+    """DDP (without find_unused_parameters) needs every parameter in every forward pass."""
+    torch.manual_seed(0)
+    graphs = [ParameterGraph.from_module(SmallCNN(), kernel=kernel) for _ in range(2)]
+    b = Batch.from_data_list(graphs)
+    net = GraphMetaNetwork(1, 8, num_layers=1, edge_in=b.edge_attr.size(1))
+    assert (net.encoder.edge_pos is None) == (kernel == "channel")
+    net(b).sum().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []
+    del b.edge_pos  # an edge-layout encoder on a batch without offsets still uses them all
+    if kernel == "edge":
+        net.zero_grad(set_to_none=True)
+        net(b).sum().backward()
+        assert all(p.grad is not None for p in net.parameters())

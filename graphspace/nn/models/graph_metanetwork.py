@@ -23,11 +23,16 @@ class ParameterGraphEncoder(nn.Module):
     encoding is invariant to permutations of hidden neurons (Lim et al. 2024; Kofinas et al.
     2024). Edge embedding: :math:`W_e \mathbf{e} + E_{type} + E_{layer} + \sum_d E^{(d)}_{pos}`.
     Attention head indices are deliberately not encoded (heads are permutable).
+
+    ``edge_pos=False`` drops :math:`E_{pos}` (graphs built with ``kernel="channel"`` carry the
+    kernel as edge features and have no per-edge spatial offset); when it is enabled and a batch
+    has no ``edge_pos``, every edge gets offset 0, so all parameters take part in every forward
+    pass (as DDP requires).
     """
 
     def __init__(self, hidden_channels: int, edge_channels: int, node_in: int = 3,
                  edge_in: int = 1, max_layers: int = 64, max_io: int = 1024,
-                 max_pos: int = 64) -> None:
+                 max_pos: int = 64, edge_pos: bool = True) -> None:
         super().__init__()
         self.max_layers, self.max_io, self.max_pos = max_layers, max_io, max_pos
         self.node_lin = nn.Linear(node_in, hidden_channels)
@@ -38,7 +43,8 @@ class ParameterGraphEncoder(nn.Module):
         self.edge_lin = nn.Linear(edge_in, edge_channels)
         self.edge_type = nn.Embedding(len(EDGE_TYPES), edge_channels)
         self.edge_layer = nn.Embedding(max_layers, edge_channels)
-        self.edge_pos = nn.ModuleList(nn.Embedding(max_pos, edge_channels) for _ in range(3))
+        self.edge_pos = nn.ModuleList(nn.Embedding(max_pos, edge_channels) for _ in range(3)) \
+            if edge_pos else None
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -55,11 +61,14 @@ class ParameterGraphEncoder(nn.Module):
         x = x + self.node_io(io) + self.node_act(data.node_act)
         e = self.edge_lin(data.edge_attr) + self.edge_type(data.edge_type) + self.edge_layer(
             data.edge_layer.clamp_max(self.max_layers - 1))
-        ep = getattr(data, "edge_pos", None)
-        if ep is not None:
-            ep = ep.long().clamp(0, self.max_pos - 1)
-            for d in range(3):
-                e = e + self.edge_pos[d](ep[:, d])
+        if self.edge_pos is not None:
+            ep = getattr(data, "edge_pos", None)
+            if ep is None:
+                e = e + sum(emb.weight[0] for emb in self.edge_pos)
+            else:
+                ep = ep.long().clamp(0, self.max_pos - 1)
+                for d in range(3):
+                    e = e + self.edge_pos[d](ep[:, d])
         return x, e
 
 
@@ -96,7 +105,10 @@ class GraphMetaNetwork(nn.Module):
         num_outputs (int): output neurons per network for ``readout="output"``.
         bidirectional (bool): also pass messages along reversed edges (with a direction
             embedding) (default ``True``).
-        node_in (int), edge_in (int): raw feature sizes (3 and 1 for ``kernel="edge"`` graphs).
+        node_in (int), edge_in (int): raw feature sizes (3 and 1 for ``kernel="edge"`` graphs;
+            ``edge_in = kh * kw`` of the largest kernel for ``kernel="channel"`` graphs).
+        edge_pos (bool, optional): embed the per-edge spatial kernel offset (default: only when
+            ``edge_in == 1``, i.e. for ``kernel="edge"`` graphs).
         backbone_kwargs (dict): extra arguments for the blocks, e.g.
             ``{"coords": "positional"}`` for ``"egnn"``, ``{"map_type": "orthogonal"}`` for
             ``"sheaf"``, ``{"conv": "lie", "heads": 2}`` for ``"unitary"``.
@@ -122,6 +134,7 @@ class GraphMetaNetwork(nn.Module):
         edge_in: int = 1,
         dropout: float = 0.0,
         backbone_kwargs: dict[str, Any] | None = None,
+        edge_pos: bool | None = None,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -137,7 +150,9 @@ class GraphMetaNetwork(nn.Module):
         self.readout = readout
         self.num_outputs = num_outputs
         self.bidirectional = bidirectional
-        self.encoder = ParameterGraphEncoder(hidden_channels, edge_channels, node_in, edge_in)
+        self.encoder = ParameterGraphEncoder(hidden_channels, edge_channels, node_in, edge_in,
+                                             edge_pos=edge_in == 1 if edge_pos is None
+                                             else edge_pos)
         self.direction = nn.Embedding(2, edge_channels)
         self.blocks = nn.ModuleList(
             make_block(backbone, hidden_channels, edge_channels, dropout,
