@@ -44,11 +44,14 @@ class GraphspaceCLI(LightningCLI):
 def report(trainer: pl.Trainer, module: pl.LightningModule) -> str | None:
     """Print and save (``<log_dir>/results.md``, atomically) the module's results table."""
     table_fn = getattr(module, "results_table", None)
-    if table_fn is None or not trainer.is_global_zero:
+    if table_fn is None:
+        return None
+    # Trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every process asks.
+    log_dir = trainer.log_dir or trainer.default_root_dir
+    if not trainer.is_global_zero:
         return None
     table = table_fn()
     print("\nTest results\n" + table)
-    log_dir = trainer.log_dir or trainer.default_root_dir
     if log_dir:
         from graphspace.io import atomic_write
 
