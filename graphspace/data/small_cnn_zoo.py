@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch_geometric.data import Batch
 
 from graphspace.data._io import write_file as atomic_write
 from graphspace.data.zoo_dataset import SPLITS, StoreWriter, WeightZooDataset
@@ -406,6 +407,95 @@ class SmallCNNZoo(WeightZooDataset):
     @property
     def raw_file_names(self) -> list[str]:
         return ["weights.npy", "metrics.csv.gz", "layout.csv"]
+
+    # -- fast access (flat vectors of few architectures in one tensor) ------------------------
+    def _index(self) -> tuple[list[int], list[int]]:
+        """Architecture index and flat-vector offset of every network, as Python lists."""
+        idx = self.__dict__.get("_fast_index")
+        if idx is None:
+            idx = (self._store["arch"].tolist(), self._store["offset"].tolist())
+            self.__dict__["_fast_index"] = idx
+        return idx
+
+    def _fields(self, idx: Tensor) -> dict[str, Tensor]:
+        """``y`` and the per-graph numeric fields of networks ``idx`` (``[n]`` each)."""
+        s = self._store
+        return {"y": s["y"][idx], **{k: t[idx] for k, t in s["fields"].items()}}
+
+    def get(self, idx: int) -> Any:
+        """Network ``idx`` as a parameter graph. Structure tensors (``edge_index``, ...) are
+        shared by the graphs of this dataset, as in PyG's ``InMemoryDataset``: do not modify
+        them in place (transforms that change them should assign new tensors)."""
+        s = self._store
+        if "flat" not in s:
+            return super().get(idx)
+        arch, off = self._index()
+        s = self._store
+        fields = {"y": s["y"][idx:idx + 1].clone()}
+        for k, t in s["fields"].items():
+            fields[k] = t[idx:idx + 1].clone()
+        return self.builder(arch[idx]).build(s["flat"][off[idx]:off[idx + 1]], fields,
+                                             share_structure=True)
+
+    def _groups(self, indices: Sequence[int]) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+        """``(architecture, positions in indices, stored rows, flat vectors)`` per architecture
+        of the networks ``indices`` (dataset indices, mapped through :meth:`indices`)."""
+        s = self._store
+        all_idx = self.indices()
+        rows = torch.as_tensor([all_idx[i] for i in indices], dtype=torch.long)
+        off = s["offset"]
+        archs = s["arch"][rows]
+        out = []
+        for a in archs.unique().tolist():
+            pos = (archs == a).nonzero().flatten()
+            r = rows[pos]
+            n = self.builder(a).numel
+            starts = off[r]
+            if not bool((off[r + 1] - starts == n).all()):
+                raise RuntimeError(f"stored networks of architecture {a} do not have {n} "
+                                   "parameters")
+            out.append((a, pos, r, s["flat"][starts.unsqueeze(1) + torch.arange(n)]))
+        return out
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """``[self[i] for i in indices]``, built in one vectorised pass per architecture (what
+        ``torch.utils.data.DataLoader`` calls to fetch a batch)."""
+        if "flat" not in self._store or len(indices) == 0:
+            return [self[i] for i in indices]
+        out: list[Any] = [None] * len(indices)
+        for a, pos, r, flats in self._groups(indices):
+            graphs = self.builder(a).build_many(flats, self._fields(r), share_structure=True)
+            for p, g in zip(pos.tolist(), graphs):
+                out[p] = g
+        if self.transform is not None:  # in index order, as [self[i] for i in indices]
+            out = [self.transform(g) for g in out]
+        return out
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """``Batch.from_data_list([self[i] for i in indices])``, built in one vectorised pass
+        (:meth:`GraphBuilder.build_batch <graphspace.data.GraphBuilder.build_batch>`; ReLU and
+        tanh networks mix) unless there is a transform. Use it as the collate function of a
+        loader over indices::
+
+            loader = torch.utils.data.DataLoader(range(len(ds)), batch_size=32,
+                                                 shuffle=True, collate_fn=ds.batch)
+        """
+        indices = [int(i) for i in indices]
+        s = self._store
+        if self.transform is not None or "flat" not in s or not indices:
+            return Batch.from_data_list(self.__getitems__(indices))
+        all_idx = self.indices()
+        rows = torch.as_tensor([all_idx[i] for i in indices], dtype=torch.long)
+        archs = s["arch"][rows]
+        uniq = archs.unique()
+        builders = [self.builder(a) for a in uniq.tolist()]
+        n = builders[0].numel
+        starts = s["offset"][rows]
+        if not bool((s["offset"][rows + 1] - starts == n).all()):  # several layouts
+            return Batch.from_data_list(self.__getitems__(indices))
+        flats = s["flat"][starts.unsqueeze(1) + torch.arange(n)]
+        return builders[0].build_batch(flats, self._fields(rows), others=builders[1:],
+                                       which=torch.searchsorted(uniq, archs))
 
     def _split_path(self) -> Path | None:
         if self.split_file is None:

@@ -2,11 +2,16 @@
 
 Strategy (measured on CPU, see ``benchmarks/RESULTS.md``):
 
+* plain scatter reductions of unsorted targets on CPU use ATen's ``scatter_add_`` /
+  ``scatter_reduce_`` with the index broadcast over columns (as eager PyG does): measured
+  faster there than the CSR product, whose reads of ``src`` follow the sort permutation;
 * products with a per-edge *scalar* (or no) weight are sparse-dense products with the cached
   CSR layout (``torch.sparse.mm``; MKL on CPU, cuSPARSE on CUDA; the ``amax``/``amin``
   reductions of ``torch.sparse.mm`` on CPU), and their weight gradient
   ``<g_i, x_j>`` per edge is a sampled dense-dense product (``sampled_addmm``);
 * the sheaf block mat-vec is a block-sparse (BSR) product;
+* per-channel weighted sums on CPU walk the edges in input order (chunked gather, multiply,
+  ``index_add_``), reading the ``E x F`` weights sequentially;
 * everything else walks the edges in CSR order in chunks of ``CHUNK_VALUES`` values: gather,
   multiply, ``index_add_``/``scatter_reduce_``. Only a chunk of messages exists at any time,
   never the whole ``E x F`` tensor. The chunk tensors live in a per-thread workspace that is
@@ -184,10 +189,41 @@ def scatter_forward(src: Tensor, csr: CSR, reduce: str) -> Tensor:
         var = scatter_forward(centred.square_(), csr, "mean")
         out = var.add_(1e-12).sqrt_()
         return out.masked_fill_((csr.counts() == 0).unsqueeze(-1), 0.0)
+    if src.device.type == "cpu" and not _in_order(csr):
+        # unsorted targets: one pass over ``src`` in its own order with the target index
+        # broadcast over the columns -- ATen's scatter kernel for this case, the one eager PyG
+        # calls -- instead of the CSR product, whose reads of ``src`` rows follow the sort
+        # permutation (measured slower than eager PyG on CPU; sorted input keeps the product)
+        idx = _unsorted_index(csr).view(-1, 1).expand_as(src)
+        out = torch.zeros((csr.num_rows, src.size(1)), dtype=src.dtype, device=src.device)
+        if reduce in ("sum", "mean"):
+            out.scatter_add_(0, idx, src)
+        else:
+            out.scatter_reduce_(0, idx, src, "amax" if reduce == "max" else "amin",
+                                include_self=False)
+        return _finish(out, csr, reduce)
     out = _spmm(csr.sparse_ones(src.dtype), src, reduce)
     if out is None:
         return _reduce_chunks(src, lambda ids: None, csr, reduce)
     return _finish(out, csr, reduce)
+
+
+def _in_order(csr: CSR) -> bool:
+    """Whether the layout's edges are already sorted by target (identity permutation)."""
+    if "in_order" not in csr._memo:
+        csr._memo["in_order"] = bool(torch.equal(
+            csr.perm, torch.arange(csr.perm.numel(), device=csr.perm.device,
+                                   dtype=csr.perm.dtype)))
+    return csr._memo["in_order"]
+
+
+def _unsorted_source(csr: CSR) -> Tensor:
+    """The source (column) index of a layout's edges in their original order."""
+    if "source" not in csr._memo:
+        src = torch.empty_like(csr.col)
+        src[csr.perm] = csr.col
+        csr._memo["source"] = src
+    return csr._memo["source"]
 
 
 def _unsorted_index(csr: CSR) -> Tensor:
@@ -221,7 +257,21 @@ def weighted_forward(
         out = _spmm(a, x, reduce)
         if out is not None:
             return _finish(out, csr, reduce), None
+    if _edge_order(x, w, reduce):
+        dst, src = _unsorted_index(csr), _unsorted_source(csr)
+        out = torch.zeros((csr.num_rows, x.size(1)), dtype=x.dtype, device=x.device)
+        for s, e in _spans(csr.num_edges, x.size(1)):
+            out.index_add_(0, dst[s:e], _gather("msg", x, src[s:e]).mul_(w[s:e]))
+        return _finish(out, csr, reduce), None
     return _reduce_chunks(x, _weight_coef(w), csr, reduce), None
+
+
+def _edge_order(x: Tensor, w: Tensor | None, reduce: str) -> bool:
+    """Per-channel sums on CPU walk the edges in input order: the ``E x F`` weights are then
+    read (and their gradient written) sequentially instead of through the sort permutation
+    (measured 1.3-1.7x faster forward and backward at E = 1e5 .. 1e6, F = 64)."""
+    return (x.device.type == "cpu" and w is not None and w.dim() == 2
+            and reduce in ("sum", "mean"))
 
 
 def weighted_backward(
@@ -242,6 +292,20 @@ def weighted_backward(
             # dL/dw_e = <g_i, x_j> for every stored (i, j): a sampled dense-dense product
             dots = torch.sparse.sampled_addmm(csr.sparse_ones(x.dtype), gh, x.t(), beta=0.0)
             gw = torch.empty_like(w).index_copy_(0, csr.perm, dots.values())
+        return gx, gw
+
+    if _edge_order(x, w, reduce):
+        assert w is not None
+        gh = g / csr.counts(g.dtype).clamp(min=1).unsqueeze(-1) if reduce == "mean" else g
+        dst, src = _unsorted_index(csr), _unsorted_source(csr)
+        gx = torch.zeros_like(x) if need_x else None
+        gw = torch.empty_like(w) if need_w else None
+        for s, e in _spans(csr.num_edges, x.size(1)):
+            ge = _gather("ge", gh, dst[s:e])
+            if gx is not None:
+                gx.index_add_(0, src[s:e], torch.mul(ge, w[s:e], out=_buffer("msg", ge.shape, ge)))
+            if gw is not None:
+                torch.mul(ge, _gather("xs", x, src[s:e]), out=gw[s:e])
         return gx, gw
 
     gw = torch.empty_like(w) if need_w and w is not None else None

@@ -184,6 +184,7 @@ def segment(
         perm = torch.arange(src.size(0), device=src.device)
         csr = CSR(ptr=ptr, perm=perm, row=index, col=perm, num_rows=num_rows,
                   num_cols=src.size(0))
+        csr._memo["in_order"] = True  # already sorted by segment (see _torch._in_order)
         out = ScatterFn.apply(src2, index, csr, reduce, impl_module(name))
     _record(name)
     return _from_2d(out, rest, 0)

@@ -124,3 +124,144 @@ def test_statistics_save_load(tmp_path):
     st2 = WeightStatistics.load(tmp_path / "stats.pt")
     assert st2.mean.keys() == st.mean.keys()
     assert all(torch.equal(st.std[k], st2.std[k]) for k in st.std)
+
+
+def _assert_same_graph(g, ref):
+    assert set(g.keys()) == set(ref.keys())
+    for key in ref.keys():
+        if torch.is_tensor(ref[key]):
+            assert g[key].dtype == ref[key].dtype and torch.equal(g[key], ref[key]), key
+        elif key != "spec":
+            assert g[key] == ref[key], key
+
+
+@pytest.mark.parametrize("kernel", ["edge", "channel"])
+@pytest.mark.parametrize("make", [SmallCNN, ResNet])
+def test_build_many_equals_build(make, kernel):
+    model = make()
+    b = GraphBuilder(model, kernel=kernel)
+    a = analyze(model)
+    sds = [_perturbed(model, s) for s in range(3)]
+    flats = torch.stack([b.flatten(sd) for sd in sds])
+    y = torch.tensor([0.1, 0.2, 0.3])
+    graphs = b.build_many(flats, {"y": y})
+    assert len(graphs) == 3
+    for i, (g, sd) in enumerate(zip(graphs, sds)):
+        ref = ParameterGraph.from_state_dict(sd, a, kernel=kernel)
+        ref.y = y[i:i + 1]
+        _assert_same_graph(g, ref)
+        _assert_same_graph(b.build(flats[i], {"y": y[i:i + 1]}, share_structure=True), ref)
+        back = g.to_state_dict()
+        for k, v in sd.items():
+            assert torch.equal(back[k], v), k
+    with pytest.raises(ValueError):
+        b.build_many(flats[:, :-1])
+    with pytest.raises(ValueError):
+        b.build_many(flats, {"y": y[:2]})
+
+
+def test_built_graphs_own_their_weights_and_optionally_share_structure():
+    b = GraphBuilder(SmallCNN())
+    flats = torch.randn(2, b.numel)
+    g0, g1 = b.build_many(flats)
+    g0.x.add_(1.0)
+    g0.edge_attr.mul_(0.0)
+    g0.edge_index.add_(1)  # copies: the builder and the other graph are untouched
+    _assert_same_graph(g1, b.build(flats[1]))
+    assert not torch.equal(g0.edge_index, g1.edge_index)
+    assert g1.x.data_ptr() != g0.x.data_ptr()
+    s0, s1 = b.build_many(flats, share_structure=True)
+    assert s0.edge_index.data_ptr() == s1.edge_index.data_ptr()
+    assert s0.x.data_ptr() != s1.x.data_ptr()
+    assert s0.edge_attr.data_ptr() != s1.edge_attr.data_ptr()
+    assert torch.equal(s1.edge_attr[:, 0], b.build(flats[1]).edge_attr[:, 0])
+
+
+def test_small_cnn_zoo_batched_fetch_equals_items(tmp_path):
+    from torch_geometric.loader import DataLoader
+    from zoo_files import make_small_cnn_zoo
+
+    from graphspace.data import SmallCNNZoo
+
+    make_small_cnn_zoo(tmp_path / "zoo" / "raw", n_runs=16, steps=(1, 86))
+    ds = SmallCNNZoo(str(tmp_path / "zoo"), "train", epochs="all")
+    idx = [5, 0, 3, 3, len(ds) - 1]
+    items = ds.__getitems__(idx)
+    assert len(items) == len(idx) and len({ds.arch(i)["activation"] for i in idx}) == 2
+    for i, g in zip(idx, items):
+        _assert_same_graph(g, ds[i])
+        assert torch.equal(g.to_state_dict()["fc.weight"], ds.state_dict(i)["fc.weight"])
+        assert int(g.step) == int(ds._store["fields"]["step"][i])
+    batch = next(iter(DataLoader(ds, batch_size=len(ds))))
+    assert torch.equal(batch.y, ds.y)
+    sub = ds[torch.tensor([2, 1])]  # an index-selected view maps indices through indices()
+    _assert_same_graph(sub.__getitems__([0])[0], ds[2])
+
+
+def _assert_same_batch(bt, ref):
+    assert type(bt) is type(ref) and bt.num_graphs == ref.num_graphs
+    assert set(bt.keys()) == set(ref.keys())
+    for k in ref.keys():
+        if torch.is_tensor(ref[k]):
+            assert bt[k].dtype == ref[k].dtype and torch.equal(bt[k], ref[k]), k
+        elif k == "spec":
+            assert [s.kernel for s in bt[k]] == [s.kernel for s in ref[k]]
+        else:
+            assert bt[k] == ref[k], k
+    assert bt._slice_dict.keys() == ref._slice_dict.keys()
+    for k, v in ref._slice_dict.items():
+        assert torch.equal(bt._slice_dict[k], v), k
+        w = ref._inc_dict[k]
+        assert (w is None and bt._inc_dict[k] is None) or torch.equal(bt._inc_dict[k], w), k
+    for g, r in zip(bt.to_data_list(), ref.to_data_list()):
+        _assert_same_graph(g, r)
+        for k, v in r.to_state_dict().items():
+            assert torch.equal(g.to_state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("kernel", ["edge", "channel"])
+@pytest.mark.parametrize("make", [SmallCNN, Siren, ResNet])
+def test_build_batch_equals_pyg_collation(make, kernel):
+    from torch_geometric.data import Batch
+
+    b = GraphBuilder(make(), kernel=kernel)
+    for n in (4, 1, 4):  # the second batch of 4 reuses the cached plan
+        flats = torch.randn(n, b.numel)
+        fields = {"y": torch.rand(n), "step": torch.arange(n)}
+        _assert_same_batch(b.build_batch(flats, fields),
+                           Batch.from_data_list(b.build_many(flats, fields)))
+
+
+def test_build_batch_mixes_architectures_that_differ_in_structure_values():
+    from torch import nn
+    from torch_geometric.data import Batch
+
+    relu, tanh = GraphBuilder(SmallCNN(act=nn.ReLU)), GraphBuilder(SmallCNN(act=nn.Tanh))
+    assert set(relu._mixed_keys((tanh,))) == {"node_act"}
+    flats = torch.randn(5, relu.numel)
+    which = torch.tensor([1, 0, 0, 1, 1])
+    y = torch.rand(5)
+    ref = Batch.from_data_list([(relu, tanh)[w].build(f, {"y": y[i:i + 1]})
+                                for i, (w, f) in enumerate(zip(which.tolist(), flats))])
+    bt = relu.build_batch(flats, {"y": y}, others=[tanh], which=which)
+    _assert_same_batch(bt, ref)
+    assert not torch.equal(bt.node_act[:59], bt.node_act[59:118])
+    # a different layout cannot mix: PyG's collation, same result
+    siren = GraphBuilder(Siren())
+    assert relu._mixed_keys((siren,)) is None
+    with pytest.raises(ValueError):
+        relu.build_batch(flats, others=[tanh])
+
+
+def test_small_cnn_zoo_batch_equals_collated_items(tmp_path):
+    from torch_geometric.data import Batch
+    from zoo_files import make_small_cnn_zoo
+
+    from graphspace.data import SmallCNNZoo
+
+    make_small_cnn_zoo(tmp_path / "zoo" / "raw", n_runs=16, steps=(1, 86))
+    ds = SmallCNNZoo(str(tmp_path / "zoo"), "train", epochs="all")
+    idx = [5, 0, 3, 3, len(ds) - 1, 2]
+    _assert_same_batch(ds.batch(idx), Batch.from_data_list([ds[i] for i in idx]))
+    loader = torch.utils.data.DataLoader(range(len(ds)), batch_size=7, collate_fn=ds.batch)
+    assert torch.equal(torch.cat([b.y for b in loader]), ds.y)
