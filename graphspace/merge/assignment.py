@@ -33,10 +33,16 @@ def register_lap_backend(name: str, solver: LapSolver) -> None:
     _BACKENDS[name] = solver
 
 
-def _scipy(cost: np.ndarray) -> np.ndarray:
-    from scipy.optimize import linear_sum_assignment
+_SCIPY_LSA: Callable | None = None
 
-    rows, cols = linear_sum_assignment(cost, maximize=True)
+
+def _scipy(cost: np.ndarray) -> np.ndarray:
+    global _SCIPY_LSA
+    if _SCIPY_LSA is None:  # resolved once: scipy.optimize's lazy attribute lookup is slow
+        from scipy.optimize import linear_sum_assignment
+
+        _SCIPY_LSA = linear_sum_assignment
+    rows, cols = _SCIPY_LSA(cost, maximize=True)
     out = np.empty(cost.shape[0], dtype=np.int64)
     out[rows] = cols
     return out

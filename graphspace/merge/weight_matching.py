@@ -98,6 +98,105 @@ def solve_unit(spec: AlignmentSpec, unit: list[int], costs: list[np.ndarray],
     return [linear_assignment(c, backend) for c in costs]
 
 
+@dataclass
+class _SlotState:
+    """One slot laid out as ``[n, other, rest]``: row ``k`` belongs to the group's ``k``-th
+    neuron, ``other`` runs over the entry's other axis (1 for vectors), ``rest`` over kernel
+    positions. ``pos`` are the other-axis positions of B already folded into the group's cost
+    (``None``: the other axis is not permuted)."""
+
+    key: str
+    axis: int
+    xa: Tensor
+    xb: Tensor
+    pos: Tensor | None = None
+
+
+def _slot_view(c: Tensor, axis: int, index: Tensor, n: int) -> Tensor:
+    """``c`` (canonical) restricted to ``index`` along ``axis``, as a contiguous ``[n, o, r]``."""
+    if not (index.numel() == c.shape[axis]
+            and bool((index == torch.arange(index.numel(), device=index.device)).all())):
+        c = c.index_select(axis, index)
+    if axis == 1:
+        c = c.transpose(0, 1)
+    o = c.shape[1] if c.dim() > 1 else 1
+    return c.reshape(n, o, -1).contiguous()
+
+
+def _is_identity(pos: Tensor) -> bool:
+    return bool((pos == torch.arange(pos.numel(), device=pos.device)).all())
+
+
+class _IncrementalCosts:
+    r"""The cost matrices :math:`C^P` of :func:`group_cost`, kept up to date incrementally.
+
+    :math:`C^P` depends on the other groups only through the other-axis permutation of each
+    slot. When that permutation moved the entries at positions :math:`D` (old positions
+    :math:`p`, new :math:`p'`), the slot's contribution changes by
+
+    .. math::
+        \Delta C^P = X^A_{:, D} \big(X^B_{:, p'_D} - X^B_{:, p_D}\big)^\top ,
+
+    one matrix product over :math:`|D|` instead of all columns. The first request of a group
+    computes it in full; later requests only add such updates, so a group whose neighbours
+    moved few neurons costs little, and one whose neighbours did not move at all costs
+    nothing (:attr:`dirty` tells whether the matrix changed since the group was last solved).
+    Products run in ``dtype``; the matrices accumulate in float64.
+    """
+
+    def __init__(self, spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
+                 dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.dtype = dtype
+        self.slots: list[list[_SlotState]] = []
+        for gi, slots in enumerate(spec.slots):
+            n = spec.groups[gi].size
+            states = []
+            for s in slots:
+                idx = s.index.to(a[s.key].device)
+                states.append(_SlotState(s.key, s.axis, _slot_view(a[s.key], s.axis, idx, n),
+                                         _slot_view(b[s.key], s.axis, idx, n)))
+            self.slots.append(states)
+        self.cost: list[Tensor | None] = [None] * len(spec.groups)
+        self.dirty = [True] * len(spec.groups)
+
+    def _other(self, st: _SlotState, node_map: Tensor) -> Tensor | None:
+        return self.spec.positions(st.key, 1 - st.axis, node_map)
+
+    def get(self, gi: int, node_map: Tensor) -> Tensor:
+        """:math:`C^P` of group ``gi`` (float64) under the permutations ``node_map``."""
+        n = self.spec.groups[gi].size
+        cost = self.cost[gi]
+        acc = torch.zeros(n, n, dtype=self.dtype, device=node_map.device) if cost is None \
+            else None
+        touched = False
+        for st in self.slots[gi]:
+            pos = self._other(st, node_map)
+            if cost is None:  # full product
+                xb = st.xb if pos is None or _is_identity(pos) else st.xb.index_select(1, pos)
+                acc.addmm_(st.xa.reshape(n, -1), xb.reshape(n, -1).T)
+                touched = True
+            elif pos is not None:
+                assert st.pos is not None
+                moved = (pos != st.pos).nonzero().squeeze(1)
+                if moved.numel():
+                    if acc is None:
+                        acc = torch.zeros(n, n, dtype=self.dtype, device=node_map.device)
+                    xa = st.xa if moved.numel() == pos.numel() else st.xa.index_select(1, moved)
+                    dxb = st.xb.index_select(1, pos[moved]) - st.xb.index_select(1,
+                                                                                 st.pos[moved])
+                    acc.addmm_(xa.reshape(n, -1), dxb.reshape(n, -1).T)
+                    touched = True
+            st.pos = pos
+        if cost is None:
+            assert acc is not None
+            cost = self.cost[gi] = acc.to(torch.float64)
+        elif acc is not None:
+            cost += acc
+        self.dirty[gi] = self.dirty[gi] or touched
+        return cost
+
+
 def weight_matching(
     model_a: nn.Module | Mapping[str, Tensor],
     model_b: nn.Module | Mapping[str, Tensor],
@@ -113,6 +212,11 @@ def weight_matching(
 ) -> MatchResult:
     """Find permutations of B's hidden neurons that bring B's weights closest to A's.
 
+    The cost matrices are maintained incrementally (see :class:`_IncrementalCosts`): after the
+    first pass, a group only pays for the neurons its neighbouring groups moved since it was
+    last solved, and a group whose cost did not change is not solved again (the solver would
+    return the same permutation).
+
     Args:
         model_a: reference model (or its state dict, with ``spec``).
         model_b: model to align (or its state dict).
@@ -122,13 +226,14 @@ def weight_matching(
         init: starting permutations (identity by default); used to warm-start repeated calls.
         backend: linear-assignment backend (see :func:`~graphspace.merge.linear_assignment`).
         device: where the cost matrices are computed (``"auto"``: CUDA when available).
-        dtype: precision of the cost matrices.
+        dtype: precision of the matrix products (the costs accumulate in float64).
         tol: a pass counts as an improvement when a group's objective grows by more than
             ``tol`` times its magnitude.
 
     Returns:
         :class:`MatchResult`; apply it with :func:`align_state` or
-        :func:`graphspace.graphs.apply_permutation`.
+        :func:`graphspace.graphs.apply_permutation`. ``objective`` starts from the exact
+        inner product under ``init`` and adds each accepted assignment's gain.
     """
     spec = _spec(model_a, spec)
     sa, sb = state_of(model_a), state_of(model_b)
@@ -141,6 +246,9 @@ def weight_matching(
     if init is not None:
         perms.update({k: torch.as_tensor(v, dtype=torch.long).cpu() for k, v in init.items()})
     node_map = spec.node_map(perms, dev)
+    costs = _IncrementalCosts(spec, a, b, dtype)
+    value = _objective(spec, a, b, node_map)
+    del a, b  # the slot layouts hold what matching needs
     rng = random.Random(seed)
     units = list(spec.units)
     history: list[float] = []
@@ -151,14 +259,20 @@ def weight_matching(
         rng.shuffle(units)
         improved = False
         for unit in units:
-            costs = [group_cost(spec, gi, a, b, node_map).double().cpu().numpy() for gi in unit]
-            new = solve_unit(spec, unit, costs, backend)
+            mats = [costs.get(gi, node_map) for gi in unit]
+            if not any(costs.dirty[gi] for gi in unit):
+                continue  # same costs as at its last solve: same permutation, no gain
+            cs = [m.cpu().numpy() for m in mats]
+            new = solve_unit(spec, unit, cs, backend)
+            for gi in unit:
+                costs.dirty[gi] = False
             old = [perms[spec.groups[gi].name].numpy() for gi in unit]
-            rows = np.arange(costs[0].shape[0])
-            old_v = sum(c[rows, p].sum() for c, p in zip(costs, old))
-            new_v = sum(c[rows, p].sum() for c, p in zip(costs, new))
+            rows = np.arange(cs[0].shape[0])
+            old_v = sum(c[rows, p].sum() for c, p in zip(cs, old))
+            new_v = sum(c[rows, p].sum() for c, p in zip(cs, new))
             if new_v - old_v > tol * max(abs(old_v), abs(new_v), 1e-30):
                 improved = True
+                value += float(new_v - old_v)
                 for gi, p in zip(unit, new):
                     g = spec.groups[gi]
                     perms[g.name] = torch.from_numpy(p)
@@ -166,7 +280,7 @@ def weight_matching(
                     for m in g.members:
                         md = m.to(dev)
                         node_map[md] = md[pd]
-        history.append(_objective(spec, a, b, node_map))
+        history.append(value)
         if not improved:
             converged = True
             break
@@ -181,9 +295,9 @@ def _objective(spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Ten
         for axis in (0, 1):
             if axis < cb.dim():
                 pos = spec.positions(key, axis, node_map)
-                if pos is not None:
+                if pos is not None and not _is_identity(pos):
                     cb = cb.index_select(axis, pos)
-        total += float((a[key].double() * cb.double()).sum())
+        total += float((a[key] * cb).sum(dtype=torch.float64))
     return total
 
 

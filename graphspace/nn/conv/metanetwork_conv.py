@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from graphspace.ops import scatter
+from graphspace.ops import CSR, get_csr, scatter
 
 AGGREGATORS = ("mean", "max", "min", "std", "sum")
 SCALERS = ("identity", "amplification", "attenuation")
@@ -17,6 +19,131 @@ SCALERS = ("identity", "amplification", "attenuation")
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Dropout(dropout),
                          nn.Linear(hidden, out_dim))
+
+
+#: dtypes of the fused CPU path (others take the reference path through :func:`scatter`).
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+class _PairGather(torch.autograd.Function):
+    r"""``z_c = p_c[dst] + q_c[src]`` for column blocks ``c`` of ``p``, ``q``: ``(N, C * h)``.
+
+    The blocks come out as separate contiguous ``(E, h)`` tensors (slicing one ``(E, C h)``
+    result would make autograd zero-fill or concatenate full-size gradients). Backward: the
+    target half is a product with the cached CSR matrix of the targets (contiguous reads when
+    the edges are sorted by target), the source half a scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, q: Tensor, dst: Tensor, src: Tensor, csr: CSR,
+                h: int) -> tuple[Tensor, ...]:
+        outs = []
+        for c in range(p.size(1) // h):
+            z = p[:, c * h:(c + 1) * h].index_select(0, dst)
+            outs.append(z.add_(q[:, c * h:(c + 1) * h].index_select(0, src)))
+        ctx.csr, ctx.h = csr, h
+        ctx.save_for_backward(src)
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        (src,) = ctx.saved_tensors
+        csr: CSR = ctx.csr
+        gp = gq = None
+        if ctx.needs_input_grad[0]:
+            ones = csr.sparse_ones(grads[0].dtype)
+            gp = torch.cat([torch.sparse.mm(ones, g) for g in grads], dim=1)
+        if ctx.needs_input_grad[1]:
+            gq = torch.cat([g.new_zeros(csr.num_rows, g.size(1)).index_add_(0, src, g)
+                            for g in grads], dim=1)
+        return gp, gq, None, None, None, None
+
+
+class _MultiAggregate(torch.autograd.Function):
+    r"""Several reductions of the same messages over the same target index in one pass.
+
+    ``out = [agg_1(m) | agg_2(m) | ...]`` (``(N, len(aggregators) * F)``) with the conventions
+    of :func:`graphspace.ops.scatter`: empty rows are 0, ``std`` is
+    :math:`\sqrt{\operatorname{mean}((m - \mu)^2) + 10^{-12}}`, and the gradient of a
+    max/min entry is split evenly between the messages that attain it. All reductions run as
+    products with the (cached) sparse CSR matrix of ones of the target index, so the sum that
+    ``mean`` and ``std`` share is taken once and, when the edges are sorted by target, every
+    product reads the messages contiguously. The backward pass gathers one per-node
+    coefficient per reduction and forms the message gradient in place:
+
+    .. math::
+        \frac{\partial L}{\partial m_e} = \sum_{\text{sum}} g_{i} +
+        \sum_{\text{mean}} \frac{g_{i}}{n_i} + \sum_{\text{max/min}} [m_e = o_i]
+        \frac{g_{i}}{t_i} + \sum_{\text{std}} (m_e - \mu_i)\frac{g_{i}}{n_i\,\sigma_i},
+        \qquad i = \mathrm{index}_e
+
+    (:math:`n_i` messages and :math:`t_i` ties at row :math:`i`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, m: Tensor, index: Tensor, csr: CSR,
+                aggregators: tuple[str, ...]) -> Tensor:
+        ones = csr.sparse_ones(m.dtype)
+        cnt = csr.counts(m.dtype).unsqueeze(-1)
+        cntc = cnt.clamp(min=1)
+        empty = cnt == 0
+        total = mean = centred = None
+        if any(a in ("sum", "mean", "std") for a in aggregators):
+            total = torch.sparse.mm(ones, m)
+            mean = total / cntc
+        outs: dict[str, Tensor] = {}
+        for a in aggregators:
+            if a in outs:
+                continue
+            if a == "sum":
+                outs[a] = total
+            elif a == "mean":
+                outs[a] = mean
+            elif a in ("max", "min"):
+                ext = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
+                outs[a] = ext.masked_fill_(empty, 0.0)
+            else:  # std
+                centred = mean.index_select(0, index)
+                torch.sub(m, centred, out=centred)
+                var = torch.sparse.mm(ones, centred.square()).div_(cntc)
+                outs[a] = var.add_(1e-12).sqrt_().masked_fill_(empty, 0.0)
+        ctx.csr, ctx.aggregators = csr, aggregators
+        ctx.save_for_backward(m, index, centred, outs.get("max"), outs.get("min"),
+                              outs.get("std"))
+        return torch.cat([outs[a] for a in aggregators], dim=-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        m, index, centred, mx, mn, std = ctx.saved_tensors
+        csr: CSR = ctx.csr
+        f = m.size(1)
+        cntc = csr.counts(m.dtype).clamp(min=1).unsqueeze(-1)
+        lin: Tensor | None = None  # per-node coefficient of the plain gather (sum, mean)
+        grad: Tensor | None = None
+        for k, a in enumerate(ctx.aggregators):
+            gk = g[:, k * f:(k + 1) * f]
+            if a in ("sum", "mean"):
+                term = gk if a == "sum" else gk / cntc
+                lin = term if lin is None else lin + term
+                continue
+            if a == "std":
+                coef = gk / (cntc * torch.where(std > 0, std, torch.ones_like(std)))
+                part = coef.index_select(0, index).mul_(centred)
+            else:  # max / min: split between the messages equal to the output
+                out = mx if a == "max" else mn
+                hit = out.index_select(0, index)
+                torch.eq(m, hit, out=hit)  # 1.0 / 0.0 in m's dtype
+                ties = torch.sparse.mm(csr.sparse_ones(m.dtype), hit).clamp_(min=1)
+                part = (gk / ties).index_select(0, index).mul_(hit)
+            grad = part if grad is None else grad.add_(part)
+        if lin is not None:
+            part = lin.index_select(0, index)
+            grad = part if grad is None else grad.add_(part)
+        return grad, None, None, None
 
 
 class MetaNetworkConv(nn.Module):
@@ -120,6 +247,23 @@ class MetaNetworkConv(nn.Module):
         return total / max(count, 1)
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> tuple[Tensor, Tensor]:
+        if self._fusable(x, edge_index, edge_attr):
+            agg, deg, edge_attr = self._messages_fused(x, edge_index, edge_attr)
+        else:
+            agg, deg, edge_attr = self._messages_reference(x, edge_index, edge_attr)
+        return self._update(x, agg, deg), edge_attr
+
+    def _fusable(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> bool:
+        """The fused path: CPU float32/float64 tensors, at least one edge, eager mode (under
+        ``torch.compile`` and on accelerators the reference path runs, whose scatters
+        dispatch to the compiled / Triton kernels)."""
+        return (not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and x.dtype in _FUSED_DTYPES and edge_attr.dtype == x.dtype
+                and edge_index.size(1) > 0 and x.size(0) > 0)
+
+    def _messages_reference(self, x: Tensor, edge_index: Tensor,
+                            edge_attr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Edge update, messages and aggregation with one :func:`scatter` per aggregator."""
         src, dst = edge_index[0], edge_index[1]
         n = x.size(0)
         if self.edge_mlp is not None:
@@ -130,7 +274,52 @@ class MetaNetworkConv(nn.Module):
         m = gamma * self._pair_linear(self.msg, x, src, dst) + beta
         deg = scatter(torch.ones_like(dst, dtype=x.dtype), dst, 0, n, "sum")
         aggs = [scatter(m, dst, 0, n, a) for a in self.aggregators]
-        agg = torch.cat(aggs, dim=-1)
+        return torch.cat(aggs, dim=-1), deg, edge_attr
+
+    def _messages_fused(self, x: Tensor, edge_index: Tensor,
+                        edge_attr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""The same function as :meth:`_messages_reference` with fewer passes over the edges.
+
+        * The node halves of the edge MLP's first layer and of the message layer (biases
+          included) are one ``[N, F] x [F, 4h]`` product, gathered per edge by
+          :class:`_PairGather` (target half's gradient: a CSR product, no scatter).
+        * ``gamma`` and ``beta`` come from the two halves of ``film``'s weight, so no
+          ``(E, 2h)`` tensor is split (its backward would concatenate the gradients).
+        * All aggregators run in one :class:`_MultiAggregate` on the cached CSR layout of the
+          targets, which also gives the degrees (no scatter of ones).
+        * The residual edge update adds in place into the MLP output.
+
+        Fastest when the edges are sorted by target (as :class:`GraphMetaNetwork` passes
+        them): the CSR products then read the messages contiguously.
+        """
+        src, dst = edge_index[0], edge_index[1]
+        n, f, h = x.size(0), self.in_channels, self.hidden_channels
+        csr = get_csr(dst, n, names=("edge_index[1]", "edge_index[0]"))
+        lins = [self.msg] if self.edge_mlp is None else [self.edge_mlp[0], self.msg]
+        w_dst = torch.cat([lin.weight[:, :f] for lin in lins], dim=0)
+        w_src = torch.cat([lin.weight[:, f:2 * f] for lin in lins], dim=0)
+        proj = x @ torch.cat([w_dst, w_src], dim=0).t()  # [N, 2kh]: target | source halves
+        k = len(lins) * h
+        biases = [lin.bias if lin.bias is not None else x.new_zeros(lin.out_features)
+                  for lin in lins]
+        p_dst = proj[:, :k] + torch.cat(biases)
+        zs = _PairGather.apply(p_dst, proj[:, k:], dst, src, csr, h)  # [E, h] per layer
+        z = zs[-1]  # W_m [x_i || x_j] + b
+        if self.edge_mlp is not None:
+            lin, rest = self.edge_mlp[0], self.edge_mlp[1:]
+            upd = rest(torch.addmm(zs[0], edge_attr, lin.weight[:, 2 * f:].t()))
+            # the residual adds in place: the last Linear's backward does not need its output
+            edge_attr = upd.add_(edge_attr) if upd.shape == edge_attr.shape else upd
+        # gamma and beta as two products with the halves of film's weight: their gradients
+        # are then separate tensors (no (E, 2h) split / concatenation round trip)
+        wf, bf = self.film.weight, self.film.bias
+        gamma = nn.functional.linear(edge_attr, wf[:h], bf[:h])
+        beta = nn.functional.linear(edge_attr, wf[h:], bf[h:])
+        m = torch.addcmul(beta, gamma, z)  # gamma * (W_m [x_i || x_j] + b) + beta
+        agg = _MultiAggregate.apply(m, dst.long(), csr, self.aggregators)
+        return agg, csr.counts(x.dtype), edge_attr
+
+    def _update(self, x: Tensor, agg: Tensor, deg: Tensor) -> Tensor:
         log_deg = torch.log1p(deg).unsqueeze(-1)
         scaled = []
         for s in self.scalers:
@@ -140,8 +329,7 @@ class MetaNetworkConv(nn.Module):
                 scaled.append(agg * (log_deg / self.avg_log_degree))
             else:
                 scaled.append(agg * (self.avg_log_degree / log_deg.clamp_min(math.log(2.0))))
-        out = self.root(x) + self.update(torch.cat([x] + scaled, dim=-1))
-        return out, edge_attr
+        return self.root(x) + self.update(torch.cat([x] + scaled, dim=-1))
 
     def _pair_linear(self, lin: nn.Linear, x: Tensor, src: Tensor, dst: Tensor,
                      edge_attr: Tensor | None = None) -> Tensor:

@@ -6,12 +6,49 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from graphspace.graphs.analysis import ACTIVATIONS, EDGE_TYPES, NODE_TYPES
 from graphspace.nn.models.backbones import BACKBONES, make_block, make_state
 from graphspace.ops import scatter
 
 READOUTS = ("pool", "output")
+
+#: backbones whose blocks run faster on edges sorted by target (their CSR products then read
+#: the edges contiguously); for these the model hands the blocks target-sorted edges.
+_SORTED_EDGE_BACKBONES = ("metanet",)
+
+
+class _BothDirections(torch.autograd.Function):
+    r"""Edge features of the forward and reversed copies of every edge, in a given order.
+
+    With :math:`E_0` edges, ``order`` a permutation of :math:`2E_0` positions (position
+    :math:`p < E_0` is edge :math:`p` forwards, :math:`p \ge E_0` is edge :math:`p - E_0`
+    reversed) and ``inverse`` its inverse, returns
+    ``cat([e + d[0], e + d[1]])[order]`` without materialising the concatenation. Each row of
+    ``e`` is used exactly twice, so the backward pass is two gathers through ``inverse``
+    instead of a scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, e: Tensor, direction: Tensor, order: Tensor,
+                inverse: Tensor) -> Tensor:
+        e0 = e.size(0)
+        out = e.index_select(0, torch.remainder(order, e0))
+        out.add_(direction.index_select(0, torch.div(order, e0, rounding_mode="floor")))
+        ctx.save_for_backward(inverse)
+        ctx.e0 = e0
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        (inverse,) = ctx.saved_tensors
+        e0 = ctx.e0
+        fwd = g.index_select(0, inverse[:e0])
+        rev = g.index_select(0, inverse[e0:])
+        g_dir = torch.stack([fwd.sum(0), rev.sum(0)]) if ctx.needs_input_grad[1] else None
+        return fwd.add_(rev), g_dir, None, None
 
 
 class ParameterGraphEncoder(nn.Module):
@@ -183,9 +220,7 @@ class GraphMetaNetwork(nn.Module):
             batch = torch.zeros(x.size(0), dtype=torch.long, device=x.device)
         num_graphs = int(getattr(data, "num_graphs", 1) or 1)
         if self.bidirectional:
-            edge_index = torch.cat([edge_index, edge_index.flip(0)], dim=1)
-            d = self.direction.weight
-            e = torch.cat([e + d[0], e + d[1]], dim=0)
+            edge_index, e = self._both_directions(edge_index, e)
         if self.state_encoder is None:
             for block, norm in zip(self.blocks, self.norms):
                 x, e = block(x, edge_index, e, batch)
@@ -201,6 +236,25 @@ class GraphMetaNetwork(nn.Module):
         if self.readout == "output":
             pooled.append(self._outputs(x, data, batch, num_graphs))
         return self.head(torch.cat(pooled, dim=-1))
+
+    def _both_directions(self, edge_index: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the reversed edges (features ``e + d[1]``; forward edges get ``e + d[0]``).
+
+        For the backbones of :data:`_SORTED_EDGE_BACKBONES` (eager mode) the edges come out
+        sorted by target node (stable), which every edge-order-invariant block accepts and the
+        CSR-based ones run faster on; otherwise forward edges first, then reversed ones.
+        """
+        full = torch.cat([edge_index, edge_index.flip(0)], dim=1)
+        d = self.direction.weight
+        if self.backbone not in _SORTED_EDGE_BACKBONES or torch.compiler.is_compiling() \
+                or full.size(1) == 0:
+            return full, torch.cat([e + d[0], e + d[1]], dim=0)
+        dst = full[1]
+        keys = dst.int() if dst.numel() < 2**31 else dst  # int32 keys: fewer radix passes
+        order = torch.sort(keys, stable=True)[1]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return full.index_select(1, order), _BothDirections.apply(e, d, order, inverse)
 
     def _outputs(self, x: Tensor, data: Any, batch: Tensor, num_graphs: int) -> Tensor:
         mask = data.node_role == 2
