@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from _timing import median_time  # benchmarks/ is on sys.path
 from torch_geometric.data import Batch
 
 from graphspace.graphs import ParameterGraph
@@ -25,13 +24,7 @@ from graphspace.testing.models import SmallCNN
 
 
 def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return median_time(fn, repeats)
 
 
 def main() -> None:

@@ -35,14 +35,13 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import median_time  # benchmarks/ is on sys.path
 from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
 
@@ -85,13 +84,8 @@ def write_synthetic_zoo(raw: Path, rows: int, seed: int = 0) -> None:
 
 
 def timed(fn: Callable[[], object], repeats: int = 1) -> float:
-    """Median wall time of ``repeats`` calls (seconds)."""
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    """Median wall time of ``repeats`` calls (seconds), no warm-up."""
+    return median_time(fn, repeats, warmup=False)
 
 
 Row = tuple[str, int, float, str]  # what, count, seconds, unit
