@@ -269,3 +269,20 @@ def test_sigkill_and_resume(reference_cnn_zoo, tmp_path):
         torch.load(p, weights_only=True)  # every file under its final name is complete
     assert subprocess.run(cmd, env=env).returncode == 0
     assert _same_files(reference_cnn_zoo, out)
+
+
+def test_inr_zoo_image_size(tmp_path):
+    """``image_size`` fits the SIRENs to the resized images (PSNR recorded on that grid)."""
+    out = tmp_path / "inr12"
+    generate_inr_zoo(out, seed=0, num_images=3, steps=30, image_size=12, workers=1,
+                     progress=False)
+    spec = json.loads((out / "raw" / "splits.json").read_text())
+    train_imgs, test_imgs = load_digits_source().scaled(0.0, 1.0, grayscale=True, size=12)
+    for split in ("train", "val", "test"):
+        ds = INRZoo(str(out), split)
+        for i in range(len(ds)):
+            img = spec[split]["image"][i]
+            target = (test_imgs if split == "test" else train_imgs)[img, 0].reshape(-1, 1)
+            with torch.no_grad():
+                mse = F.mse_loss(ds.model(i)(image_grid(12, 12)), target)
+            assert 10 * torch.log10(1 / mse) == pytest.approx(spec[split]["psnr"][i], abs=0.01)

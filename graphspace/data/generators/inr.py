@@ -100,8 +100,9 @@ class INRZooJob(ZooJob):
 
     def __init__(self, source: ImageSource, seed: int, num_images: int | None,
                  dims: Sequence[int], w0: float, offset: float, steps: int, lr: float,
-                 chunk_size: int, val_fraction: float) -> None:
+                 chunk_size: int, val_fraction: float, image_size: int | None = None) -> None:
         self.source = source
+        self.image_size = None if image_size is None else int(image_size)
         self.seed = int(seed)
         self.num_images = num_images
         self.dims = [int(d) for d in dims]
@@ -116,7 +117,7 @@ class INRZooJob(ZooJob):
                 "num_images": self.num_images, "dims": self.dims, "w0": self.w0,
                 "offset": self.offset, "steps": self.steps, "lr": self.lr,
                 "chunk_size": self.chunk_size, "val_fraction": self.val_fraction,
-                "data": self.source.describe()}
+                "image_size": self.image_size, "data": self.source.describe()}
 
     @classmethod
     def plan_from_recipe(cls, recipe: dict[str, Any]) -> list[Chunk]:
@@ -139,7 +140,8 @@ class INRZooJob(ZooJob):
 
     def _all_images(self) -> Tensor:
         if self._images is None:
-            tr, te = self.source.scaled(0.0, 1.0, grayscale=self.dims[-1] == 1)
+            tr, te = self.source.scaled(0.0, 1.0, grayscale=self.dims[-1] == 1,
+                                        size=self.image_size)
             self._images = torch.cat([tr, te])
         return self._images
 
@@ -210,6 +212,7 @@ def generate_inr_zoo(
     lr: float = 1e-3,
     chunk_size: int = 256,
     val_fraction: float = 0.1,
+    image_size: int | None = None,
     shard: str | tuple[int, int] | None = None,
     workers: int | None = None,
     progress: bool = True,
@@ -228,8 +231,14 @@ def generate_inr_zoo(
         steps, lr: full-batch Adam iterations and learning rate.
         chunk_size: SIRENs fitted together (vmap batch; resume granularity).
         val_fraction: share of the training images used for validation.
+        image_size: resize the images to ``image_size`` x ``image_size`` (bilinear) before
+            fitting, e.g. 28 to fit scikit-learn's 8x8 digits at MNIST resolution (default: as
+            they are). Small images make the fit under-determined: a 2-32-32-1 SIREN
+            (1,185 parameters) reproduces 64 pixels with tiny moves from its random
+            initialisation, and the resulting weights carry almost no class signal.
         shard, workers, progress: see :func:`~graphspace.data.generators.run_zoo`.
     """
     src = load_source(data)
-    job = INRZooJob(src, seed, num_images, dims, w0, offset, steps, lr, chunk_size, val_fraction)
+    job = INRZooJob(src, seed, num_images, dims, w0, offset, steps, lr, chunk_size, val_fraction,
+                     image_size)
     return run_zoo(job, out, shard=shard, workers=workers, progress=progress)
