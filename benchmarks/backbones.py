@@ -23,10 +23,6 @@ from graphspace.nn import BACKBONES, GraphMetaNetwork
 from graphspace.testing.models import SmallCNN
 
 
-def _time(fn, repeats: int) -> float:
-    return median_time(fn, repeats)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--threads", type=int, default=2)
@@ -57,8 +53,8 @@ def main() -> None:
                 net(batch)
 
         n_par = sum(q.numel() for q in net.parameters())
-        print(f"{name:<10} {n_par:>8} {_time(fwd, args.repeats):>10.3f} "
-              f"{_time(step, args.repeats):>10.3f}")
+        print(f"{name:<10} {n_par:>8} {median_time(fwd, args.repeats):>10.3f} "
+              f"{median_time(step, args.repeats):>10.3f}")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,6 @@ from graphspace.graphs import ParameterGraph, analyze
 from graphspace.testing.models import resnet18
 
 
-def _time(fn, repeats: int) -> float:
-    return median_time(fn, repeats)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--threads", type=int, default=2)
@@ -33,13 +29,13 @@ def main() -> None:
     model = resnet18()
     n_params = sum(p.numel() for p in model.parameters())
     g = ParameterGraph.from_module(model, kernel=args.kernel)
-    t_to = _time(lambda: ParameterGraph.from_module(model, kernel=args.kernel), args.repeats)
-    t_an = _time(lambda: analyze(model), args.repeats)
+    t_to = median_time(lambda: ParameterGraph.from_module(model, kernel=args.kernel), args.repeats)
+    t_an = median_time(lambda: analyze(model), args.repeats)
     a = analyze(model)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    t_cached = _time(lambda: ParameterGraph.from_state_dict(sd, a, kernel=args.kernel),
+    t_cached = median_time(lambda: ParameterGraph.from_state_dict(sd, a, kernel=args.kernel),
                      args.repeats)
-    t_back = _time(g.to_state_dict, args.repeats)
+    t_back = median_time(g.to_state_dict, args.repeats)
     back = g.to_state_dict()
     exact = all(torch.equal(back[k], v) for k, v in model.state_dict().items())
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "

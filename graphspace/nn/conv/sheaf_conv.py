@@ -68,6 +68,18 @@ def num_orthogonal_params(d: int) -> int:
     return d * (d - 1) // 2
 
 
+def maps_from_params(params: Tensor, map_type: str, d: int,
+                     method: OrthogonalMap = "householder") -> Tensor:
+    """Restriction maps from the map learner's output, one row per incidence: the ``[*, d]``
+    diagonal itself (``"diag"``), a reshaped ``[*, d, d]`` matrix (``"general"``) or an
+    orthogonal matrix (``"orthogonal"``, :func:`orthogonal_from_params`)."""
+    if map_type == "diag":
+        return params
+    if map_type == "general":
+        return params.view(params.size(0), d, d)
+    return orthogonal_from_params(params, d, method)
+
+
 def orthogonal_from_params(params: Tensor, d: int, method: OrthogonalMap = "householder") -> Tensor:
     r"""Map ``(..., d(d-1)/2)`` unconstrained parameters to ``(..., d, d)`` orthogonal matrices.
 
@@ -580,16 +592,11 @@ class SheafConv(_SheafDiffusionLayer):
             params = self.learner(x, src, dst)
         else:
             params = x.new_zeros(2 * e, 0)
-        if self.map_type == "diag":
-            maps = params
-        elif self.map_type == "general":
-            maps = params.view(2 * e, d, d)
-        else:
-            maps = orthogonal_from_params(params, d, self.orthogonal_map)
-            if self.edge_weight_learner is not None:
-                s = torch.sigmoid(self.edge_weight_learner(torch.cat([x[src], x[dst]], -1)))
-                w = s[:e] * s[e:]  # symmetric: the same weight on both incidences
-                maps = maps * torch.cat([w, w]).view(-1, 1, 1)
+        maps = maps_from_params(params, self.map_type, d, self.orthogonal_map)
+        if self.map_type == "orthogonal" and self.edge_weight_learner is not None:
+            s = torch.sigmoid(self.edge_weight_learner(torch.cat([x[src], x[dst]], -1)))
+            w = s[:e] * s[e:]  # symmetric: the same weight on both incidences
+            maps = maps * torch.cat([w, w]).view(-1, 1, 1)
         return und, maps[:e], maps[e:]
 
     def laplacian(self, x: Tensor, edge_index: Tensor) -> SheafLaplacian:

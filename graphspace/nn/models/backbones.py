@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from graphspace.nn.conv.egnn_conv import EGNNConv
 from graphspace.nn.conv.metanetwork_conv import MetaNetworkConv
-from graphspace.nn.conv.sheaf_conv import SheafConv, SheafLaplacian, orthogonal_from_params
+from graphspace.nn.conv.sheaf_conv import SheafConv, SheafLaplacian, maps_from_params
 from graphspace.nn.conv.subgraph_conv import SPENConv, bag_to_nodes
 from graphspace.nn.conv.unitary_conv import LieUnitaryConv, UnitaryConv
 from graphspace.ops import scatter
@@ -363,17 +363,13 @@ class SheafBlock(nn.Module):
             params = conv.learner.act(conv.learner.mlp(pair) + torch.cat([em, em]))
         else:
             params = x.new_zeros(2 * m, 0)
-        if conv.map_type == "diag":
-            maps = params
-        elif conv.map_type == "general":
-            maps = params.view(2 * m, d, d)
-        else:
-            maps = orthogonal_from_params(params, d, conv.orthogonal_map)
-            if self.edge_weight is not None and conv.edge_weight_learner is not None:
-                ew = self.edge_weight(edge_attr)
-                s = torch.sigmoid(conv.edge_weight_learner(pair) + torch.cat([ew, ew]))
-                w = s[:m] * s[m:]  # one weight per edge, shared by both incidences
-                maps = maps * torch.cat([w, w]).view(-1, 1, 1)
+        maps = maps_from_params(params, conv.map_type, d, conv.orthogonal_map)
+        if (conv.map_type == "orthogonal" and self.edge_weight is not None
+                and conv.edge_weight_learner is not None):
+            ew = self.edge_weight(edge_attr)
+            s = torch.sigmoid(conv.edge_weight_learner(pair) + torch.cat([ew, ew]))
+            w = s[:m] * s[m:]  # one weight per edge, shared by both incidences
+            maps = maps * torch.cat([w, w]).view(-1, 1, 1)
         return SheafLaplacian(edge_index, maps[:m], maps[m:], n, conv.map_type, conv.augmented)
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
