@@ -22,6 +22,7 @@ from graphspace.data.augment import (
     mixup_state_dicts,
 )
 from graphspace.data.inr_zoo import DWSNetsINR, INRZoo, NFNSiren, NFNSirenZoo
+from graphspace.data.probe import ProbeFeatures
 from graphspace.data.small_cnn_zoo import (
     SmallCNNZoo,
     read_layout,
@@ -76,6 +77,7 @@ __all__ = [
     "NFNSirenZoo",
     "NFNSirenZooDataModule",
     "NormalizeWeights",
+    "ProbeFeatures",
     "RandomNeuronPermutation",
     "RandomPositiveRescaling",
     "RandomSignFlip",

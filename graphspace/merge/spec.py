@@ -141,6 +141,10 @@ class AlignmentSpec:
                 nm[m] = m[p]
         return nm.to(device) if device is not None else nm
 
+    def permutes(self, key: str, axis: int) -> bool:
+        """Whether some permutation group can move entries along ``axis`` of ``key``."""
+        return (key, axis) in self._inv
+
     def positions(self, key: str, axis: int, node_map: Tensor) -> Tensor | None:
         """Indices that apply ``node_map`` along ``axis`` of ``key`` (``None``: not permuted)."""
         ck = (key, axis, node_map.device)

@@ -98,33 +98,50 @@ def solve_unit(spec: AlignmentSpec, unit: list[int], costs: list[np.ndarray],
     return [linear_assignment(c, backend) for c in costs]
 
 
+def _is_identity(pos: Tensor) -> bool:
+    return bool((pos == torch.arange(pos.numel(), device=pos.device)).all())
+
+
+def _other_major(c: Tensor, axis: int, index: Tensor, n: int) -> Tensor:
+    """``c`` (canonical) restricted to ``index`` along ``axis``, as an ``[other, rest, n]`` view
+    (copied only where the restriction needs it): ``other`` runs over the entry's other axis (1
+    for vectors), ``rest`` over kernel positions, the last axis over the group's neurons."""
+    if not (index.numel() == c.shape[axis] and _is_identity(index)):
+        c = c.index_select(axis, index)
+    if c.dim() == 1:
+        c = c.reshape(-1, 1)
+    other = c.shape[1 - axis]
+    return c.movedim(axis, -1).reshape(other, -1, n)
+
+
+def _as_matrix(x: Tensor) -> Tensor:
+    """``x`` (``[other, rest, n]``) itself when it is viewable as ``[other * rest, n]``, else a
+    contiguous copy (so that every later product and row gather avoids a copy)."""
+    try:
+        x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return x.contiguous()
+    return x
+
+
 @dataclass
 class _SlotState:
-    """One slot laid out as ``[n, other, rest]``: row ``k`` belongs to the group's ``k``-th
-    neuron, ``other`` runs over the entry's other axis (1 for vectors), ``rest`` over kernel
-    positions. ``pos`` are the other-axis positions of B already folded into the group's cost
-    (``None``: the other axis is not permuted)."""
+    """One slot whose other axis is permuted, laid out other-axis-major as ``[other, rest, n]``
+    (``n``: the group's neurons, ``rest``: kernel positions), so that the rows a permutation of
+    the other axis selects are contiguous blocks and the group's cost is the product
+    ``X_A^T X_B`` over the ``other * rest`` rows.
+
+    ``b`` is B's view; ``xb`` is what the products read: ``b`` itself, or ``b`` gathered by the
+    other-axis positions of the first full product (``binv[q]``: the row of ``xb`` holding
+    ``b[q]``). ``pos`` are the other-axis positions already folded into the group's cost."""
 
     key: str
     axis: int
     xa: Tensor
-    xb: Tensor
+    b: Tensor
+    xb: Tensor | None = None
+    binv: Tensor | None = None
     pos: Tensor | None = None
-
-
-def _slot_view(c: Tensor, axis: int, index: Tensor, n: int) -> Tensor:
-    """``c`` (canonical) restricted to ``index`` along ``axis``, as a contiguous ``[n, o, r]``."""
-    if not (index.numel() == c.shape[axis]
-            and bool((index == torch.arange(index.numel(), device=index.device)).all())):
-        c = c.index_select(axis, index)
-    if axis == 1:
-        c = c.transpose(0, 1)
-    o = c.shape[1] if c.dim() > 1 else 1
-    return c.reshape(n, o, -1).contiguous()
-
-
-def _is_identity(pos: Tensor) -> bool:
-    return bool((pos == torch.arange(pos.numel(), device=pos.device)).all())
 
 
 class _IncrementalCosts:
@@ -135,13 +152,16 @@ class _IncrementalCosts:
     :math:`p`, new :math:`p'`), the slot's contribution changes by
 
     .. math::
-        \Delta C^P = X^A_{:, D} \big(X^B_{:, p'_D} - X^B_{:, p_D}\big)^\top ,
+        \Delta C^P = X^A_{D}{}^\top \big(X^B_{p'_D} - X^B_{p_D}\big) ,
 
-    one matrix product over :math:`|D|` instead of all columns. The first request of a group
-    computes it in full; later requests only add such updates, so a group whose neighbours
-    moved few neurons costs little, and one whose neighbours did not move at all costs
-    nothing (:attr:`dirty` tells whether the matrix changed since the group was last solved).
-    Products run in ``dtype``; the matrices accumulate in float64.
+    one matrix product over the :math:`|D|` moved rows of the other-axis-major layout
+    (:class:`_SlotState`) instead of all of them. Slots whose other axis no group permutes
+    (biases, norm parameters, the input channels of the first layer...) contribute a constant,
+    computed once as a single product over all of them. The first request of a group computes
+    the full matrix; later requests only add updates, so a group whose neighbours moved few
+    neurons costs little, and one whose neighbours did not move at all costs nothing
+    (:attr:`dirty` tells whether the matrix changed since the group was last solved). Products
+    run in ``dtype``; the matrices accumulate in float64.
     """
 
     def __init__(self, spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
@@ -149,51 +169,77 @@ class _IncrementalCosts:
         self.spec = spec
         self.dtype = dtype
         self.slots: list[list[_SlotState]] = []
+        self.static: list[tuple[Tensor, Tensor] | None] = []
         for gi, slots in enumerate(spec.slots):
             n = spec.groups[gi].size
-            states = []
+            states, fixed_a, fixed_b = [], [], []
             for s in slots:
                 idx = s.index.to(a[s.key].device)
-                states.append(_SlotState(s.key, s.axis, _slot_view(a[s.key], s.axis, idx, n),
-                                         _slot_view(b[s.key], s.axis, idx, n)))
+                xa = _other_major(a[s.key], s.axis, idx, n)
+                xb = _other_major(b[s.key], s.axis, idx, n)
+                if spec.permutes(s.key, 1 - s.axis):
+                    states.append(_SlotState(s.key, s.axis, _as_matrix(xa), xb))
+                else:
+                    fixed_a.append(xa.reshape(-1, n))
+                    fixed_b.append(xb.reshape(-1, n))
             self.slots.append(states)
+            self.static.append((torch.cat(fixed_a), torch.cat(fixed_b)) if fixed_a else None)
         self.cost: list[Tensor | None] = [None] * len(spec.groups)
         self.dirty = [True] * len(spec.groups)
 
-    def _other(self, st: _SlotState, node_map: Tensor) -> Tensor | None:
-        return self.spec.positions(st.key, 1 - st.axis, node_map)
+    def _full(self, st: _SlotState, pos: Tensor, acc: Tensor) -> None:
+        """Add the slot's whole contribution under the other-axis positions ``pos``."""
+        n = acc.shape[0]
+        if _is_identity(pos):
+            st.xb = _as_matrix(st.b)
+        else:  # gathering rows also lays B out contiguously
+            st.xb = st.b.index_select(0, pos)
+            st.binv = torch.empty_like(pos)
+            st.binv[pos] = torch.arange(pos.numel(), device=pos.device)
+        acc.addmm_(st.xa.reshape(-1, n).T, st.xb.reshape(-1, n))
+
+    def _update(self, st: _SlotState, moved: Tensor, pos: Tensor, acc: Tensor) -> None:
+        """Add the change of the slot's contribution since its positions were ``st.pos``
+        (``moved``: where ``pos`` differs from them)."""
+        assert st.pos is not None and st.xb is not None
+        n = acc.shape[0]
+        new, old = pos[moved], st.pos[moved]
+        if st.binv is not None:
+            new, old = st.binv[new], st.binv[old]
+        xa = st.xa if moved.numel() == pos.numel() else st.xa.index_select(0, moved)
+        dxb = st.xb.index_select(0, new) - st.xb.index_select(0, old)
+        acc.addmm_(xa.reshape(-1, n).T, dxb.reshape(-1, n))
 
     def get(self, gi: int, node_map: Tensor) -> Tensor:
         """:math:`C^P` of group ``gi`` (float64) under the permutations ``node_map``."""
         n = self.spec.groups[gi].size
         cost = self.cost[gi]
-        acc = torch.zeros(n, n, dtype=self.dtype, device=node_map.device) if cost is None \
-            else None
-        touched = False
-        for st in self.slots[gi]:
-            pos = self._other(st, node_map)
-            if cost is None:  # full product
-                xb = st.xb if pos is None or _is_identity(pos) else st.xb.index_select(1, pos)
-                acc.addmm_(st.xa.reshape(n, -1), xb.reshape(n, -1).T)
-                touched = True
-            elif pos is not None:
-                assert st.pos is not None
-                moved = (pos != st.pos).nonzero().squeeze(1)
-                if moved.numel():
-                    if acc is None:
-                        acc = torch.zeros(n, n, dtype=self.dtype, device=node_map.device)
-                    xa = st.xa if moved.numel() == pos.numel() else st.xa.index_select(1, moved)
-                    dxb = st.xb.index_select(1, pos[moved]) - st.xb.index_select(1,
-                                                                                 st.pos[moved])
-                    acc.addmm_(xa.reshape(n, -1), dxb.reshape(n, -1).T)
-                    touched = True
-            st.pos = pos
-        if cost is None:
-            assert acc is not None
+        if cost is None:  # full products
+            acc = torch.zeros(n, n, dtype=self.dtype, device=node_map.device)
+            static = self.static[gi]
+            if static is not None:
+                acc.addmm_(static[0].T, static[1])
+            for st in self.slots[gi]:
+                pos = self.spec.positions(st.key, 1 - st.axis, node_map)
+                assert pos is not None
+                self._full(st, pos, acc)
+                st.pos = pos
+            self.dirty[gi] = True
             cost = self.cost[gi] = acc.to(torch.float64)
-        elif acc is not None:
-            cost += acc
-        self.dirty[gi] = self.dirty[gi] or touched
+            return cost
+        delta = None
+        for st in self.slots[gi]:
+            pos = self.spec.positions(st.key, 1 - st.axis, node_map)
+            assert pos is not None and st.pos is not None
+            moved = (pos != st.pos).nonzero().squeeze(1)
+            if moved.numel():
+                if delta is None:
+                    delta = torch.zeros(n, n, dtype=self.dtype, device=node_map.device)
+                self._update(st, moved, pos, delta)
+                st.pos = pos
+        if delta is not None:
+            cost += delta
+            self.dirty[gi] = True
         return cost
 
 
@@ -289,6 +335,8 @@ def weight_matching(
 
 def _objective(spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
                node_map: Tensor) -> float:
+    r""":math:`\langle \theta_A, \pi(\theta_B) \rangle` over the matched entries: fp32 (or
+    ``dtype``) dot products per leading-axis row, summed in float64."""
     total = 0.0
     for key in spec.matched:
         cb = b[key]
@@ -297,7 +345,13 @@ def _objective(spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Ten
                 pos = spec.positions(key, axis, node_map)
                 if pos is not None and not _is_identity(pos):
                     cb = cb.index_select(axis, pos)
-        total += float((a[key] * cb).sum(dtype=torch.float64))
+        ca = a[key]
+        if ca.numel() < (1 << 16) or ca.dim() < 2:
+            total += float((ca * cb).sum(dtype=torch.float64))
+        else:
+            rows = ca.shape[0]
+            dots = torch.bmm(ca.reshape(rows, 1, -1), cb.reshape(rows, -1, 1))
+            total += float(dots.sum(dtype=torch.float64))
     return total
 
 

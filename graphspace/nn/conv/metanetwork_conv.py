@@ -3,6 +3,7 @@ r"""Edge- and node-updating message passing for parameter graphs."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,6 +145,241 @@ class _MultiAggregate(torch.autograd.Function):
             part = lin.index_select(0, index)
             grad = part if grad is None else grad.add_(part)
         return grad, None, None, None
+
+
+#: target number of edges per chunk of the chunked CPU path (chunks end at node boundaries).
+EDGE_CHUNK = 4096
+
+
+class _EdgeChunks:
+    """Target-node-aligned chunks of target-sorted edges, built once per CSR layout.
+
+    Chunk ``k`` covers nodes ``n0:n1`` and exactly their incoming edges ``s:t`` (contiguous
+    because the edges are sorted by target); ``ldst`` holds the chunk-local targets
+    (``dst - n0``) and the sparse CSR matrix of ones ``(n1 - n0, t - s)`` sums a chunk's
+    messages per node.
+    """
+
+    def __init__(self, csr: CSR, chunk: int) -> None:
+        ptr = csr.ptr
+        e = csr.num_edges
+        targets = torch.tensor(list(range(chunk, e, chunk)), dtype=ptr.dtype, device=ptr.device)
+        nodes = sorted({0, csr.num_rows, *torch.searchsorted(ptr, targets).tolist()})
+        bounds = ptr[nodes].tolist()
+        self.csr = csr
+        self.chunks: list[tuple[int, int, int, int]] = []
+        self.ldst: list[Tensor] = []
+        for (n0, n1), (s, t) in zip(zip(nodes[:-1], nodes[1:]), zip(bounds[:-1], bounds[1:])):
+            if t > s:
+                self.chunks.append((n0, n1, s, t))
+                self.ldst.append(csr.row[s:t] - n0)
+        self._ones: dict[torch.dtype, list[Tensor]] = {}
+
+    def ones(self, dtype: torch.dtype) -> list[Tensor]:
+        """Per chunk: the ``(n1 - n0, t - s)`` sparse CSR matrix of ones of its targets."""
+        if dtype not in self._ones:
+            mats = []
+            for n0, n1, s, t in self.chunks:
+                crow = self.csr.ptr[n0:n1 + 1] - s
+                col = torch.arange(t - s, device=crow.device)
+                vals = torch.ones(t - s, dtype=dtype, device=crow.device)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+                    mats.append(torch.sparse_csr_tensor(crow, col, vals, (n1 - n0, t - s),
+                                                        check_invariants=False))
+            self._ones[dtype] = mats
+        return self._ones[dtype]
+
+    @staticmethod
+    def of(csr: CSR, chunk: int) -> _EdgeChunks | None:
+        """The chunks of ``csr`` (cached on it), or ``None`` unless its edges are sorted."""
+        key = ("edge_chunks", chunk)
+        if key not in csr._memo:
+            perm = csr.perm
+            ordered = perm.numel() < 2 or bool((perm[1:] > perm[:-1]).all())
+            csr._memo[key] = _EdgeChunks(csr, chunk) if ordered else None
+        return csr._memo[key]
+
+
+def _chunk_aggregate(ones: Tensor, ldst: Tensor, m: Tensor, cnt: Tensor, cntc: Tensor,
+                     empty: Tensor, aggregators: tuple[str, ...]) -> dict[str, Tensor]:
+    """The reductions of :class:`_MultiAggregate` (plus ``"_mean"`` when ``std`` needs it)
+    of one chunk's messages ``m`` over its ``n1 - n0`` nodes."""
+    outs: dict[str, Tensor] = {}
+    if any(a in ("sum", "mean", "std") for a in aggregators):
+        outs["sum"] = torch.sparse.mm(ones, m)
+        outs["_mean"] = outs["sum"] / cntc
+        outs["mean"] = outs["_mean"]
+    for a in aggregators:
+        if a in ("max", "min"):
+            ext = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
+            outs[a] = ext.masked_fill_(empty, 0.0)
+        elif a == "std":
+            centred = torch.sub(m, outs["_mean"].index_select(0, ldst))
+            var = torch.sparse.mm(ones, centred.square_()).div_(cntc)
+            outs[a] = var.add_(1e-12).sqrt_().masked_fill_(empty, 0.0)
+    return outs
+
+
+class _ChunkedEdgeLayer(torch.autograd.Function):
+    r"""Edge update, FiLM messages and multi-aggregation of :class:`MetaNetworkConv` over
+    target-sorted edges, one chunk of whole target nodes at a time.
+
+    Inputs: ``p`` ``(N, k h)`` the target halves (biases included) and ``q`` ``(N, k h)`` the
+    source halves of the node projections (``k = 2``: edge-MLP first layer | message layer;
+    ``k = 1``: message layer only), edge features ``e``, the edge MLP's edge weight ``we``
+    ``(h, D)``, second layer ``w2`` ``(D', h)``, ``b2``, and ``film``'s ``wf`` ``(2h, D')``,
+    ``bf``. Per chunk of edges (every intermediate stays chunk-sized and in cache):
+
+    .. math::
+        z &= p_{dst} + q_{src}, \quad
+        \mathbf e' = [\mathbf e +]\, W_2\, \mathrm{SiLU}(z_{:h} + W_e \mathbf e) + b_2, \\
+        [\gamma \| \beta] &= W_f \mathbf e' + b_f, \quad
+        \mathbf m = \gamma \odot z_{h:} + \beta
+
+    and the aggregations of :class:`_MultiAggregate` over the chunk's nodes. Returns
+    ``(agg, e')``. Only ``e'`` and per-node statistics are kept for backward; the backward
+    pass recomputes ``z``, the SiLU input, ``gamma``, ``beta`` and ``m`` chunk by chunk
+    (max/min ties against the recomputed chunk extrema), so the gradient is exact for the
+    recomputed messages.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, q: Tensor, e: Tensor, we: Tensor | None,
+                w2: Tensor | None, b2: Tensor | None, wf: Tensor, bf: Tensor,
+                src: Tensor, plan: _EdgeChunks, aggregators: tuple[str, ...],
+                residual: bool) -> tuple[Tensor, Tensor]:
+        h = wf.size(0) // 2
+        mlp = we is not None
+        n = p.size(0)
+        cnt_all = plan.csr.counts(p.dtype).unsqueeze(-1)
+        stats = {a: p.new_zeros(n, h) for a in set(aggregators) | {"_mean"}}
+        eo = e.new_empty(e.size(0), w2.size(0)) if mlp else e
+        wet = we.t() if mlp else None
+        w2t = w2.t() if mlp else None
+        wft = wf.t()
+        for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
+            dst_c = plan.csr.row[s:t]
+            z = p.index_select(0, dst_c).add_(q.index_select(0, src[s:t]))
+            if mlp:
+                act = nn.functional.silu(torch.addmm(z[:, :h], e[s:t], wet))
+                ec = eo[s:t]
+                if residual:
+                    torch.addmm(e[s:t], act, w2t, out=ec).add_(b2)
+                else:
+                    torch.addmm(b2, act, w2t, out=ec)
+                zm = z[:, h:]
+            else:
+                ec, zm = e[s:t], z
+            gb = torch.addmm(bf, ec, wft)
+            m = torch.addcmul(gb[:, h:], gb[:, :h], zm)
+            cnt = cnt_all[n0:n1]
+            outs = _chunk_aggregate(ones, ldst, m, cnt, cnt.clamp(min=1), cnt == 0,
+                                    aggregators)
+            for a, st in stats.items():
+                if a in outs:
+                    st[n0:n1] = outs[a]
+        ctx.plan, ctx.aggregators, ctx.residual = plan, aggregators, residual
+        ctx.save_for_backward(p, q, e, we, w2, b2, wf, bf, src, eo if mlp else None,
+                              stats["_mean"], stats.get("std"))
+        ctx.set_materialize_grads(False)
+        agg = torch.cat([stats[a] for a in aggregators], dim=-1)
+        return agg, eo if mlp else e.new_empty(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_agg: Tensor, g_eo: Tensor | None) -> tuple[Tensor | None, ...]:
+        p, q, e, we, w2, b2, wf, bf, src, eo, mean, std = ctx.saved_tensors
+        plan: _EdgeChunks = ctx.plan
+        aggregators: tuple[str, ...] = ctx.aggregators
+        h = wf.size(0) // 2
+        mlp = we is not None
+        n, kh = p.shape
+        if g_agg is None:
+            g_agg = p.new_zeros(n, len(aggregators) * h)
+        if not mlp:
+            g_eo = None
+        cnt_all = plan.csr.counts(p.dtype).unsqueeze(-1)
+        cntc_all = cnt_all.clamp(min=1)
+        # per-node coefficients of the message gradient (see _MultiAggregate.backward)
+        lin: Tensor | None = None
+        cstd: Tensor | None = None
+        ext: list[tuple[str, Tensor]] = []
+        for k, a in enumerate(aggregators):
+            gk = g_agg[:, k * h:(k + 1) * h]
+            if a in ("sum", "mean"):
+                term = gk if a == "sum" else gk / cntc_all
+                lin = term if lin is None else lin + term
+            elif a == "std":
+                term = gk / (cntc_all * torch.where(std > 0, std, torch.ones_like(std)))
+                cstd = term if cstd is None else cstd + term
+            else:
+                ext.append((a, gk))
+        gp = p.new_zeros(n, kh)
+        gzs = [e.new_empty(e.size(0), h) for _ in range(kh // h)]  # d z per column block
+        ge_in = torch.empty_like(e)
+        gwe = torch.zeros_like(we) if mlp else None
+        gw2 = torch.zeros_like(w2) if mlp else None
+        gb2 = torch.zeros_like(b2) if mlp else None
+        gwf, gbf = torch.zeros_like(wf), torch.zeros_like(bf)
+        wet = we.t() if mlp else None
+        wft = wf.t()
+        for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
+            dst_c = plan.csr.row[s:t]
+            z = p.index_select(0, dst_c).add_(q.index_select(0, src[s:t]))
+            if mlp:
+                z0 = torch.addmm(z[:, :h], e[s:t], wet)
+                act = nn.functional.silu(z0)
+                ec, zm = eo[s:t], z[:, h:]
+            else:
+                ec, zm = e[s:t], z
+            gb = torch.addmm(bf, ec, wft)
+            gamma = gb[:, :h]
+            m = torch.addcmul(gb[:, h:], gamma, zm)
+            gm = lin.index_select(0, dst_c) if lin is not None else None
+            if cstd is not None:
+                part = mean.index_select(0, dst_c)
+                torch.sub(m, part, out=part).mul_(cstd.index_select(0, dst_c))
+                gm = part if gm is None else gm.add_(part)
+            for a, gk in ext:
+                red = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
+                hit = red.index_select(0, ldst)
+                torch.eq(m, hit, out=hit)
+                ties = torch.sparse.mm(ones, hit).clamp_(min=1)
+                part = (gk[n0:n1] / ties).index_select(0, ldst).mul_(hit)
+                gm = part if gm is None else gm.add_(part)
+            if gm is None:
+                gm = torch.zeros_like(m)
+            # film: d gamma = gm * zm, d beta = gm; message-layer input: gm * gamma
+            ggb = torch.empty_like(gb)
+            torch.mul(gm, zm, out=ggb[:, :h])
+            ggb[:, h:] = gm
+            torch.mul(gm, gamma, out=gzs[-1][s:t])
+            gwf.addmm_(ggb.t(), ec)
+            gbf.add_(ggb.sum(0))
+            if g_eo is not None:
+                gec = torch.addmm(g_eo[s:t], ggb, wf)
+            else:
+                gec = ggb @ wf
+            if mlp:
+                gw2.addmm_(gec.t(), act)
+                gb2.add_(gec.sum(0))
+                gz0 = gzs[0][s:t]
+                torch.ops.aten.silu_backward.grad_input(gec @ w2, z0, grad_input=gz0)
+                gwe.addmm_(gz0.t(), e[s:t])
+                if ctx.residual:
+                    torch.addmm(gec, gz0, we, out=ge_in[s:t])
+                else:
+                    torch.mm(gz0, we, out=ge_in[s:t])
+            else:
+                ge_in[s:t] = gec
+            for c, gzb in enumerate(gzs):
+                gp[n0:n1, c * h:(c + 1) * h] = torch.sparse.mm(ones, gzb[s:t])
+        gq = None
+        if ctx.needs_input_grad[1]:
+            ones_src = get_csr(src, n).sparse_ones(p.dtype)
+            gq = torch.cat([torch.sparse.mm(ones_src, gzb) for gzb in gzs], dim=1)
+        return (gp, gq, ge_in, gwe, gw2, gb2, gwf, gbf, None, None, None, None)
 
 
 class MetaNetworkConv(nn.Module):
@@ -295,6 +531,10 @@ class MetaNetworkConv(nn.Module):
         src, dst = edge_index[0], edge_index[1]
         n, f, h = x.size(0), self.in_channels, self.hidden_channels
         csr = get_csr(dst, n, names=("edge_index[1]", "edge_index[0]"))
+        dropout = self.edge_mlp is not None and self.training and self.edge_mlp[2].p > 0
+        chunks = None if dropout else _EdgeChunks.of(csr, EDGE_CHUNK)
+        if chunks is not None:
+            return self._messages_chunked(x, src, edge_attr, chunks)
         lins = [self.msg] if self.edge_mlp is None else [self.edge_mlp[0], self.msg]
         w_dst = torch.cat([lin.weight[:, :f] for lin in lins], dim=0)
         w_src = torch.cat([lin.weight[:, f:2 * f] for lin in lins], dim=0)
@@ -318,6 +558,29 @@ class MetaNetworkConv(nn.Module):
         m = torch.addcmul(beta, gamma, z)  # gamma * (W_m [x_i || x_j] + b) + beta
         agg = _MultiAggregate.apply(m, dst.long(), csr, self.aggregators)
         return agg, csr.counts(x.dtype), edge_attr
+
+    def _messages_chunked(self, x: Tensor, src: Tensor, edge_attr: Tensor,
+                          chunks: _EdgeChunks) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_messages_fused` on target-sorted edges: the node projections as two
+        ``[N, F] x [F, k h]`` products, everything per edge in :class:`_ChunkedEdgeLayer`."""
+        f = self.in_channels
+        lins = [self.msg] if self.edge_mlp is None else [self.edge_mlp[0], self.msg]
+        w_dst = torch.cat([lin.weight[:, :f] for lin in lins], dim=0)
+        w_src = torch.cat([lin.weight[:, f:2 * f] for lin in lins], dim=0)
+        bias = torch.cat([lin.bias if lin.bias is not None else x.new_zeros(lin.out_features)
+                          for lin in lins])
+        p = torch.addmm(bias, x, w_dst.t())
+        q = x @ w_src.t()
+        we = w2 = b2 = None
+        residual = False
+        if self.edge_mlp is not None:
+            we = self.edge_mlp[0].weight[:, 2 * f:]
+            w2, b2 = self.edge_mlp[3].weight, self.edge_mlp[3].bias
+            residual = w2.size(0) == edge_attr.size(1)
+        agg, eo = _ChunkedEdgeLayer.apply(p, q, edge_attr, we, w2, b2, self.film.weight,
+                                          self.film.bias, src.long(), chunks,
+                                          self.aggregators, residual)
+        return agg, chunks.csr.counts(x.dtype), eo if self.edge_mlp is not None else edge_attr
 
     def _update(self, x: Tensor, agg: Tensor, deg: Tensor) -> Tensor:
         log_deg = torch.log1p(deg).unsqueeze(-1)
