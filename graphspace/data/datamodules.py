@@ -48,7 +48,9 @@ class WeightSpaceDataModule(pl.LightningDataModule):
         per_element_stats: one mean / std per weight entry instead of per tensor.
         augmentations: transforms applied to training graphs only (first).
         transforms: transforms applied to every split (after augmentations, before
-            normalisation), e.g. feature extractors that need the raw weights.
+            normalisation), e.g. feature extractors that need the raw weights; one with a
+            ``fit(dataset)`` method (:class:`~graphspace.data.ProbeFeatures`) is first fitted
+            on the raw training split.
         generate: generate the zoo in ``prepare_data`` when its raw files are missing.
         generate_kwargs: keyword arguments of the generator.
         seed: seed of the training DataLoader's shuffling.
@@ -100,6 +102,10 @@ class WeightSpaceDataModule(pl.LightningDataModule):
         self.train_set = self.make_dataset("train")
         self.val_set = self.make_dataset("val")
         self.test_set = self.make_dataset("test")
+        for t in self.transforms:  # transforms with statistics learn them from training data
+            fit = getattr(t, "fit", None)
+            if callable(fit):
+                fit(self.train_set)
         tail: list[Callable] = list(self.transforms)
         if self.normalize:
             self.stats = compute_statistics(self.train_set, per_element=self.per_element_stats)

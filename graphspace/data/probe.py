@@ -59,6 +59,14 @@ class ProbeFeatures(BaseTransform):
             neurons (2 for an image INR).
         num_points, low, high, seed: the default probes.
         scale: multiply the features by this factor (default 1).
+        normalize: divide each layer's features by their root mean square over a training
+            set, set by :meth:`fit` (default ``True``; before :meth:`fit` is called the
+            features are only multiplied by ``scale``). Probe values differ in magnitude by
+            an order of magnitude or more between layers (e.g. 0.05 to 0.5 in the digits
+            SIRENs), and small raw values are drowned by the encoder's embeddings. One
+            scalar per layer keeps the features equivariant to hidden-neuron permutations and
+            sign flips (no centring). :class:`~graphspace.data.WeightSpaceDataModule` calls
+            :meth:`fit` on its training split.
 
     Example::
 
@@ -72,13 +80,16 @@ class ProbeFeatures(BaseTransform):
 
     def __init__(self, model: nn.Module, points: Tensor | Sequence[Sequence[float]] | None = None,
                  num_points: int = 16, low: float = -1.0, high: float = 1.0, seed: int = 0,
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.0, normalize: bool = True) -> None:
         if points is None and num_points < 1:
             raise ValueError(f"num_points must be >= 1, got {num_points}")
         self.model = model
         self.points = None if points is None else torch.as_tensor(points, dtype=torch.float32)
         self.num_points = int(num_points if points is None else self.points.shape[0])
         self.low, self.high, self.seed, self.scale = float(low), float(high), int(seed), scale
+        self.normalize = normalize
+        #: ``layer -> 1 / RMS`` of the raw features on the data :meth:`fit` saw
+        self.layer_scale: dict[int, float] = {}
         self._plans: dict[int, tuple[Any, list[tuple[str, Tensor]], Tensor]] = {}
 
     @property
@@ -115,7 +126,8 @@ class ProbeFeatures(BaseTransform):
         self._plans[id(analysis)] = (analysis, hooked, inputs[0])
         return hooked, inputs[0]
 
-    def forward(self, data: Any) -> Any:
+    def features(self, data: Any) -> Tensor:
+        """The raw probe features ``[num_nodes, P]`` of one graph (no scaling)."""
         if not isinstance(data, ParameterGraph) or isinstance(getattr(data, "spec", None), list):
             raise TypeError("ProbeFeatures is applied to single parameter graphs, not batches")
         hooked, input_nodes = self._plan(data)
@@ -134,13 +146,41 @@ class ProbeFeatures(BaseTransform):
         finally:
             for h in handles:
                 h.remove()
-        p = points.shape[0]
-        feats = torch.zeros(int(data.num_nodes), p, dtype=data.x.dtype)
+        feats = torch.zeros(int(data.num_nodes), points.shape[0], dtype=data.x.dtype)
         feats[input_nodes] = _per_channel(points).T.to(feats.dtype)
         for name, dst in hooked:
             feats[dst] = _per_channel(outputs[name]).T.to(feats.dtype)
+        return feats
+
+    def fit(self, dataset: Sequence[Any], max_graphs: int = 512) -> ProbeFeatures:
+        r"""Set the per-layer scales :math:`1 / \sqrt{\mathbb E[f^2]}` from (the first
+        ``max_graphs``) graphs of ``dataset`` (the training split: statistics never come from
+        evaluation data). Returns ``self``."""
+        if not self.normalize:
+            return self
+        sq: dict[int, float] = {}
+        cnt: dict[int, int] = {}
+        for i in range(min(len(dataset), max_graphs)):
+            g = dataset[i]
+            f = self.features(g).double()
+            layer = g.node_layer
+            for lv in layer.unique().tolist():
+                fl = f[layer == lv]
+                sq[lv] = sq.get(lv, 0.0) + float((fl * fl).sum())
+                cnt[lv] = cnt.get(lv, 0) + fl.numel()
+        self.layer_scale = {lv: (cnt[lv] / sq[lv]) ** 0.5 if sq[lv] > 0 else 1.0 for lv in sq}
+        return self
+
+    def forward(self, data: Any) -> Any:
+        feats = self.features(data) * self.scale
+        if self.normalize and self.layer_scale:
+            lut = torch.ones(int(data.node_layer.max()) + 1, dtype=feats.dtype)
+            for lv, sc in self.layer_scale.items():
+                if lv < lut.numel():
+                    lut[lv] = sc
+            feats = feats * lut[data.node_layer].unsqueeze(1)
         out = data.clone()
-        out.x = torch.cat([data.x, feats * self.scale], dim=1)
+        out.x = torch.cat([data.x, feats], dim=1)
         return out
 
     def __repr__(self) -> str:

@@ -335,12 +335,10 @@ class GraphspaceTracer(fx.Tracer):
         return False
 
 
-def trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
-    """Trace ``model`` with :class:`GraphspaceTracer`, turning fx failures into
-    :class:`~graphspace.graphs.errors.TraceError`."""
+def _trace_graph(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Graph:
     tracer = GraphspaceTracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        return tracer.trace(model)
     except Exception as e:  # noqa: BLE001 - re-raised with guidance
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. "
@@ -348,7 +346,12 @@ def trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule
             "pass that submodule's type in `leaf_modules=[...]` and register a rule for it with "
             "graphspace.graphs.register_rule (see docs/extending.md)."
         ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+    """Trace ``model`` with :class:`GraphspaceTracer`, turning fx failures into
+    :class:`~graphspace.graphs.errors.TraceError`."""
+    return fx.GraphModule(model, _trace_graph(model, leaf_modules), type(model).__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -723,15 +726,19 @@ def _activation(ctx: AnalysisContext, act: Act, name: str) -> Act:
 
 
 class _Walker:
-    def __init__(self, ctx: AnalysisContext, gm: fx.GraphModule,
+    def __init__(self, ctx: AnalysisContext, model: nn.Module, graph: fx.Graph,
                  example_inputs: tuple | None) -> None:
         self.ctx = ctx
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
+        self.graph = graph
+        self.modules = dict(model.named_modules())
         self.env: dict[fx.Node, Any] = {}
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
         if example_inputs is not None:
             from torch.fx.passes.shape_prop import ShapeProp
+
+            # a GraphModule (code generation) only when the graph has to run
+            gm = fx.GraphModule(model, graph, type(model).__name__)
+            self.graph = gm.graph
 
             try:
                 with torch.no_grad():
@@ -745,7 +752,7 @@ class _Walker:
 
     def run(self) -> None:
         n_inputs = 0
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             if node.op == "placeholder":
                 h = _InputHolder(node.target, n_inputs)
                 n_inputs += 1
@@ -1088,11 +1095,11 @@ def analyze(
     """
     from graphspace.graphs import rules  # noqa: F401  (registers the built-in rules)
 
-    gm = trace(model, leaf_modules)
+    graph = _trace_graph(model, leaf_modules)
     ctx = AnalysisContext(model)
     if example_input is not None and not isinstance(example_input, tuple):
         example_input = (example_input,)
-    _Walker(ctx, gm, example_input).run()
+    _Walker(ctx, model, graph, example_input).run()
 
     covered = {r.key for r in ctx.records}
     missing = [k for k in ctx.state if k not in covered]

@@ -38,7 +38,7 @@ def _set_producers(model: nn.Module) -> tuple[fx.GraphModule, dict[int, tuple[st
 
     gm = trace(model)
     ctx = AnalysisContext(model)
-    walker = _Walker(ctx, gm, None)
+    walker = _Walker(ctx, gm, gm.graph, None)
     walker.run()
     out: dict[int, tuple[str, int, int]] = {}
     for node in gm.graph.nodes:

@@ -18,6 +18,7 @@ as blocks; within a head, coordinates may move).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -59,7 +60,8 @@ register_lap_backend("scipy", _scipy)
 register_lap_backend("lap", _lap)
 
 
-def _has_lap() -> bool:
+@functools.cache
+def _has_lap() -> bool:  # cached: a failed import is retried (and slow) on every call
     try:
         import lap  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
@@ -96,7 +98,9 @@ def linear_assignment(cost: np.ndarray, backend: str | LapSolver = "auto") -> np
             raise ValueError(f"unknown assignment backend {backend!r}; known: {sorted(_BACKENDS)}")
         solver = _BACKENDS[name]
     cols = np.asarray(solver(cost), dtype=np.int64)
-    if cols.shape != (cost.shape[0],) or len(set(cols.tolist())) != cost.shape[0]:
+    n = cost.shape[0]
+    if cols.shape != (n,) or cols.min(initial=0) < 0 or cols.max(initial=-1) >= n \
+            or np.bincount(cols, minlength=n).max(initial=1) != 1:
         raise RuntimeError(f"assignment backend {backend!r} returned an invalid permutation")
     return cols
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -68,11 +69,21 @@ class AlignmentSpec:
         self.index = {g.name: i for i, g in enumerate(self.groups)}
         self.records: dict[str, ParamRecord] = {r.key: r for r in a.records}
         n = a.num_nodes
-        self.node_group = torch.full((n,), -1, dtype=torch.long)
+        # bookkeeping in NumPy: hundreds of tiny index operations, each far cheaper than in torch
+        node_group = np.full(n, -1, dtype=np.int64)
+        member_of = np.full(n, -1, dtype=np.int64)  # global member id of every grouped node
+        members: list[tuple[int, np.ndarray]] = []
         for gi, g in enumerate(self.groups):
             for m in g.members:
-                self.node_group[m] = gi
+                mn = m.numpy()
+                node_group[mn] = gi
+                member_of[mn] = len(members)
+                members.append((gi, mn))
+        sizes = np.array([m.size for _, m in members], dtype=np.int64)
+        self.node_group = torch.from_numpy(node_group)
         self._inv: dict[tuple[str, int], Tensor] = {}
+        #: ``(key, axis)`` -> the groups with neurons on that axis (absent: not permuted)
+        self.axis_groups: dict[tuple[str, int], tuple[int, ...]] = {}
         self._device_cache: dict[tuple[str, int, torch.device], tuple[Tensor, Tensor]] = {}
         self.slots: list[list[Slot]] = [[] for _ in self.groups]
         self.matched: list[str] = []
@@ -85,16 +96,21 @@ class AlignmentSpec:
                 axes.append((1, r.src))
             for axis, nodes in axes:
                 assert nodes is not None
-                inv = node_lookup(nodes, n)
-                self._inv[(r.key, axis)] = inv
-                gids = torch.unique(self.node_group[nodes])
-                for gi in gids.tolist():
-                    if gi < 0:
-                        continue
-                    for m in self.groups[gi].members:
-                        idx = inv[m]
-                        if bool((idx >= 0).all()):
-                            self.slots[gi].append(Slot(r.key, axis, idx))
+                nn_ = nodes.numpy()
+                inv = np.full(n, -1, dtype=np.int64)
+                inv[nn_] = np.arange(nn_.size)
+                self._inv[(r.key, axis)] = torch.from_numpy(inv)
+                mids = member_of[nn_]
+                mids = mids[mids >= 0]
+                if not mids.size:
+                    continue
+                self.axis_groups[(r.key, axis)] = tuple(np.unique(node_group[nn_[
+                    member_of[nn_] >= 0]]).tolist())
+                # a member indexes this axis when all of its nodes lie on it
+                full = np.flatnonzero(np.bincount(mids, minlength=sizes.size) == sizes)
+                for mid in full.tolist():
+                    gi, mn = members[mid]
+                    self.slots[gi].append(Slot(r.key, axis, torch.from_numpy(inv[mn])))
         # matching units: a group alone, or all groups sharing an attention head permutation
         units: dict[Any, list[int]] = {}
         for gi, g in enumerate(self.groups):
@@ -143,7 +159,7 @@ class AlignmentSpec:
 
     def permutes(self, key: str, axis: int) -> bool:
         """Whether some permutation group can move entries along ``axis`` of ``key``."""
-        return (key, axis) in self._inv
+        return (key, axis) in self.axis_groups
 
     def positions(self, key: str, axis: int, node_map: Tensor) -> Tensor | None:
         """Indices that apply ``node_map`` along ``axis`` of ``key`` (``None``: not permuted)."""

@@ -142,6 +142,8 @@ class _SlotState:
     xb: Tensor | None = None
     binv: Tensor | None = None
     pos: Tensor | None = None
+    deps: tuple[int, ...] = ()
+    seen: int = -1
 
 
 class _IncrementalCosts:
@@ -177,8 +179,9 @@ class _IncrementalCosts:
                 idx = s.index.to(a[s.key].device)
                 xa = _other_major(a[s.key], s.axis, idx, n)
                 xb = _other_major(b[s.key], s.axis, idx, n)
-                if spec.permutes(s.key, 1 - s.axis):
-                    states.append(_SlotState(s.key, s.axis, _as_matrix(xa), xb))
+                deps = spec.axis_groups.get((s.key, 1 - s.axis))
+                if deps:
+                    states.append(_SlotState(s.key, s.axis, _as_matrix(xa), xb, deps=deps))
                 else:
                     fixed_a.append(xa.reshape(-1, n))
                     fixed_b.append(xb.reshape(-1, n))
@@ -186,6 +189,14 @@ class _IncrementalCosts:
             self.static.append((torch.cat(fixed_a), torch.cat(fixed_b)) if fixed_a else None)
         self.cost: list[Tensor | None] = [None] * len(spec.groups)
         self.dirty = [True] * len(spec.groups)
+        self.clock = 0
+        self.changed_at = [0] * len(spec.groups)
+
+    def touch(self, gi: int) -> None:
+        """Record that group ``gi``'s permutation changed (slots depending on it are updated
+        at their group's next :meth:`get`; the others are skipped without any work)."""
+        self.clock += 1
+        self.changed_at[gi] = self.clock
 
     def _full(self, st: _SlotState, pos: Tensor, acc: Tensor) -> None:
         """Add the slot's whole contribution under the other-axis positions ``pos``."""
@@ -223,12 +234,15 @@ class _IncrementalCosts:
                 pos = self.spec.positions(st.key, 1 - st.axis, node_map)
                 assert pos is not None
                 self._full(st, pos, acc)
-                st.pos = pos
+                st.pos, st.seen = pos, self.clock
             self.dirty[gi] = True
             cost = self.cost[gi] = acc.to(torch.float64)
             return cost
         delta = None
         for st in self.slots[gi]:
+            if max(self.changed_at[d] for d in st.deps) <= st.seen:
+                continue  # no group on its other axis moved since its last update
+            st.seen = self.clock
             pos = self.spec.positions(st.key, 1 - st.axis, node_map)
             assert pos is not None and st.pos is not None
             moved = (pos != st.pos).nonzero().squeeze(1)
@@ -321,6 +335,7 @@ def weight_matching(
                 value += float(new_v - old_v)
                 for gi, p in zip(unit, new):
                     g = spec.groups[gi]
+                    costs.touch(gi)
                     perms[g.name] = torch.from_numpy(p)
                     pd = perms[g.name].to(dev)
                     for m in g.members:
@@ -335,8 +350,8 @@ def weight_matching(
 
 def _objective(spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
                node_map: Tensor) -> float:
-    r""":math:`\langle \theta_A, \pi(\theta_B) \rangle` over the matched entries: fp32 (or
-    ``dtype``) dot products per leading-axis row, summed in float64."""
+    r""":math:`\langle \theta_A, \pi(\theta_B) \rangle` over the matched entries: one BLAS dot
+    product per entry in the matching ``dtype``, summed in float64."""
     total = 0.0
     for key in spec.matched:
         cb = b[key]
@@ -345,13 +360,7 @@ def _objective(spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Ten
                 pos = spec.positions(key, axis, node_map)
                 if pos is not None and not _is_identity(pos):
                     cb = cb.index_select(axis, pos)
-        ca = a[key]
-        if ca.numel() < (1 << 16) or ca.dim() < 2:
-            total += float((ca * cb).sum(dtype=torch.float64))
-        else:
-            rows = ca.shape[0]
-            dots = torch.bmm(ca.reshape(rows, 1, -1), cb.reshape(rows, -1, 1))
-            total += float(dots.sum(dtype=torch.float64))
+        total += float(torch.dot(a[key].reshape(-1), cb.reshape(-1)))
     return total
 
 

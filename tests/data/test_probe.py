@@ -117,3 +117,56 @@ def test_bad_input() -> None:
         ProbeFeatures(DWSNetsINR((2, 8, 8, 1)))(Batch.from_data_list([g, g]))
     with pytest.raises(ValueError, match="num_points"):
         ProbeFeatures(DWSNetsINR(), num_points=0)
+
+
+def _inr_graphs(n: int) -> list[ParameterGraph]:
+    out = []
+    for i in range(n):
+        torch.manual_seed(i)
+        out.append(ParameterGraph.from_module(DWSNetsINR((2, 8, 8, 1)).double()))
+    return out
+
+
+def test_fit_gives_unit_rms_per_layer_and_keeps_symmetries() -> None:
+    graphs = _inr_graphs(6)
+    raw = ProbeFeatures(DWSNetsINR((2, 8, 8, 1)), num_points=5, normalize=False)
+    t = ProbeFeatures(DWSNetsINR((2, 8, 8, 1)), num_points=5)
+    assert torch.equal(t(graphs[0]).x, raw(graphs[0]).x)  # not fitted yet: raw features
+    assert t.fit(graphs) is t
+    layers = sorted(t.layer_scale)
+    assert layers == sorted(graphs[0].node_layer.unique().tolist())
+    feats = torch.cat([t(g).x[:, 3:] for g in graphs])
+    layer = torch.cat([g.node_layer for g in graphs])
+    for lv in layers:
+        rms = feats[layer == lv].pow(2).mean().sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-9, rtol=1e-9)
+    # layers have very different raw magnitudes, so one global factor would not do
+    assert max(t.layer_scale.values()) > 2 * min(t.layer_scale.values())
+    # one scalar per layer: a multiple of the raw features, and sign flips still flip exactly
+    g = graphs[1]
+    f, f_raw = t(g).x[:, 3:], raw(g).x[:, 3:]
+    torch.testing.assert_close(f, f_raw * torch.tensor([t.layer_scale[v] for v in
+                                                        g.node_layer.tolist()]).unsqueeze(1))
+    flipped = t(RandomSignFlip(seed=2)(g)).x[:, 3:]
+    torch.testing.assert_close(flipped.abs(), f.abs(), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(flipped, f)
+    # normalize=False ignores fit
+    assert raw.fit(graphs).layer_scale == {}
+
+
+def test_datamodule_fits_transforms_on_the_training_split(tmp_path) -> None:
+    from graphspace.data import INRZooDataModule
+
+    t = ProbeFeatures(DWSNetsINR(), num_points=4)
+    dm = INRZooDataModule(str(tmp_path / "inr"), batch_size=4, generate=True,
+                          generate_kwargs={"num_images": 12, "steps": 5, "workers": 1,
+                                           "progress": False, "val_fraction": 0.25},
+                          transforms=[t])
+    dm.prepare_data()
+    dm.setup("fit")
+    assert t.layer_scale  # fitted
+    train = [dm.train_set.get(i) for i in range(len(dm.train_set))]
+    expected = ProbeFeatures(DWSNetsINR(), num_points=4).fit(train).layer_scale
+    assert t.layer_scale == pytest.approx(expected)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.x.shape[1] == 3 + 4

@@ -107,11 +107,15 @@ def test_incremental_costs_equal_fresh_costs(spec, model_a):
     a_c = spec.canonical(model_a.state_dict(), dtype=torch.float64)
     b_c = spec.canonical(b.state_dict(), dtype=torch.float64)
     inc = _IncrementalCosts(spec, a_c, b_c, torch.float64)
-    for step in range(3):
+    prev = spec.identity()
+    for step in range(4):
         perms = _random_perms(spec, 10 + step)
-        if step == 2:  # only some groups move: others must pick up exactly their moves
-            perms = {k: (p if i % 3 else torch.arange(p.numel()))
-                     for i, (k, p) in enumerate(perms.items())}
+        if step >= 2:  # only some groups move: others must pick up exactly their moves
+            perms = {k: (p if i % 3 else prev[k]) for i, (k, p) in enumerate(perms.items())}
+        for gi, g in enumerate(spec.groups):  # the matching loop reports every move
+            if not torch.equal(perms[g.name], prev[g.name]):
+                inc.touch(gi)
+        prev = perms
         node_map = spec.node_map(perms)
         for gi in range(len(spec.groups)):
             got = inc.get(gi, node_map)
