@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +193,10 @@ class _IncrementalCosts:
         self.clock = 0
         self.changed_at = [0] * len(spec.groups)
 
+    def reads(self, unit: list[int]) -> set[int]:
+        """The groups whose permutations the costs of ``unit``'s groups depend on."""
+        return {d for gi in unit for st in self.slots[gi] for d in st.deps}
+
     def touch(self, gi: int) -> None:
         """Record that group ``gi``'s permutation changed (slots depending on it are updated
         at their group's next :meth:`get`; the others are skipped without any work)."""
@@ -257,6 +262,41 @@ class _IncrementalCosts:
         return cost
 
 
+_POOL: ThreadPoolExecutor | None = None
+#: smallest assignment problem worth a thread (below it thread hand-off costs more than it saves)
+PARALLEL_MIN_SIZE = 512
+
+
+def _independent_runs(units: list[list[int]], reads: Mapping[tuple[int, ...], set[int]],
+                      size: int) -> list[list[list[int]]]:
+    """Split the pass order into runs of at most ``size`` consecutive units, none of which
+    reads (has costs depending on) a group of an earlier unit of its run: solving a run's
+    units together then gives what solving them one after another gives."""
+    runs: list[list[list[int]]] = []
+    moved: set[int] = set()
+    for u in units:
+        if runs and len(runs[-1]) < size and not (reads[tuple(u)] & moved):
+            runs[-1].append(u)
+            moved.update(u)
+        else:
+            runs.append([u])
+            moved = set(u)
+    return runs
+
+
+def _solve_all(spec: AlignmentSpec, todo: list[tuple[list[int], list[np.ndarray]]],
+               backend: str | LapSolver) -> list[tuple[list[int], list[np.ndarray],
+                                                       list[np.ndarray]]]:
+    """Solve the units of one independent run (in threads when there are several)."""
+    global _POOL
+    if len(todo) < 2 or min(cs[0].shape[0] for _, cs in todo) < PARALLEL_MIN_SIZE:
+        return [(u, cs, solve_unit(spec, u, cs, backend)) for u, cs in todo]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="graphspace-lap")
+    futures = [_POOL.submit(solve_unit, spec, u, cs, backend) for u, cs in todo]
+    return [(u, cs, f.result()) for (u, cs), f in zip(todo, futures)]
+
+
 def weight_matching(
     model_a: nn.Module | Mapping[str, Tensor],
     model_b: nn.Module | Mapping[str, Tensor],
@@ -269,6 +309,7 @@ def weight_matching(
     device: str | torch.device | None = "auto",
     dtype: torch.dtype = torch.float32,
     tol: float = 1e-7,
+    parallel_solves: int = 2,
 ) -> MatchResult:
     """Find permutations of B's hidden neurons that bring B's weights closest to A's.
 
@@ -289,6 +330,11 @@ def weight_matching(
         dtype: precision of the matrix products (the costs accumulate in float64).
         tol: a pass counts as an improvement when a group's objective grows by more than
             ``tol`` times its magnitude.
+        parallel_solves: how many assignment problems may be solved at once, in threads
+            (SciPy's solver releases the GIL). Only runs of consecutive units in the pass
+            order whose costs do not depend on each other's permutations are solved together,
+            so the result is identical to solving one at a time (``1``); problems smaller than
+            :data:`PARALLEL_MIN_SIZE` neurons are always solved in the calling thread.
 
     Returns:
         :class:`MatchResult`; apply it with :func:`align_state` or
@@ -311,6 +357,7 @@ def weight_matching(
     del a, b  # the slot layouts hold what matching needs
     rng = random.Random(seed)
     units = list(spec.units)
+    reads = {tuple(u): costs.reads(u) for u in units}  # groups whose moves change u's costs
     history: list[float] = []
     passes = 0
     converged = not units
@@ -318,29 +365,30 @@ def weight_matching(
         passes += 1
         rng.shuffle(units)
         improved = False
-        for unit in units:
-            mats = [costs.get(gi, node_map) for gi in unit]
-            if not any(costs.dirty[gi] for gi in unit):
-                continue  # same costs as at its last solve: same permutation, no gain
-            cs = [m.cpu().numpy() for m in mats]
-            new = solve_unit(spec, unit, cs, backend)
-            for gi in unit:
-                costs.dirty[gi] = False
-            old = [perms[spec.groups[gi].name].numpy() for gi in unit]
-            rows = np.arange(cs[0].shape[0])
-            old_v = sum(c[rows, p].sum() for c, p in zip(cs, old))
-            new_v = sum(c[rows, p].sum() for c, p in zip(cs, new))
-            if new_v - old_v > tol * max(abs(old_v), abs(new_v), 1e-30):
-                improved = True
-                value += float(new_v - old_v)
-                for gi, p in zip(unit, new):
-                    g = spec.groups[gi]
-                    costs.touch(gi)
-                    perms[g.name] = torch.from_numpy(p)
-                    pd = perms[g.name].to(dev)
-                    for m in g.members:
-                        md = m.to(dev)
-                        node_map[md] = md[pd]
+        for batch in _independent_runs(units, reads, max(1, parallel_solves)):
+            todo = []
+            for unit in batch:
+                mats = [costs.get(gi, node_map) for gi in unit]
+                if any(costs.dirty[gi] for gi in unit):  # else: same costs, same permutation
+                    todo.append((unit, [m.cpu().numpy() for m in mats]))
+            for unit, cs, new in _solve_all(spec, todo, backend):
+                for gi in unit:
+                    costs.dirty[gi] = False
+                old = [perms[spec.groups[gi].name].numpy() for gi in unit]
+                rows = np.arange(cs[0].shape[0])
+                old_v = sum(c[rows, p].sum() for c, p in zip(cs, old))
+                new_v = sum(c[rows, p].sum() for c, p in zip(cs, new))
+                if new_v - old_v > tol * max(abs(old_v), abs(new_v), 1e-30):
+                    improved = True
+                    value += float(new_v - old_v)
+                    for gi, p in zip(unit, new):
+                        g = spec.groups[gi]
+                        costs.touch(gi)
+                        perms[g.name] = torch.from_numpy(p)
+                        pd = perms[g.name].to(dev)
+                        for m in g.members:
+                            md = m.to(dev)
+                            node_map[md] = md[pd]
         history.append(value)
         if not improved:
             converged = True
