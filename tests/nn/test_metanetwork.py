@@ -111,6 +111,17 @@ def test_every_parameter_is_used_for_both_kernel_layouts(kernel):
         assert all(p.grad is not None for p in net.parameters())
 
 
+def _fused_case(aggs, update_edges, edge_out):
+    """A float64 conv and a random graph with isolated nodes 25..29 (200 edges)."""
+    torch.manual_seed(0)
+    conv = MetaNetworkConv(8, 16, edge_dim=5, edge_out_channels=edge_out, aggregators=aggs,
+                           update_edges=update_edges, avg_log_degree=1.3).double()
+    x0 = torch.randn(30, 8, dtype=torch.float64)
+    ei = torch.randint(0, 25, (2, 200))
+    ea0 = torch.randn(200, 5, dtype=torch.float64)
+    return conv, x0, ei, ea0
+
+
 @pytest.mark.parametrize("aggs,update_edges,edge_out,sort", [
     (("mean", "max", "std"), True, None, False),
     (("sum", "min", "max", "mean", "std"), True, 7, False),
@@ -120,12 +131,7 @@ def test_every_parameter_is_used_for_both_kernel_layouts(kernel):
 def test_fused_cpu_path_matches_reference(aggs, update_edges, edge_out, sort):
     """The fused CPU aggregation equals the reference composition (fp64, outputs and every
     gradient), with isolated nodes, unsorted and target-sorted edges."""
-    torch.manual_seed(0)
-    conv = MetaNetworkConv(8, 16, edge_dim=5, edge_out_channels=edge_out, aggregators=aggs,
-                           update_edges=update_edges, avg_log_degree=1.3).double()
-    x0 = torch.randn(30, 8, dtype=torch.float64)
-    ei = torch.randint(0, 25, (2, 200))  # nodes 25..29 are isolated
-    ea0 = torch.randn(200, 5, dtype=torch.float64)
+    conv, x0, ei, ea0 = _fused_case(aggs, update_edges, edge_out)
     if sort:
         order = ei[1].argsort()
         ei, ea0 = ei[:, order], ea0[order]
@@ -165,12 +171,7 @@ def test_chunked_path_matches_reference(monkeypatch, aggs, update_edges, edge_ou
     if integer and update_edges:
         pytest.skip("the SiLU edge update makes messages inexact")
     monkeypatch.setattr(mc, "EDGE_CHUNK", 16)
-    torch.manual_seed(0)
-    conv = MetaNetworkConv(8, 16, edge_dim=5, edge_out_channels=edge_out, aggregators=aggs,
-                           update_edges=update_edges, avg_log_degree=1.3).double()
-    x0 = torch.randn(30, 8, dtype=torch.float64)
-    ei = torch.randint(0, 25, (2, 200))  # nodes 25..29 are isolated
-    ea0 = torch.randn(200, 5, dtype=torch.float64)
+    conv, x0, ei, ea0 = _fused_case(aggs, update_edges, edge_out)
     if integer:
         with torch.no_grad():
             for prm in conv.parameters():

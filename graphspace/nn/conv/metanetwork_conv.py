@@ -221,6 +221,16 @@ def _chunk_aggregate(ones: Tensor, ldst: Tensor, m: Tensor, cnt: Tensor, cntc: T
     return outs
 
 
+def _chunk_pre(p: Tensor, q: Tensor, e: Tensor, src: Tensor, dst_c: Tensor, s: int, t: int,
+               wet: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A chunk's pair sums ``z = p[dst] + q[src]`` and, with an edge MLP (``wet``: its edge
+    weight transposed), the MLP's pre-activation ``z[:, :h] + e W_e^T``."""
+    z = p.index_select(0, dst_c).add_(q.index_select(0, src[s:t]))
+    if wet is None:
+        return z, None
+    return z, torch.addmm(z[:, :wet.size(1)], e[s:t], wet)
+
+
 class _ChunkedEdgeLayer(torch.autograd.Function):
     r"""Edge update, FiLM messages and multi-aggregation of :class:`MetaNetworkConv` over
     target-sorted edges, one chunk of whole target nodes at a time.
@@ -260,9 +270,9 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
         wft = wf.t()
         for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
             dst_c = plan.csr.row[s:t]
-            z = p.index_select(0, dst_c).add_(q.index_select(0, src[s:t]))
+            z, z0 = _chunk_pre(p, q, e, src, dst_c, s, t, wet)
             if mlp:
-                act = nn.functional.silu(torch.addmm(z[:, :h], e[s:t], wet))
+                act = nn.functional.silu(z0)
                 ec = eo[s:t]
                 if residual:
                     torch.addmm(e[s:t], act, w2t, out=ec).add_(b2)
@@ -326,9 +336,8 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
         wft = wf.t()
         for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
             dst_c = plan.csr.row[s:t]
-            z = p.index_select(0, dst_c).add_(q.index_select(0, src[s:t]))
+            z, z0 = _chunk_pre(p, q, e, src, dst_c, s, t, wet)
             if mlp:
-                z0 = torch.addmm(z[:, :h], e[s:t], wet)
                 act = nn.functional.silu(z0)
                 ec, zm = eo[s:t], z[:, h:]
             else:
