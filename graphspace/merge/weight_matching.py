@@ -24,6 +24,7 @@ Matrix products run on the GPU when one is available; the assignments on the CPU
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -262,7 +263,7 @@ class _IncrementalCosts:
         return cost
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that created it, pool)
 #: smallest assignment problem worth a thread (below it thread hand-off costs more than it saves)
 PARALLEL_MIN_SIZE = 512
 
@@ -291,9 +292,11 @@ def _solve_all(spec: AlignmentSpec, todo: list[tuple[list[int], list[np.ndarray]
     global _POOL
     if len(todo) < 2 or min(cs[0].shape[0] for _, cs in todo) < PARALLEL_MIN_SIZE:
         return [(u, cs, solve_unit(spec, u, cs, backend)) for u, cs in todo]
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="graphspace-lap")
-    futures = [_POOL.submit(solve_unit, spec, u, cs, backend) for u, cs in todo]
+    if _POOL is None or _POOL[0] != os.getpid():  # a forked child cannot use its parent's threads
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=4,
+                                                 thread_name_prefix="graphspace-lap"))
+    pool = _POOL[1]
+    futures = [pool.submit(solve_unit, spec, u, cs, backend) for u, cs in todo]
     return [(u, cs, f.result()) for (u, cs), f in zip(todo, futures)]
 
 

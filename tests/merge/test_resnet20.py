@@ -154,3 +154,31 @@ def test_concurrent_solves_give_the_sequential_result(spec, model_a, monkeypatch
     # a stream group reads the block-internal groups around it: never paired with them
     stream = max(range(len(spec.groups)), key=lambda g: len(spec.groups[g].members))
     assert len(reads[(stream,)]) > 1
+
+
+def _match_in_child(a, b) -> None:
+    torch.set_num_threads(1)  # torch's own OpenMP pool does not survive fork either
+    weight_matching(a, b)
+
+
+def test_parallel_solves_work_in_a_forked_child(model_a, monkeypatch):
+    """The solver threads belong to the process that made them: a forked child (DataLoader
+    workers, DDP launchers) must make its own instead of waiting on threads it does not have."""
+    import importlib
+    import multiprocessing
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork")
+    wm = importlib.import_module("graphspace.merge.weight_matching")
+    monkeypatch.setattr(wm, "PARALLEL_MIN_SIZE", 1)
+    b = _randomised(4)
+    weight_matching(model_a, b)  # the parent's pool now exists
+    assert wm._POOL is not None
+    proc = multiprocessing.get_context("fork").Process(target=_match_in_child, args=(model_a, b))
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("weight matching hung in a forked child")
+    assert proc.exitcode == 0
