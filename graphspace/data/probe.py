@@ -91,6 +91,7 @@ class ProbeFeatures(BaseTransform):
         #: ``layer -> 1 / RMS`` of the raw features on the data :meth:`fit` saw
         self.layer_scale: dict[int, float] = {}
         self._plans: dict[int, tuple[Any, list[tuple[str, Tensor]], Tensor]] = {}
+        self._modules = dict(model.named_modules())
 
     @property
     def out_channels(self) -> int:
@@ -112,11 +113,10 @@ class ProbeFeatures(BaseTransform):
         cached = self._plans.get(id(analysis))
         if cached is not None and cached[0] is analysis:
             return cached[1], cached[2]
-        modules = dict(self.model.named_modules())
         hooked: list[tuple[str, Tensor]] = []
         for r in analysis.records:
             if r.kind == "edge" and r.dst is not None:
-                if r.module not in modules:
+                if r.module not in self._modules:
                     raise ValueError(f"ProbeFeatures: the graph's module '{r.module}' (tensor "
                                      f"'{r.key}') is not in {type(self.model).__name__}")
                 hooked.append((r.module, r.dst))
@@ -133,12 +133,11 @@ class ProbeFeatures(BaseTransform):
         hooked, input_nodes = self._plan(data)
         points = self._probes(int(input_nodes.numel()))
         outputs: dict[str, Tensor] = {}
-        modules = dict(self.model.named_modules())
         handles = []
         for name in {m for m, _ in hooked}:
             def hook(_mod: nn.Module, _inp: Any, out: Tensor, name: str = name) -> None:
                 outputs[name] = out
-            handles.append(modules[name].register_forward_hook(hook))
+            handles.append(self._modules[name].register_forward_hook(hook))
         try:
             sd = {k: v.float() for k, v in data.to_state_dict().items()}
             with torch.no_grad():

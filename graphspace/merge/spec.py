@@ -100,12 +100,12 @@ class AlignmentSpec:
                 inv = np.full(n, -1, dtype=np.int64)
                 inv[nn_] = np.arange(nn_.size)
                 self._inv[(r.key, axis)] = torch.from_numpy(inv)
-                mids = member_of[nn_]
-                mids = mids[mids >= 0]
-                if not mids.size:
+                grouped = member_of[nn_] >= 0
+                if not grouped.any():
                     continue
-                self.axis_groups[(r.key, axis)] = tuple(np.unique(node_group[nn_[
-                    member_of[nn_] >= 0]]).tolist())
+                mids = member_of[nn_][grouped]
+                self.axis_groups[(r.key, axis)] = tuple(
+                    np.unique(node_group[nn_][grouped]).tolist())
                 # a member indexes this axis when all of its nodes lie on it
                 full = np.flatnonzero(np.bincount(mids, minlength=sizes.size) == sizes)
                 for mid in full.tolist():
@@ -156,10 +156,6 @@ class AlignmentSpec:
             for m in g.members:
                 nm[m] = m[p]
         return nm.to(device) if device is not None else nm
-
-    def permutes(self, key: str, axis: int) -> bool:
-        """Whether some permutation group can move entries along ``axis`` of ``key``."""
-        return (key, axis) in self.axis_groups
 
     def positions(self, key: str, axis: int, node_map: Tensor) -> Tensor | None:
         """Indices that apply ``node_map`` along ``axis`` of ``key`` (``None``: not permuted)."""

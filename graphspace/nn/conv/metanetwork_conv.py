@@ -542,16 +542,12 @@ class MetaNetworkConv(nn.Module):
         csr = get_csr(dst, n, names=("edge_index[1]", "edge_index[0]"))
         dropout = self.edge_mlp is not None and self.training and self.edge_mlp[2].p > 0
         chunks = None if dropout else _EdgeChunks.of(csr, EDGE_CHUNK)
+        w_dst, w_src, bias = self._node_halves(x)
         if chunks is not None:
-            return self._messages_chunked(x, src, edge_attr, chunks)
-        lins = [self.msg] if self.edge_mlp is None else [self.edge_mlp[0], self.msg]
-        w_dst = torch.cat([lin.weight[:, :f] for lin in lins], dim=0)
-        w_src = torch.cat([lin.weight[:, f:2 * f] for lin in lins], dim=0)
+            return self._messages_chunked(x, src, edge_attr, chunks, w_dst, w_src, bias)
         proj = x @ torch.cat([w_dst, w_src], dim=0).t()  # [N, 2kh]: target | source halves
-        k = len(lins) * h
-        biases = [lin.bias if lin.bias is not None else x.new_zeros(lin.out_features)
-                  for lin in lins]
-        p_dst = proj[:, :k] + torch.cat(biases)
+        k = w_dst.size(0)
+        p_dst = proj[:, :k] + bias
         zs = _PairGather.apply(p_dst, proj[:, k:], dst, src, csr, h)  # [E, h] per layer
         z = zs[-1]  # W_m [x_i || x_j] + b
         if self.edge_mlp is not None:
@@ -568,16 +564,24 @@ class MetaNetworkConv(nn.Module):
         agg = _MultiAggregate.apply(m, dst.long(), csr, self.aggregators)
         return agg, csr.counts(x.dtype), edge_attr
 
-    def _messages_chunked(self, x: Tensor, src: Tensor, edge_attr: Tensor,
-                          chunks: _EdgeChunks) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_messages_fused` on target-sorted edges: the node projections as two
-        ``[N, F] x [F, k h]`` products, everything per edge in :class:`_ChunkedEdgeLayer`."""
+    def _node_halves(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Target-node and source-node halves of the weights of the layers that read
+        :math:`[\mathbf x_i \| \mathbf x_j \| \dots]` (edge MLP's first layer, if any, then the
+        message layer), stacked ``[k h, F]``, and their biases ``[k h]``."""
         f = self.in_channels
         lins = [self.msg] if self.edge_mlp is None else [self.edge_mlp[0], self.msg]
         w_dst = torch.cat([lin.weight[:, :f] for lin in lins], dim=0)
         w_src = torch.cat([lin.weight[:, f:2 * f] for lin in lins], dim=0)
         bias = torch.cat([lin.bias if lin.bias is not None else x.new_zeros(lin.out_features)
                           for lin in lins])
+        return w_dst, w_src, bias
+
+    def _messages_chunked(self, x: Tensor, src: Tensor, edge_attr: Tensor,
+                          chunks: _EdgeChunks, w_dst: Tensor, w_src: Tensor,
+                          bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_messages_fused` on target-sorted edges: the node projections as two
+        ``[N, F] x [F, k h]`` products, everything per edge in :class:`_ChunkedEdgeLayer`."""
+        f = self.in_channels
         p = torch.addmm(bias, x, w_dst.t())
         q = x @ w_src.t()
         we = w2 = b2 = None
