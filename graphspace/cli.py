@@ -58,6 +58,10 @@ def _info(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from graphspace.runtime import tune_cpu_allocator, tuning_enabled
+
+    if tuning_enabled():  # a launcher-level setting: see graphspace.runtime
+        tune_cpu_allocator()
     commands = {"convert": _convert, "info": _info}
     try:
         from graphspace.merge.cli import main as merge_main

@@ -85,3 +85,28 @@ def test_cli_convert_and_info(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "permutation group stem" in text
     assert main(["nonsense"]) == 2
+
+
+def test_tune_cpu_allocator(monkeypatch):
+    """The allocator tuning is accepted on glibc (or reports False elsewhere), refuses
+    out-of-range thresholds, and the console script honours the opt-out variable."""
+    import platform
+    import sys
+
+    from graphspace import cli, runtime
+
+    result = runtime.tune_cpu_allocator()
+    assert isinstance(result, bool)
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert result
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        runtime.tune_cpu_allocator(mmap_threshold=64 * 1024 * 1024)
+    calls = []
+    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda: calls.append(1) or True)
+    for value, expected in (("0", 0), ("false", 0), ("1", 1)):
+        calls.clear()
+        monkeypatch.setenv(runtime.ENV_VAR, value)
+        assert cli.main(["info", "--model", "torch.nn:Identity"]) == 0
+        assert len(calls) == expected
+    monkeypatch.delenv(runtime.ENV_VAR)
+    assert runtime.tuning_enabled()

@@ -148,7 +148,7 @@ class _MultiAggregate(torch.autograd.Function):
 
 
 #: target number of edges per chunk of the chunked CPU path (chunks end at node boundaries).
-EDGE_CHUNK = 4096
+EDGE_CHUNK = 16384
 
 
 class _EdgeChunks:
@@ -201,34 +201,46 @@ class _EdgeChunks:
         return csr._memo[key]
 
 
-def _chunk_aggregate(ones: Tensor, ldst: Tensor, m: Tensor, cnt: Tensor, cntc: Tensor,
-                     empty: Tensor, aggregators: tuple[str, ...]) -> dict[str, Tensor]:
-    """The reductions of :class:`_MultiAggregate` (plus ``"_mean"`` when ``std`` needs it)
-    of one chunk's messages ``m`` over its ``n1 - n0`` nodes."""
-    outs: dict[str, Tensor] = {}
-    if any(a in ("sum", "mean", "std") for a in aggregators):
-        outs["sum"] = torch.sparse.mm(ones, m)
-        outs["_mean"] = outs["sum"] / cntc
-        outs["mean"] = outs["_mean"]
-    for a in aggregators:
-        if a in ("max", "min"):
-            ext = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
-            outs[a] = ext.masked_fill_(empty, 0.0)
-        elif a == "std":
-            centred = torch.sub(m, outs["_mean"].index_select(0, ldst))
-            var = torch.sparse.mm(ones, centred.square_()).div_(cntc)
-            outs[a] = var.add_(1e-12).sqrt_().masked_fill_(empty, 0.0)
-    return outs
+class _ChunkPass:
+    """Per-chunk recomputation shared by the forward and backward of :class:`_ChunkedEdgeLayer`:
+    the contiguous ``(N, h)`` column blocks of the node projections and the layer's weights,
+    sliced once per call so every per-edge tensor is contiguous."""
 
+    def __init__(self, p: Tensor, q: Tensor, e: Tensor, we: Tensor | None, w2: Tensor | None,
+                 b2: Tensor | None, wf: Tensor, bf: Tensor, src: Tensor,
+                 plan: _EdgeChunks) -> None:
+        h = wf.size(0) // 2
+        k = p.size(1) // h
+        self.h, self.mlp = h, we is not None
+        self.ps = [p[:, c * h:(c + 1) * h].contiguous() for c in range(k)]
+        self.qs = [q[:, c * h:(c + 1) * h].contiguous() for c in range(k)]
+        self.e, self.src, self.plan = e, src, plan
+        self.wet = we.t() if self.mlp else None
+        self.w2t, self.b2 = (w2.t(), b2) if self.mlp else (None, None)
+        self.wfg, self.wfb = wf[:h], wf[h:]  # row blocks: contiguous
+        self.bfg, self.bfb = bf[:h], bf[h:]
 
-def _chunk_pre(p: Tensor, q: Tensor, e: Tensor, src: Tensor, dst_c: Tensor, s: int, t: int,
-               wet: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """A chunk's pair sums ``z = p[dst] + q[src]`` and, with an edge MLP (``wet``: its edge
-    weight transposed), the MLP's pre-activation ``z[:, :h] + e W_e^T``."""
-    z = p.index_select(0, dst_c).add_(q.index_select(0, src[s:t]))
-    if wet is None:
-        return z, None
-    return z, torch.addmm(z[:, :wet.size(1)], e[s:t], wet)
+    def pair(self, c: int, dst_c: Tensor, src_c: Tensor) -> Tensor:
+        """Block ``c`` of ``p[dst] + q[src]`` for one chunk."""
+        z = self.ps[c].index_select(0, dst_c)
+        return z.add_(self.qs[c].index_select(0, src_c))
+
+    def pre(self, s: int, t: int, dst_c: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """A chunk's edge-MLP pre-activation ``z0`` and activation (``None`` without the edge
+        MLP) and the message-layer block ``zm``."""
+        src_c = self.src[s:t]
+        z0 = act = None
+        if self.mlp:
+            z0 = self.pair(0, dst_c, src_c).addmm_(self.e[s:t], self.wet)
+            act = nn.functional.silu(z0)
+        return z0, act, self.pair(len(self.ps) - 1, dst_c, src_c)
+
+    def film(self, ec: Tensor, zm: Tensor, need_m: bool) -> tuple[Tensor, Tensor | None]:
+        """``gamma`` and (when ``need_m``) the message ``m = gamma * zm + beta``."""
+        gamma = torch.addmm(self.bfg, ec, self.wfg.t())
+        if not need_m:
+            return gamma, None
+        return gamma, torch.addmm(self.bfb, ec, self.wfb.t()).addcmul_(gamma, zm)
 
 
 class _ChunkedEdgeLayer(torch.autograd.Function):
@@ -239,7 +251,7 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
     source halves of the node projections (``k = 2``: edge-MLP first layer | message layer;
     ``k = 1``: message layer only), edge features ``e``, the edge MLP's edge weight ``we``
     ``(h, D)``, second layer ``w2`` ``(D', h)``, ``b2``, and ``film``'s ``wf`` ``(2h, D')``,
-    ``bf``. Per chunk of edges (every intermediate stays chunk-sized and in cache):
+    ``bf``. Per chunk of edges (every intermediate stays chunk-sized):
 
     .. math::
         z &= p_{dst} + q_{src}, \quad
@@ -247,11 +259,22 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
         [\gamma \| \beta] &= W_f \mathbf e' + b_f, \quad
         \mathbf m = \gamma \odot z_{h:} + \beta
 
-    and the aggregations of :class:`_MultiAggregate` over the chunk's nodes. Returns
+    and the aggregations of :class:`_MultiAggregate` over the chunk's nodes (the per-node
+    finishing steps of ``mean``/``std``/``max``/``min`` run once over all nodes). Returns
     ``(agg, e')``. Only ``e'`` and per-node statistics are kept for backward; the backward
     pass recomputes ``z``, the SiLU input, ``gamma``, ``beta`` and ``m`` chunk by chunk
     (max/min ties against the recomputed chunk extrema), so the gradient is exact for the
-    recomputed messages.
+    recomputed messages. With the per-node coefficients of :class:`_MultiAggregate.backward`
+    folded together, the message gradient of an edge into node :math:`i` is
+
+    .. math::
+        \frac{\partial L}{\partial m} = \big(a_i - c_i \mu_i\big) + c_i\, m +
+        \sum_{\text{max/min}} [m = o_i]\, \frac{g_i}{t_i},
+        \qquad a = g_{sum} + \frac{g_{mean}}{n}, \quad c = \frac{g_{std}}{n \sigma}.
+
+    Every per-edge tensor is contiguous (the column blocks of ``p``, ``q`` and of ``film``'s
+    weight are split once per call), and the target-half gradient is one CSR product over
+    all edges after the loop.
     """
 
     @staticmethod
@@ -259,41 +282,51 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
                 w2: Tensor | None, b2: Tensor | None, wf: Tensor, bf: Tensor,
                 src: Tensor, plan: _EdgeChunks, aggregators: tuple[str, ...],
                 residual: bool) -> tuple[Tensor, Tensor]:
-        h = wf.size(0) // 2
-        mlp = we is not None
-        n = p.size(0)
-        cnt_all = plan.csr.counts(p.dtype).unsqueeze(-1)
-        stats = {a: p.new_zeros(n, h) for a in set(aggregators) | {"_mean"}}
+        cp = _ChunkPass(p, q, e, we, w2, b2, wf, bf, src, plan)
+        h, mlp, n = cp.h, cp.mlp, p.size(0)
+        cnt = plan.csr.counts(p.dtype).unsqueeze(-1)
+        cntc = cnt.clamp(min=1)
+        aset = set(aggregators)
+        need_sum = bool(aset & {"sum", "mean", "std"})
+        # zero-filled: the node ranges without edges belong to no chunk
+        total = p.new_zeros(n, h) if "sum" in aset else None
+        mean = p.new_zeros(n, h) if need_sum else None
+        sq = p.new_zeros(n, h) if "std" in aset else None
+        ext = {a: p.new_zeros(n, h) for a in ("max", "min") if a in aset}
         eo = e.new_empty(e.size(0), w2.size(0)) if mlp else e
-        wet = we.t() if mlp else None
-        w2t = w2.t() if mlp else None
-        wft = wf.t()
         for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
             dst_c = plan.csr.row[s:t]
-            z, z0 = _chunk_pre(p, q, e, src, dst_c, s, t, wet)
+            _, act, zm = cp.pre(s, t, dst_c)
             if mlp:
-                act = nn.functional.silu(z0)
                 ec = eo[s:t]
                 if residual:
-                    torch.addmm(e[s:t], act, w2t, out=ec).add_(b2)
+                    torch.add(e[s:t], b2, out=ec)
                 else:
-                    torch.addmm(b2, act, w2t, out=ec)
-                zm = z[:, h:]
+                    ec.copy_(b2)
+                ec.addmm_(act, cp.w2t)
             else:
-                ec, zm = e[s:t], z
-            gb = torch.addmm(bf, ec, wft)
-            m = torch.addcmul(gb[:, h:], gb[:, :h], zm)
-            cnt = cnt_all[n0:n1]
-            outs = _chunk_aggregate(ones, ldst, m, cnt, cnt.clamp(min=1), cnt == 0,
-                                    aggregators)
-            for a, st in stats.items():
-                if a in outs:
-                    st[n0:n1] = outs[a]
+                ec = e[s:t]
+            _, m = cp.film(ec, zm, True)
+            for a, buf in ext.items():
+                buf[n0:n1] = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
+            if need_sum:
+                sums = torch.mm(ones, m, out=total[n0:n1]) if total is not None else \
+                    torch.sparse.mm(ones, m)
+                mean_c = torch.div(sums, cntc[n0:n1], out=mean[n0:n1])
+                if sq is not None:  # m is not needed after this: centre and square in place
+                    m.sub_(mean_c.index_select(0, ldst)).square_()
+                    torch.mm(ones, m, out=sq[n0:n1])
+        empty = cnt == 0
+        outs: dict[str, Tensor] = {"sum": total, "mean": mean}
+        for a, buf in ext.items():
+            outs[a] = buf.masked_fill_(empty, 0.0)
+        if sq is not None:
+            outs["std"] = sq.div_(cntc).add_(1e-12).sqrt_().masked_fill_(empty, 0.0)
         ctx.plan, ctx.aggregators, ctx.residual = plan, aggregators, residual
         ctx.save_for_backward(p, q, e, we, w2, b2, wf, bf, src, eo if mlp else None,
-                              stats["_mean"], stats.get("std"))
+                              mean, outs.get("std"))
         ctx.set_materialize_grads(False)
-        agg = torch.cat([stats[a] for a in aggregators], dim=-1)
+        agg = torch.cat([outs[a] for a in aggregators], dim=-1)
         return agg, eo if mlp else e.new_empty(0)
 
     @staticmethod
@@ -302,88 +335,76 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
         p, q, e, we, w2, b2, wf, bf, src, eo, mean, std = ctx.saved_tensors
         plan: _EdgeChunks = ctx.plan
         aggregators: tuple[str, ...] = ctx.aggregators
-        h = wf.size(0) // 2
-        mlp = we is not None
+        cp = _ChunkPass(p, q, e, we, w2, b2, wf, bf, src, plan)
+        h, mlp = cp.h, cp.mlp
         n, kh = p.shape
         if g_agg is None:
             g_agg = p.new_zeros(n, len(aggregators) * h)
         if not mlp:
             g_eo = None
-        cnt_all = plan.csr.counts(p.dtype).unsqueeze(-1)
-        cntc_all = cnt_all.clamp(min=1)
-        # per-node coefficients of the message gradient (see _MultiAggregate.backward)
-        lin: Tensor | None = None
+        cntc = plan.csr.counts(p.dtype).unsqueeze(-1).clamp(min=1)
+        # per-node coefficients of the message gradient (see the class docstring)
+        lin = p.new_zeros(n, h)
         cstd: Tensor | None = None
         ext: list[tuple[str, Tensor]] = []
         for k, a in enumerate(aggregators):
             gk = g_agg[:, k * h:(k + 1) * h]
-            if a in ("sum", "mean"):
-                term = gk if a == "sum" else gk / cntc_all
-                lin = term if lin is None else lin + term
+            if a == "sum":
+                lin.add_(gk)
+            elif a == "mean":
+                lin.add_(gk / cntc)
             elif a == "std":
-                term = gk / (cntc_all * torch.where(std > 0, std, torch.ones_like(std)))
+                term = gk / (cntc * torch.where(std > 0, std, torch.ones_like(std)))
                 cstd = term if cstd is None else cstd + term
             else:
                 ext.append((a, gk))
-        gp = p.new_zeros(n, kh)
+        if cstd is not None:
+            lin.addcmul_(cstd, mean, value=-1.0)
+        need_m = cstd is not None or bool(ext)
         gzs = [e.new_empty(e.size(0), h) for _ in range(kh // h)]  # d z per column block
         ge_in = torch.empty_like(e)
         gwe = torch.zeros_like(we) if mlp else None
         gw2 = torch.zeros_like(w2) if mlp else None
         gb2 = torch.zeros_like(b2) if mlp else None
         gwf, gbf = torch.zeros_like(wf), torch.zeros_like(bf)
-        wet = we.t() if mlp else None
-        wft = wf.t()
         for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
             dst_c = plan.csr.row[s:t]
-            z, z0 = _chunk_pre(p, q, e, src, dst_c, s, t, wet)
-            if mlp:
-                act = nn.functional.silu(z0)
-                ec, zm = eo[s:t], z[:, h:]
-            else:
-                ec, zm = e[s:t], z
-            gb = torch.addmm(bf, ec, wft)
-            gamma = gb[:, :h]
-            m = torch.addcmul(gb[:, h:], gamma, zm)
-            gm = lin.index_select(0, dst_c) if lin is not None else None
+            z0, act, zm = cp.pre(s, t, dst_c)
+            ec = eo[s:t] if mlp else e[s:t]
+            gamma, m = cp.film(ec, zm, need_m)
+            gm = lin.index_select(0, dst_c)
             if cstd is not None:
-                part = mean.index_select(0, dst_c)
-                torch.sub(m, part, out=part).mul_(cstd.index_select(0, dst_c))
-                gm = part if gm is None else gm.add_(part)
+                gm.addcmul_(cstd.index_select(0, dst_c), m)
             for a, gk in ext:
                 red = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
                 hit = red.index_select(0, ldst)
-                torch.eq(m, hit, out=hit)
+                torch.eq(m, hit, out=hit)  # 1.0 / 0.0 in m's dtype
                 ties = torch.sparse.mm(ones, hit).clamp_(min=1)
-                part = (gk[n0:n1] / ties).index_select(0, ldst).mul_(hit)
-                gm = part if gm is None else gm.add_(part)
-            if gm is None:
-                gm = torch.zeros_like(m)
-            # film: d gamma = gm * zm, d beta = gm; message-layer input: gm * gamma
-            ggb = torch.empty_like(gb)
-            torch.mul(gm, zm, out=ggb[:, :h])
-            ggb[:, h:] = gm
+                gm.addcmul_((gk[n0:n1] / ties).index_select(0, ldst), hit)
+            # film: d gamma = gm * zm, d beta = gm; message-layer block: gm * gamma
+            ggamma = gm * zm
             torch.mul(gm, gamma, out=gzs[-1][s:t])
-            gwf.addmm_(ggb.t(), ec)
-            gbf.add_(ggb.sum(0))
+            gwf[:h].addmm_(ggamma.t(), ec)
+            gwf[h:].addmm_(gm.t(), ec)
+            gbf[:h].add_(ggamma.sum(0))
+            gbf[h:].add_(gm.sum(0))
+            gec = ge_in[s:t] if not mlp or ctx.residual else e.new_empty(t - s, ec.size(1))
+            torch.mm(ggamma, cp.wfg, out=gec).addmm_(gm, cp.wfb)
             if g_eo is not None:
-                gec = torch.addmm(g_eo[s:t], ggb, wf)
+                gec.add_(g_eo[s:t])
+            if not mlp:
+                continue  # gec is ge_in[s:t] already
+            gw2.addmm_(gec.t(), act)
+            gb2.add_(gec.sum(0))
+            gz0 = gzs[0][s:t]
+            torch.ops.aten.silu_backward.grad_input(gec @ w2, z0, grad_input=gz0)
+            gwe.addmm_(gz0.t(), e[s:t])
+            if ctx.residual:
+                gec.addmm_(gz0, we)  # in place: gec is ge_in[s:t]
             else:
-                gec = ggb @ wf
-            if mlp:
-                gw2.addmm_(gec.t(), act)
-                gb2.add_(gec.sum(0))
-                gz0 = gzs[0][s:t]
-                torch.ops.aten.silu_backward.grad_input(gec @ w2, z0, grad_input=gz0)
-                gwe.addmm_(gz0.t(), e[s:t])
-                if ctx.residual:
-                    torch.addmm(gec, gz0, we, out=ge_in[s:t])
-                else:
-                    torch.mm(gz0, we, out=ge_in[s:t])
-            else:
-                ge_in[s:t] = gec
-            for c, gzb in enumerate(gzs):
-                gp[n0:n1, c * h:(c + 1) * h] = torch.sparse.mm(ones, gzb[s:t])
+                torch.mm(gz0, we, out=ge_in[s:t])
+        ones_dst = plan.csr.sparse_ones(p.dtype)
+        gp = torch.cat([torch.sparse.mm(ones_dst, gzb) for gzb in gzs], dim=1)
         gq = None
         if ctx.needs_input_grad[1]:
             ones_src = get_csr(src, n).sparse_ones(p.dtype)
