@@ -208,11 +208,17 @@ def test_chunked_path_matches_reference(monkeypatch, aggs, update_edges, edge_ou
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("keep", ["all", "none", "some"])
 @pytest.mark.parametrize("update_edges,residual", [(True, True), (True, False), (False, False)])
-def test_chunked_edge_layer_gradcheck(update_edges, residual):
-    """The hand-written backward of the chunked edge layer passes fp64 gradcheck."""
+def test_chunked_edge_layer_gradcheck(monkeypatch, update_edges, residual, keep):
+    """The hand-written backward of the chunked edge layer passes fp64 gradcheck, whichever
+    per-edge intermediates it keeps and whichever it recomputes."""
+    from graphspace.nn.conv import metanetwork_conv as mc
     from graphspace.nn.conv.metanetwork_conv import _ChunkedEdgeLayer, _EdgeChunks
     from graphspace.ops import get_csr
+
+    kept = {"all": mc.KEEP, "none": (), "some": ("z0", "m")}[keep]
+    monkeypatch.setattr(mc, "KEEP", kept)
 
     torch.manual_seed(0)
     n, e, h, d = 9, 40, 3, 4

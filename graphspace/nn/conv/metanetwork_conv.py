@@ -149,6 +149,8 @@ class _MultiAggregate(torch.autograd.Function):
 
 #: target number of edges per chunk of the chunked CPU path (chunks end at node boundaries).
 EDGE_CHUNK = 16384
+#: per-edge intermediates of the chunked path kept for backward (the others are recomputed)
+KEEP = ("z0", "act", "zm", "gamma", "m")
 
 
 class _EdgeChunks:
@@ -202,45 +204,48 @@ class _EdgeChunks:
 
 
 class _ChunkPass:
-    """Per-chunk recomputation shared by the forward and backward of :class:`_ChunkedEdgeLayer`:
-    the contiguous ``(N, h)`` column blocks of the node projections and the layer's weights,
-    sliced once per call so every per-edge tensor is contiguous."""
+    """The per-chunk steps shared by the forward and backward of :class:`_ChunkedEdgeLayer`,
+    over the contiguous ``(N, h)`` column blocks of the node projections and the row blocks
+    of ``film``'s weight (split once per call, so every per-edge tensor is contiguous). Each
+    step writes into ``out`` when one is given (a slice of a kept full-size tensor)."""
 
     def __init__(self, p: Tensor, q: Tensor, e: Tensor, we: Tensor | None, w2: Tensor | None,
-                 b2: Tensor | None, wf: Tensor, bf: Tensor, src: Tensor,
-                 plan: _EdgeChunks) -> None:
+                 wf: Tensor, bf: Tensor, src: Tensor) -> None:
         h = wf.size(0) // 2
         k = p.size(1) // h
         self.h, self.mlp = h, we is not None
         self.ps = [p[:, c * h:(c + 1) * h].contiguous() for c in range(k)]
         self.qs = [q[:, c * h:(c + 1) * h].contiguous() for c in range(k)]
-        self.e, self.src, self.plan = e, src, plan
+        self.e, self.src = e, src
         self.wet = we.t() if self.mlp else None
-        self.w2t, self.b2 = (w2.t(), b2) if self.mlp else (None, None)
+        self.w2t = w2.t() if self.mlp else None
         self.wfg, self.wfb = wf[:h], wf[h:]  # row blocks: contiguous
         self.bfg, self.bfb = bf[:h], bf[h:]
 
-    def pair(self, c: int, dst_c: Tensor, src_c: Tensor) -> Tensor:
-        """Block ``c`` of ``p[dst] + q[src]`` for one chunk."""
-        z = self.ps[c].index_select(0, dst_c)
-        return z.add_(self.qs[c].index_select(0, src_c))
+    def pair(self, c: int, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
+        """Block ``c`` of ``p[dst] + q[src]`` for the chunk's edges ``s:t``."""
+        z = self.ps[c].index_select(0, dst_c) if out is None else \
+            torch.index_select(self.ps[c], 0, dst_c, out=out)
+        return z.add_(self.qs[c].index_select(0, self.src[s:t]))
 
-    def pre(self, s: int, t: int, dst_c: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor]:
-        """A chunk's edge-MLP pre-activation ``z0`` and activation (``None`` without the edge
-        MLP) and the message-layer block ``zm``."""
-        src_c = self.src[s:t]
-        z0 = act = None
-        if self.mlp:
-            z0 = self.pair(0, dst_c, src_c).addmm_(self.e[s:t], self.wet)
-            act = nn.functional.silu(z0)
-        return z0, act, self.pair(len(self.ps) - 1, dst_c, src_c)
+    def z0(self, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
+        """The edge MLP's pre-activation ``p0[dst] + q0[src] + e W_e^T``."""
+        return self.pair(0, dst_c, s, t, out).addmm_(self.e[s:t], self.wet)
 
-    def film(self, ec: Tensor, zm: Tensor, need_m: bool) -> tuple[Tensor, Tensor | None]:
-        """``gamma`` and (when ``need_m``) the message ``m = gamma * zm + beta``."""
-        gamma = torch.addmm(self.bfg, ec, self.wfg.t())
-        if not need_m:
-            return gamma, None
-        return gamma, torch.addmm(self.bfb, ec, self.wfb.t()).addcmul_(gamma, zm)
+    def zm(self, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
+        """The message layer's block ``W_m [x_i || x_j] + b``."""
+        return self.pair(len(self.ps) - 1, dst_c, s, t, out)
+
+    def gamma(self, ec: Tensor, out: Tensor | None = None) -> Tensor:
+        return torch.addmm(self.bfg, ec, self.wfg.t(), out=out) if out is not None else \
+            torch.addmm(self.bfg, ec, self.wfg.t())
+
+    def message(self, ec: Tensor, gamma: Tensor, zm: Tensor,
+                out: Tensor | None = None) -> Tensor:
+        """``m = gamma * zm + beta``."""
+        beta = torch.addmm(self.bfb, ec, self.wfb.t(), out=out) if out is not None else \
+            torch.addmm(self.bfb, ec, self.wfb.t())
+        return beta.addcmul_(gamma, zm)
 
 
 class _ChunkedEdgeLayer(torch.autograd.Function):
@@ -251,7 +256,7 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
     source halves of the node projections (``k = 2``: edge-MLP first layer | message layer;
     ``k = 1``: message layer only), edge features ``e``, the edge MLP's edge weight ``we``
     ``(h, D)``, second layer ``w2`` ``(D', h)``, ``b2``, and ``film``'s ``wf`` ``(2h, D')``,
-    ``bf``. Per chunk of edges (every intermediate stays chunk-sized):
+    ``bf``. Per chunk of edges:
 
     .. math::
         z &= p_{dst} + q_{src}, \quad
@@ -261,11 +266,15 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
 
     and the aggregations of :class:`_MultiAggregate` over the chunk's nodes (the per-node
     finishing steps of ``mean``/``std``/``max``/``min`` run once over all nodes). Returns
-    ``(agg, e')``. Only ``e'`` and per-node statistics are kept for backward; the backward
-    pass recomputes ``z``, the SiLU input, ``gamma``, ``beta`` and ``m`` chunk by chunk
-    (max/min ties against the recomputed chunk extrema), so the gradient is exact for the
-    recomputed messages. With the per-node coefficients of :class:`_MultiAggregate.backward`
-    folded together, the message gradient of an edge into node :math:`i` is
+    ``(agg, e')``. The per-edge intermediates named in :data:`KEEP` (``z0`` the SiLU input,
+    ``act``, ``zm = z_{h:}``, ``gamma``, ``m``) are written into full-size tensors kept for
+    backward; the others are recomputed chunk by chunk there. Keeping all of them is the
+    fastest on CPU when freed memory stays in the process
+    (:func:`graphspace.runtime.tune_cpu_allocator`); recomputing trades GEMMs for ~5 fewer
+    ``(E, h)`` tensors. Max/min ties are taken against chunk extrema of the kept (or
+    recomputed) messages, so the gradient is exact for them. With the per-node coefficients
+    of :class:`_MultiAggregate.backward` folded together, the message gradient of an edge
+    into node :math:`i` is
 
     .. math::
         \frac{\partial L}{\partial m} = \big(a_i - c_i \mu_i\big) + c_i\, m +
@@ -282,7 +291,7 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
                 w2: Tensor | None, b2: Tensor | None, wf: Tensor, bf: Tensor,
                 src: Tensor, plan: _EdgeChunks, aggregators: tuple[str, ...],
                 residual: bool) -> tuple[Tensor, Tensor]:
-        cp = _ChunkPass(p, q, e, we, w2, b2, wf, bf, src, plan)
+        cp = _ChunkPass(p, q, e, we, w2, wf, bf, src)
         h, mlp, n = cp.h, cp.mlp, p.size(0)
         cnt = plan.csr.counts(p.dtype).unsqueeze(-1)
         cntc = cnt.clamp(min=1)
@@ -294,10 +303,15 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
         sq = p.new_zeros(n, h) if "std" in aset else None
         ext = {a: p.new_zeros(n, h) for a in ("max", "min") if a in aset}
         eo = e.new_empty(e.size(0), w2.size(0)) if mlp else e
+        names = [k for k in KEEP if mlp or k not in ("z0", "act")]
+        kept = {k: e.new_empty(e.size(0), h) for k in names}  # written chunk by chunk
         for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
             dst_c = plan.csr.row[s:t]
-            _, act, zm = cp.pre(s, t, dst_c)
+            out = {k: v[s:t] for k, v in kept.items()}
             if mlp:
+                z0 = cp.z0(dst_c, s, t, out.get("z0"))
+                act = nn.functional.silu(z0) if "act" not in out else \
+                    torch.ops.aten.silu.out(z0, out=out["act"])
                 ec = eo[s:t]
                 if residual:
                     torch.add(e[s:t], b2, out=ec)
@@ -306,16 +320,18 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
                 ec.addmm_(act, cp.w2t)
             else:
                 ec = e[s:t]
-            _, m = cp.film(ec, zm, True)
+            zm = cp.zm(dst_c, s, t, out.get("zm"))
+            m = cp.message(ec, cp.gamma(ec, out.get("gamma")), zm, out.get("m"))
             for a, buf in ext.items():
                 buf[n0:n1] = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
             if need_sum:
                 sums = torch.mm(ones, m, out=total[n0:n1]) if total is not None else \
                     torch.sparse.mm(ones, m)
                 mean_c = torch.div(sums, cntc[n0:n1], out=mean[n0:n1])
-                if sq is not None:  # m is not needed after this: centre and square in place
-                    m.sub_(mean_c.index_select(0, ldst)).square_()
-                    torch.mm(ones, m, out=sq[n0:n1])
+                if sq is not None:
+                    cen = mean_c.index_select(0, ldst)
+                    cen = torch.sub(m, cen, out=cen) if "m" in out else m.sub_(cen)
+                    torch.mm(ones, cen.square_(), out=sq[n0:n1])
         empty = cnt == 0
         outs: dict[str, Tensor] = {"sum": total, "mean": mean}
         for a, buf in ext.items():
@@ -323,8 +339,9 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
         if sq is not None:
             outs["std"] = sq.div_(cntc).add_(1e-12).sqrt_().masked_fill_(empty, 0.0)
         ctx.plan, ctx.aggregators, ctx.residual = plan, aggregators, residual
+        ctx.kept = tuple(kept)
         ctx.save_for_backward(p, q, e, we, w2, b2, wf, bf, src, eo if mlp else None,
-                              mean, outs.get("std"))
+                              mean, outs.get("std"), *kept.values())
         ctx.set_materialize_grads(False)
         agg = torch.cat([outs[a] for a in aggregators], dim=-1)
         return agg, eo if mlp else e.new_empty(0)
@@ -332,10 +349,11 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_agg: Tensor, g_eo: Tensor | None) -> tuple[Tensor | None, ...]:
-        p, q, e, we, w2, b2, wf, bf, src, eo, mean, std = ctx.saved_tensors
+        p, q, e, we, w2, b2, wf, bf, src, eo, mean, std, *kept_t = ctx.saved_tensors
+        kept = dict(zip(ctx.kept, kept_t))
         plan: _EdgeChunks = ctx.plan
         aggregators: tuple[str, ...] = ctx.aggregators
-        cp = _ChunkPass(p, q, e, we, w2, b2, wf, bf, src, plan)
+        cp = _ChunkPass(p, q, e, we, w2, wf, bf, src)
         h, mlp = cp.h, cp.mlp
         n, kh = p.shape
         if g_agg is None:
@@ -369,9 +387,14 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
         gwf, gbf = torch.zeros_like(wf), torch.zeros_like(bf)
         for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
             dst_c = plan.csr.row[s:t]
-            z0, act, zm = cp.pre(s, t, dst_c)
             ec = eo[s:t] if mlp else e[s:t]
-            gamma, m = cp.film(ec, zm, need_m)
+            got = {k: v[s:t] for k, v in kept.items()}
+            if mlp:
+                z0 = got["z0"] if "z0" in got else cp.z0(dst_c, s, t)
+                act = got["act"] if "act" in got else nn.functional.silu(z0)
+            zm = got["zm"] if "zm" in got else cp.zm(dst_c, s, t)
+            gamma = got["gamma"] if "gamma" in got else cp.gamma(ec)
+            m = got["m"] if "m" in got else cp.message(ec, gamma, zm) if need_m else None
             gm = lin.index_select(0, dst_c)
             if cstd is not None:
                 gm.addcmul_(cstd.index_select(0, dst_c), m)
@@ -403,6 +426,7 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
                 gec.addmm_(gz0, we)  # in place: gec is ge_in[s:t]
             else:
                 torch.mm(gz0, we, out=ge_in[s:t])
+        # the source- and target-half gradients: one CSR product each over all edges
         ones_dst = plan.csr.sparse_ones(p.dtype)
         gp = torch.cat([torch.sparse.mm(ones_dst, gzb) for gzb in gzs], dim=1)
         gq = None
