@@ -7,7 +7,8 @@ One training step is ``zero_grad`` + forward + backward + ``Adam.step`` (lr 1e-3
 one output per network) on a fixed batch of ``--batch`` randomly initialised
 :class:`~graphspace.testing.models.SmallCNN` networks (the Small CNN Zoo architecture), turned
 into parameter graphs and collated to one PyG ``Batch`` once. The figure is the median step
-time over ``--repeats`` steps (after ``--warmup`` steps), as networks/s. Configurations:
+time over ``--repeats`` steps (after ``--warmup`` steps), as networks/s, and its median over
+``--rounds`` rounds that alternate with the nfn reference. Configurations:
 
 * ``main job``: ``experiments/generalization_digits.yaml``'s model: ``kernel="channel"``
   graphs, ``GraphMetaNetwork(1, hidden_channels=32, num_layers=3, edge_in=9)``;
@@ -20,6 +21,11 @@ configuration (``benchmarks/_nfn_hnp_throughput.py``), run with ``--nfn-python``
 environment with ``torch`` and ``nfn`` only, e.g. ``/work/nfn-venv/bin/python``); it is
 skipped with a message when that interpreter is missing. The issue quotes 264 networks/s
 for it on 2 CPU cores; the target is a graph metanetwork at >= 264 networks/s.
+
+``--malloc tuned`` (default) measures the way the ``graphspace`` console script trains: with
+:func:`graphspace.runtime.tune_cpu_allocator` applied, and the nfn reference run under the
+same glibc settings (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``), so both sides
+keep freed memory in the process. ``--malloc default`` leaves glibc's defaults on both sides.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from torch_geometric.data import Batch
 
 from graphspace.graphs import ParameterGraph
 from graphspace.nn import GraphMetaNetwork
+from graphspace.runtime import MMAP_THRESHOLD, TRIM_THRESHOLD, tune_cpu_allocator
 from graphspace.testing.models import SmallCNN
 
 #: networks/s of nfn's HNP model quoted in the issue (2 CPU cores)
@@ -100,7 +107,8 @@ def measure(net: torch.nn.Module, batch: Batch, warmup: int, repeats: int) -> li
     return times
 
 
-def run_nfn(python: str, threads: int, batch: int, warmup: int, repeats: int) -> dict | None:
+def run_nfn(python: str, threads: int, batch: int, warmup: int, repeats: int,
+            tuned: bool) -> dict | None:
     """The nfn HNP measurement in its own interpreter, or ``None`` (with a message)."""
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         print(f"nfn HNP reference skipped: no interpreter at {python} (create a separate "
@@ -108,7 +116,11 @@ def run_nfn(python: str, threads: int, batch: int, warmup: int, repeats: int) ->
         return None
     cmd = [python, str(NFN_SCRIPT), "--json", "--threads", str(threads), "--batch", str(batch),
            "--warmup", str(warmup), "--repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if tuned:  # the settings of graphspace.runtime.tune_cpu_allocator, as glibc variables
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
+                   MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         print(f"nfn HNP reference failed ({' '.join(cmd)}):\n{proc.stderr.strip()[-2000:]}")
         return None
@@ -128,37 +140,61 @@ def main() -> None:
                    choices=[c.key for c in CONFIGS],
                    help="graphspace configurations to run (default: all; defaults-edge takes "
                         "~15 s a step on 2 cores)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds of graphspace and nfn measurements (default: 3)")
     p.add_argument("--skip-nfn", action="store_true", help="do not run the nfn reference")
+    p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                   help="glibc allocator settings of both sides (default: %(default)s, as the "
+                        "graphspace console script runs)")
     args = p.parse_args()
+    tuned = args.malloc == "tuned" and tune_cpu_allocator()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"threads={args.threads}, python {sys.version.split()[0]}")
+          f"threads={args.threads}, python {sys.version.split()[0]}, allocator "
+          f"{'tuned (graphspace.runtime)' if tuned else 'glibc defaults'} on both sides")
     print(f"batch of {args.batch} SmallCNN parameter graphs; step = forward + backward + "
-          f"Adam; median of {args.repeats} steps after {args.warmup} warm-up steps")
+          f"Adam; median of {args.repeats} steps after {args.warmup} warm-up steps, median "
+          f"over {args.rounds} alternating rounds")
+
+    # rounds alternate the graphspace configurations and the nfn reference, so a drift of the
+    # shared machine's speed hits both sides alike; each figure is the median over rounds
+    batches: dict[str, Batch] = {}
+    nets: dict[str, GraphMetaNetwork] = {}
+    meds: dict[str, list[float]] = {}
+    nfn_runs: list[dict] = []
+    cfgs = [c for c in CONFIGS if c.key in args.configs]
+    for r in range(args.rounds):
+        for cfg in cfgs:
+            if cfg.kernel not in batches:
+                batches[cfg.kernel] = zoo_batch(args.batch, cfg.kernel)
+            b = batches[cfg.kernel]
+            if cfg.key not in nets:
+                torch.manual_seed(0)
+                nets[cfg.key] = build(cfg, b.edge_attr.size(1))
+            times = measure(nets[cfg.key], b, args.warmup, args.repeats)
+            meds.setdefault(cfg.key, []).append(statistics.median(times))
+            print(f"  round {r + 1}, {cfg.name}: {meds[cfg.key][-1] * 1e3:.1f} ms/step (min "
+                  f"{min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})", flush=True)
+        nfn = None if args.skip_nfn else run_nfn(args.nfn_python, args.threads, args.batch,
+                                                 args.warmup, args.repeats, tuned)
+        if nfn is not None:
+            nfn_runs.append(nfn)
+            print(f"  round {r + 1}, nfn HNP: {nfn['step_s'] * 1e3:.1f} ms/step", flush=True)
 
     rows = []
-    batches: dict[str, Batch] = {}
-    for cfg in (c for c in CONFIGS if c.key in args.configs):
-        if cfg.kernel not in batches:
-            batches[cfg.kernel] = zoo_batch(args.batch, cfg.kernel)
-        b = batches[cfg.kernel]
-        torch.manual_seed(0)
-        net = build(cfg, b.edge_attr.size(1))
-        times = measure(net, b, args.warmup, args.repeats)
-        med = statistics.median(times)
+    for cfg in cfgs:
+        net, b = nets[cfg.key], batches[cfg.kernel]
+        med = statistics.median(meds[cfg.key])
         rows.append((f"graphspace GMN: {cfg.name}",
                      f"h={net.hidden_channels}, L={len(net.blocks)}, {b.num_nodes} nodes, "
                      f"{2 * b.num_edges} edges", sum(q.numel() for q in net.parameters()),
                      med, args.batch / med))
-        print(f"  {cfg.name}: {med * 1e3:.1f} ms/step (min {min(times) * 1e3:.1f}, max "
-              f"{max(times) * 1e3:.1f})", flush=True)
-
-    nfn = None if args.skip_nfn else run_nfn(args.nfn_python, args.threads, args.batch,
-                                             args.warmup, args.repeats)
-    if nfn is not None:
-        rows.append((f"nfn {nfn['nfn_version']} HNP (predict-gen config)",
-                     "hchannels 16,16,5, head 1000", nfn["params"], nfn["step_s"],
-                     nfn["networks_per_s"]))
+    nfn_step = None
+    if nfn_runs:
+        nfn_step = statistics.median(n["step_s"] for n in nfn_runs)
+        rows.append((f"nfn {nfn_runs[0]['nfn_version']} HNP (predict-gen config)",
+                     "hchannels 16,16,5, head 1000", nfn_runs[0]["params"], nfn_step,
+                     args.batch / nfn_step))
 
     print()
     print(f"{'model':<52} {'size':<40} {'params':>9} {'ms/step':>8} {'nets/s':>7} "
@@ -169,6 +205,13 @@ def main() -> None:
     print(f"{'nfn HNP, figure quoted in the issue (2 CPU cores)':<52} {'':<40} {'':>9} "
           f"{64 / REFERENCE * 1e3:>8.1f} {REFERENCE:>7.0f}")
     print(f"target: graph metanetwork >= {REFERENCE:.0f} networks/s")
+    if nfn_step is not None:
+        for cfg in cfgs:
+            ratio = nfn_step / statistics.median(meds[cfg.key])
+            print(f"{cfg.name}: {ratio:.2f}x the nfn HNP throughput measured alongside "
+                  f"(per round: " + ", ".join(
+                      f"{n['step_s'] / m:.2f}" for n, m in zip(nfn_runs, meds[cfg.key]))
+                  + ")")
 
 
 if __name__ == "__main__":
