@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from graphspace.graphs.analysis import ACTIVATIONS, EDGE_TYPES, NODE_TYPES
 from graphspace.nn.models.backbones import BACKBONES, make_block, make_state
@@ -17,38 +16,6 @@ READOUTS = ("pool", "output")
 #: backbones whose blocks run faster on edges sorted by target (their CSR products then read
 #: the edges contiguously); for these the model hands the blocks target-sorted edges.
 _SORTED_EDGE_BACKBONES = ("metanet",)
-
-
-class _BothDirections(torch.autograd.Function):
-    r"""Edge features of the forward and reversed copies of every edge, in a given order.
-
-    With :math:`E_0` edges, ``order`` a permutation of :math:`2E_0` positions (position
-    :math:`p < E_0` is edge :math:`p` forwards, :math:`p \ge E_0` is edge :math:`p - E_0`
-    reversed) and ``inverse`` its inverse, returns
-    ``cat([e + d[0], e + d[1]])[order]`` without materialising the concatenation. Each row of
-    ``e`` is used exactly twice, so the backward pass is two gathers through ``inverse``
-    instead of a scatter-add.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, e: Tensor, direction: Tensor, order: Tensor,
-                inverse: Tensor) -> Tensor:
-        e0 = e.size(0)
-        out = e.index_select(0, torch.remainder(order, e0))
-        out.add_(direction.index_select(0, torch.div(order, e0, rounding_mode="floor")))
-        ctx.save_for_backward(inverse)
-        ctx.e0 = e0
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        (inverse,) = ctx.saved_tensors
-        e0 = ctx.e0
-        fwd = g.index_select(0, inverse[:e0])
-        rev = g.index_select(0, inverse[e0:])
-        g_dir = torch.stack([fwd.sum(0), rev.sum(0)]) if ctx.needs_input_grad[1] else None
-        return fwd.add_(rev), g_dir, None, None
 
 
 class ParameterGraphEncoder(nn.Module):
@@ -88,25 +55,64 @@ class ParameterGraphEncoder(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.reset_parameters()
 
+    def edges_both_directions(self, data: Any, order: Tensor,
+                              direction: Tensor) -> Tensor:
+        r"""The edge embedding of the forward and reversed copy of every edge, in ``order``
+        (position :math:`p < E_0` of ``order`` is edge :math:`p` forwards, :math:`p \ge E_0`
+        edge :math:`p - E_0` reversed), plus ``direction[0]`` / ``direction[1]``; the same
+        values as ``cat([e + d[0], e + d[1]])[order]`` with ``e`` from :meth:`forward`.
+
+        Without spatial offsets the type, layer and direction embeddings (and ``edge_lin``'s
+        bias) are one table of :math:`|types| \cdot L \cdot 2` rows, built per call, so each
+        edge copy costs one row gather and one ``edge_in``-wide product, and the backward
+        pass is one scatter into that table instead of one per embedding plus the gathers of
+        the direction copies.
+        """
+        e0 = data.edge_attr.size(0)
+        which = torch.remainder(order, e0)
+        dirn = torch.div(order, e0, rounding_mode="floor")
+        if self.edge_pos is not None:  # offsets: the embeddings of every copy one by one
+            e = self._edge_embedding(data, which) + direction.index_select(0, dirn)
+            return e
+        n_layers = self.max_layers
+        table = (self.edge_type.weight[:, None, None] + self.edge_layer.weight[None, :, None]
+                 + direction[None, None] + self.edge_lin.bias)
+        et = data.edge_type.index_select(0, which)
+        el = data.edge_layer.index_select(0, which).clamp_max(n_layers - 1)
+        code = (et * n_layers + el) * 2 + dirn
+        return torch.addmm(table.reshape(-1, table.size(-1)).index_select(0, code),
+                           data.edge_attr.index_select(0, which), self.edge_lin.weight.t())
+
+    def _edge_embedding(self, data: Any, rows: Tensor | None = None) -> Tensor:
+        """``edge_lin`` + type + layer (+ offset) embeddings of the edges ``rows`` (all if
+        ``None``)."""
+        def pick(t: Tensor) -> Tensor:
+            return t if rows is None else t.index_select(0, rows)
+
+        e = self.edge_lin(pick(data.edge_attr)) + self.edge_type(pick(data.edge_type)) + \
+            self.edge_layer(pick(data.edge_layer).clamp_max(self.max_layers - 1))
+        if self.edge_pos is not None:
+            ep = getattr(data, "edge_pos", None)
+            if ep is None:
+                e = e + sum(emb.weight[0] for emb in self.edge_pos)
+            else:
+                ep = pick(ep).long().clamp(0, self.max_pos - 1)
+                for d in range(3):
+                    e = e + self.edge_pos[d](ep[:, d])
+        return e
+
     def forward(self, data: Any) -> tuple[Tensor, Tensor]:
+        return self.nodes(data), self._edge_embedding(data)
+
+    def nodes(self, data: Any) -> Tensor:
+        """The node embedding."""
         x = self.node_lin(data.x)
         x = x + self.node_type(data.node_type) + self.node_layer(
             data.node_layer.clamp_max(self.max_layers - 1))
         role, pos = data.node_role, data.node_pos.clamp(0, self.max_io - 1)
         io = torch.where(role == 1, 1 + pos, torch.where(role == 2, 1 + self.max_io + pos,
                                                          torch.zeros_like(pos)))
-        x = x + self.node_io(io) + self.node_act(data.node_act)
-        e = self.edge_lin(data.edge_attr) + self.edge_type(data.edge_type) + self.edge_layer(
-            data.edge_layer.clamp_max(self.max_layers - 1))
-        if self.edge_pos is not None:
-            ep = getattr(data, "edge_pos", None)
-            if ep is None:
-                e = e + sum(emb.weight[0] for emb in self.edge_pos)
-            else:
-                ep = ep.long().clamp(0, self.max_pos - 1)
-                for d in range(3):
-                    e = e + self.edge_pos[d](ep[:, d])
-        return x, e
+        return x + self.node_io(io) + self.node_act(data.node_act)
 
 
 class GraphMetaNetwork(nn.Module):
@@ -213,14 +219,23 @@ class GraphMetaNetwork(nn.Module):
                 m.reset_parameters()
 
     def forward(self, data: Any) -> Tensor:
-        x, e = self.encoder(data)
         edge_index = data.edge_index
+        order = self._sorted_order(edge_index) if self.bidirectional else None
+        if order is not None:  # both directions, sorted by target, embedded in one pass
+            x = self.encoder.nodes(data)
+            full = torch.cat([edge_index, edge_index.flip(0)], dim=1)
+            edge_index = full.index_select(1, order)
+            e = self.encoder.edges_both_directions(data, order, self.direction.weight)
+        else:
+            x, e = self.encoder(data)
+            if self.bidirectional:
+                d = self.direction.weight
+                edge_index = torch.cat([edge_index, edge_index.flip(0)], dim=1)
+                e = torch.cat([e + d[0], e + d[1]], dim=0)
         batch = getattr(data, "batch", None)
         if batch is None:
             batch = torch.zeros(x.size(0), dtype=torch.long, device=x.device)
         num_graphs = int(getattr(data, "num_graphs", 1) or 1)
-        if self.bidirectional:
-            edge_index, e = self._both_directions(edge_index, e)
         if self.state_encoder is None:
             for block, norm in zip(self.blocks, self.norms):
                 x, e = block(x, edge_index, e, batch)
@@ -237,24 +252,17 @@ class GraphMetaNetwork(nn.Module):
             pooled.append(self._outputs(x, data, batch, num_graphs))
         return self.head(torch.cat(pooled, dim=-1))
 
-    def _both_directions(self, edge_index: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
-        """Add the reversed edges (features ``e + d[1]``; forward edges get ``e + d[0]``).
-
-        For the backbones of :data:`_SORTED_EDGE_BACKBONES` (eager mode) the edges come out
-        sorted by target node (stable), which every edge-order-invariant block accepts and the
-        CSR-based ones run faster on; otherwise forward edges first, then reversed ones.
-        """
-        full = torch.cat([edge_index, edge_index.flip(0)], dim=1)
-        d = self.direction.weight
+    def _sorted_order(self, edge_index: Tensor) -> Tensor | None:
+        """For the backbones of :data:`_SORTED_EDGE_BACKBONES` (eager mode): the stable order
+        that sorts the forward and reversed edges (``cat([edge_index, edge_index.flip(0)])``)
+        by target node, which every edge-order-invariant block accepts and the CSR-based ones
+        run faster on; ``None`` otherwise (forward edges first, then the reversed ones)."""
         if self.backbone not in _SORTED_EDGE_BACKBONES or torch.compiler.is_compiling() \
-                or full.size(1) == 0:
-            return full, torch.cat([e + d[0], e + d[1]], dim=0)
-        dst = full[1]
+                or edge_index.size(1) == 0:
+            return None
+        dst = torch.cat([edge_index[1], edge_index[0]])
         keys = dst.int() if dst.numel() < 2**31 else dst  # int32 keys: fewer radix passes
-        order = torch.sort(keys, stable=True)[1]
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return full.index_select(1, order), _BothDirections.apply(e, d, order, inverse)
+        return torch.sort(keys, stable=True)[1]
 
     def _outputs(self, x: Tensor, data: Any, batch: Tensor, num_graphs: int) -> Tensor:
         mask = data.node_role == 2
