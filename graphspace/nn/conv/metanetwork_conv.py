@@ -61,6 +61,30 @@ class _PairGather(torch.autograd.Function):
         return gp, gq, None, None, None, None
 
 
+def _node_coefficients(g: Tensor, aggregators: tuple[str, ...], f: int, cntc: Tensor,
+                       std: Tensor | None) -> tuple[Tensor | None, Tensor | None,
+                                                    list[tuple[str, Tensor]]]:
+    r"""Per-node coefficients of the message gradient of a multi-aggregation with output
+    gradient ``g`` (``(N, len(aggregators) * f)``): ``a = g_sum + g_mean / n`` (of the plain
+    gather), ``c = g_std / (n \sigma)`` (of the centred message) and the ``(name, g)`` blocks
+    of max/min (``None`` where no aggregator contributes; fresh tensors, never views of
+    ``g``)."""
+    lin: Tensor | None = None
+    cstd: Tensor | None = None
+    ext: list[tuple[str, Tensor]] = []
+    for k, a in enumerate(aggregators):
+        gk = g[:, k * f:(k + 1) * f]
+        if a in ("sum", "mean"):
+            term = gk.clone() if a == "sum" else gk / cntc
+            lin = term if lin is None else lin.add_(term)
+        elif a == "std":
+            term = gk / (cntc * torch.where(std > 0, std, torch.ones_like(std)))
+            cstd = term if cstd is None else cstd.add_(term)
+        else:
+            ext.append((a, gk))
+    return lin, cstd, ext
+
+
 class _MultiAggregate(torch.autograd.Function):
     r"""Several reductions of the same messages over the same target index in one pass.
 
@@ -123,23 +147,15 @@ class _MultiAggregate(torch.autograd.Function):
         csr: CSR = ctx.csr
         f = m.size(1)
         cntc = csr.counts(m.dtype).clamp(min=1).unsqueeze(-1)
-        lin: Tensor | None = None  # per-node coefficient of the plain gather (sum, mean)
+        lin, cstd, ext = _node_coefficients(g, ctx.aggregators, f, cntc, std)
         grad: Tensor | None = None
-        for k, a in enumerate(ctx.aggregators):
-            gk = g[:, k * f:(k + 1) * f]
-            if a in ("sum", "mean"):
-                term = gk if a == "sum" else gk / cntc
-                lin = term if lin is None else lin + term
-                continue
-            if a == "std":
-                coef = gk / (cntc * torch.where(std > 0, std, torch.ones_like(std)))
-                part = coef.index_select(0, index).mul_(centred)
-            else:  # max / min: split between the messages equal to the output
-                out = mx if a == "max" else mn
-                hit = out.index_select(0, index)
-                torch.eq(m, hit, out=hit)  # 1.0 / 0.0 in m's dtype
-                ties = torch.sparse.mm(csr.sparse_ones(m.dtype), hit).clamp_(min=1)
-                part = (gk / ties).index_select(0, index).mul_(hit)
+        if cstd is not None:
+            grad = cstd.index_select(0, index).mul_(centred)
+        for a, gk in ext:  # max / min: split between the messages equal to the output
+            hit = (mx if a == "max" else mn).index_select(0, index)
+            torch.eq(m, hit, out=hit)  # 1.0 / 0.0 in m's dtype
+            ties = torch.sparse.mm(csr.sparse_ones(m.dtype), hit).clamp_(min=1)
+            part = (gk / ties).index_select(0, index).mul_(hit)
             grad = part if grad is None else grad.add_(part)
         if lin is not None:
             part = lin.index_select(0, index)
@@ -224,8 +240,7 @@ class _ChunkPass:
 
     def pair(self, c: int, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
         """Block ``c`` of ``p[dst] + q[src]`` for the chunk's edges ``s:t``."""
-        z = self.ps[c].index_select(0, dst_c) if out is None else \
-            torch.index_select(self.ps[c], 0, dst_c, out=out)
+        z = torch.index_select(self.ps[c], 0, dst_c, out=out)
         return z.add_(self.qs[c].index_select(0, self.src[s:t]))
 
     def z0(self, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
@@ -237,14 +252,12 @@ class _ChunkPass:
         return self.pair(len(self.ps) - 1, dst_c, s, t, out)
 
     def gamma(self, ec: Tensor, out: Tensor | None = None) -> Tensor:
-        return torch.addmm(self.bfg, ec, self.wfg.t(), out=out) if out is not None else \
-            torch.addmm(self.bfg, ec, self.wfg.t())
+        return torch.addmm(self.bfg, ec, self.wfg.t(), out=out)
 
     def message(self, ec: Tensor, gamma: Tensor, zm: Tensor,
                 out: Tensor | None = None) -> Tensor:
         """``m = gamma * zm + beta``."""
-        beta = torch.addmm(self.bfb, ec, self.wfb.t(), out=out) if out is not None else \
-            torch.addmm(self.bfb, ec, self.wfb.t())
+        beta = torch.addmm(self.bfb, ec, self.wfb.t(), out=out)
         return beta.addcmul_(gamma, zm)
 
 
@@ -362,21 +375,10 @@ class _ChunkedEdgeLayer(torch.autograd.Function):
             g_eo = None
         cntc = plan.csr.counts(p.dtype).unsqueeze(-1).clamp(min=1)
         # per-node coefficients of the message gradient (see the class docstring)
-        lin = p.new_zeros(n, h)
-        cstd: Tensor | None = None
-        ext: list[tuple[str, Tensor]] = []
-        for k, a in enumerate(aggregators):
-            gk = g_agg[:, k * h:(k + 1) * h]
-            if a == "sum":
-                lin.add_(gk)
-            elif a == "mean":
-                lin.add_(gk / cntc)
-            elif a == "std":
-                term = gk / (cntc * torch.where(std > 0, std, torch.ones_like(std)))
-                cstd = term if cstd is None else cstd + term
-            else:
-                ext.append((a, gk))
-        if cstd is not None:
+        lin, cstd, ext = _node_coefficients(g_agg, aggregators, h, cntc, std)
+        if lin is None:
+            lin = p.new_zeros(n, h)
+        if cstd is not None:  # folded: a - c mu per node, c m per edge
             lin.addcmul_(cstd, mean, value=-1.0)
         need_m = cstd is not None or bool(ext)
         gzs = [e.new_empty(e.size(0), h) for _ in range(kh // h)]  # d z per column block

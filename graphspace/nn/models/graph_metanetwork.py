@@ -72,8 +72,7 @@ class ParameterGraphEncoder(nn.Module):
         which = torch.remainder(order, e0)
         dirn = torch.div(order, e0, rounding_mode="floor")
         if self.edge_pos is not None:  # offsets: the embeddings of every copy one by one
-            e = self._edge_embedding(data, which) + direction.index_select(0, dirn)
-            return e
+            return self._edge_embedding(data, which) + direction.index_select(0, dirn)
         n_layers = self.max_layers
         table = (self.edge_type.weight[:, None, None] + self.edge_layer.weight[None, :, None]
                  + direction[None, None] + self.edge_lin.bias)
