@@ -46,7 +46,6 @@ from graphspace.graphs import (
     random_permutation,
     scaling_symmetries,
 )
-from graphspace.graphs.parameter_graph import _expand_src
 
 __all__ = [
     "GaussianWeightNoise",
@@ -224,7 +223,7 @@ class SirenBiasShift(_Random):
             if r.kind == "edge":
                 o, il = v.shape[0], v.shape[1]
                 sp = int(np.prod(v.shape[2:])) if v.dim() > 2 else 1
-                src = _expand_src(r, o, il, sp)
+                src = r.src_per_edge(o, il, sp)
                 f = sign[src].to(v.dtype)
                 if bool((f == 1).all()):
                     return None

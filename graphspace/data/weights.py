@@ -37,7 +37,7 @@ from torch_geometric.data import Batch
 from torch_geometric.transforms import BaseTransform
 
 from graphspace.graphs import ModelAnalysis, ParameterGraph, ParamRecord, analyze
-from graphspace.graphs.parameter_graph import _canonical, _pad_positions
+from graphspace.graphs.parameter_graph import _pad_positions
 
 __all__ = [
     "GraphBuilder",
@@ -462,7 +462,7 @@ def set_state_dict(graph: ParameterGraph, state_dict: Mapping[str, Tensor]) -> P
     def fn(r: ParamRecord, cur: Tensor) -> Tensor:
         t = state_dict[r.key]
         if r.kind == "edge":
-            return _canonical(t, r)
+            return r.to_canonical(t)
         return t.reshape(-1)
 
     out = map_records(graph, fn)
@@ -628,7 +628,7 @@ class NormalizeWeights(BaseTransform):
             if tuple(m.shape) != tuple(r.shape):
                 return None  # per-element statistics of another shape (heterogeneous zoo)
             if r.kind == "edge":
-                m, s = _canonical(m, r), _canonical(s, r)
+                m, s = r.to_canonical(m), r.to_canonical(s)
             else:
                 m, s = m.reshape(-1), s.reshape(-1)
         return v * s + m if self.inverse else (v - m) / s

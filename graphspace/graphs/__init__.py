@@ -1,4 +1,5 @@
-"""Model <-> parameter graph: one torch.fx analysis shared by graphs, merging and augmentation."""
+"""Model <-> parameter graph: one torch.export analysis shared by graphs, merging and
+augmentation."""
 
 from graphspace.graphs.analysis import (
     ACTIVATIONS,
@@ -9,8 +10,9 @@ from graphspace.graphs.analysis import (
     NeuronSet,
     ParamRecord,
     analyze,
+    infer_example_input,
+    register_op,
     register_rule,
-    trace,
 )
 from graphspace.graphs.errors import (
     ArchitectureMismatchError,
@@ -55,11 +57,12 @@ __all__ = [
     "apply_permutation",
     "apply_scaling",
     "check_state_dict",
+    "infer_example_input",
     "permutation_groups",
     "permute_model",
     "random_permutation",
     "random_scaling",
+    "register_op",
     "register_rule",
     "scaling_symmetries",
-    "trace",
 ]

@@ -54,6 +54,17 @@ class GraphSpec:
     pad_index: dict[str, Tensor] = field(default_factory=dict)
     num_param_edges: int = 0
     analysis: ModelAnalysis | None = None
+    #: edges repeating a tied parameter: ``key -> [(start, end)]`` (after the parameter edges)
+    tied_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    #: for each tied range ``(key, start)``: the position in ``key``'s edges of every repeat
+    tied_index: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+
+    @property
+    def scalar_column(self) -> int:
+        """Column of ``edge_attr`` holding per-edge scalars (norm scales, struct weights)."""
+        if self.kernel == "edge":
+            return 0
+        return int(_pad_positions((), self.kernel_pad)[0])  # type: ignore[arg-type]
 
     def __repr__(self) -> str:  # keep Data/Batch reprs short
         return f"GraphSpec({len(self.records)} entries, kernel={self.kernel!r})"
@@ -84,31 +95,13 @@ def _pad_positions(spatial: Sequence[int], pad: Sequence[int]) -> Tensor:
     return flat if isinstance(flat, Tensor) else torch.zeros(1, dtype=torch.long)
 
 
-def _canonical(t: Tensor, r: ParamRecord) -> Tensor:
-    assert r.view_shape is not None and r.perm is not None
-    return t.reshape(r.view_shape).permute(r.perm)
 
-
-def _from_canonical(c: Tensor, r: ParamRecord) -> Tensor:
-    assert r.perm is not None
-    inv = [0] * len(r.perm)
-    for i, p in enumerate(r.perm):
-        inv[p] = i
-    return c.permute(inv).reshape(r.shape)
-
-
-def _expand_src(r: ParamRecord, o: int, i_local: int, s: int) -> Tensor:
-    assert r.src is not None
-    if r.groups == 1:
-        return r.src.view(1, i_local, 1).expand(o, i_local, s)
-    g = r.groups
-    return r.src.view(g, 1, i_local, 1).expand(g, o // g, i_local, s).reshape(o, i_local, s)
 
 
 def _float_dtype(state: dict[str, Tensor], records: Sequence[ParamRecord]) -> torch.dtype:
     dt = None
     for r in records:
-        if r.kind == "extra":
+        if r.kind in ("extra", "alias"):
             continue
         t = state[r.key]
         if t.is_floating_point():
@@ -197,8 +190,12 @@ class ParameterGraph(Data):
             else:
                 sizes.append(0)
         n_param = sum(sizes)
+        tied = list(analysis.tied_records)
+        if tied and kernel == "channel" and any(r.spatial for r in tied):
+            raise ValueError("kernel='channel' does not support tied convolution kernels")
+        n_tied = sum(math.prod(r.canonical_shape) for r in tied)
         n_struct = sum(int(s.src.numel()) for s in analysis.struct_edges)
-        e = n_param + n_struct
+        e = n_param + n_tied + n_struct
         width = 1 if kernel == "edge" else math.prod(pad or (1,))
         edge_index = torch.empty(2, e, dtype=torch.long)
         edge_attr = torch.zeros(e, width, dtype=dt)
@@ -217,7 +214,7 @@ class ParameterGraph(Data):
         for r, n in zip(records, sizes):
             t = state_dict[r.key]
             if r.kind == "edge":
-                c = _canonical(t, r)
+                c = r.to_canonical(t)
                 o, il = c.shape[0], c.shape[1]
                 sp = tuple(c.shape[2:])
                 s = math.prod(sp)
@@ -225,7 +222,7 @@ class ParameterGraph(Data):
                     b = a + n
                     assert r.dst is not None
                     edge_index[1, a:b].view(o, il, s).copy_(r.dst.view(o, 1, 1).expand(o, il, s))
-                    edge_index[0, a:b].view(o, il, s).copy_(_expand_src(r, o, il, s))
+                    edge_index[0, a:b].view(o, il, s).copy_(r.src_per_edge(o, il, s))
                     edge_attr[a:b, 0].view(c.shape).copy_(c)
                     assert edge_pos is not None
                     if len(sp) > 3:
@@ -240,7 +237,7 @@ class ParameterGraph(Data):
                     b = a + n
                     assert r.dst is not None
                     edge_index[1, a:b].view(o, il).copy_(r.dst.view(o, 1).expand(o, il))
-                    edge_index[0, a:b].view(o, il).copy_(_expand_src(r, o, il, 1)[..., 0])
+                    edge_index[0, a:b].view(o, il).copy_(r.src_per_edge(o, il, 1)[..., 0])
                     idx = _pad_positions(sp, pad)  # type: ignore[arg-type]
                     pad_index[r.key] = idx
                     edge_attr[a:b][:, idx] = c.reshape(o * il, s).to(dt)
@@ -257,6 +254,8 @@ class ParameterGraph(Data):
                 b = a
                 assert r.nodes is not None
                 x[r.nodes, r.column] = t.reshape(-1).to(dt)
+            elif r.kind == "alias":
+                b = a
             else:
                 b = a
                 extras[r.key] = t.clone()
@@ -267,6 +266,29 @@ class ParameterGraph(Data):
             a = b
         if edge_pos is not None:
             edge_pos[n_param:] = 0
+        tied_ranges: dict[str, list[tuple[int, int]]] = {}
+        tied_index: dict[tuple[str, int], Tensor] = {}
+        by_key = {r.key: r for r in records}
+        for r in tied:
+            assert r.tied_to is not None and r.dst is not None
+            first = by_key[r.tied_to]
+            c = r.canonical_shape
+            o, il, sp = c[0], c[1], math.prod(c[2:])
+            b = a + o * il * sp
+            edge_index[1, a:b].view(o, il, sp).copy_(r.dst.view(o, 1, 1).expand(o, il, sp))
+            edge_index[0, a:b].view(o, il, sp).copy_(r.src_per_edge(o, il, sp))
+            flat = torch.arange(first.numel).view(first.shape)
+            pos_first = torch.empty(first.numel, dtype=torch.long)
+            pos_first[first.to_canonical(flat).reshape(-1)] = torch.arange(first.numel)
+            idx = pos_first[r.to_canonical(flat).reshape(-1)]
+            fa, _ = ranges[first.key]
+            col = 0 if kernel == "edge" else int(_pad_positions((), pad)[0])  # type: ignore
+            edge_attr[a:b, col] = edge_attr[fa:fa + first.numel, col][idx]
+            edge_type[a:b] = r.edge_type
+            edge_layer[a:b] = r.layer
+            tied_ranges.setdefault(first.key, []).append((a, b))
+            tied_index[(first.key, a)] = idx
+            a = b
         for se in analysis.struct_edges:
             b = a + int(se.src.numel())
             edge_index[0, a:b] = se.src
@@ -278,7 +300,7 @@ class ParameterGraph(Data):
             a = b
         spec = GraphSpec(records=records, ranges=ranges, extras=extras, kernel=kernel,
                          kernel_pad=pad, pad_index=pad_index, num_param_edges=n_param,
-                         analysis=analysis)
+                         analysis=analysis, tied_ranges=tied_ranges, tied_index=tied_index)
         g = cls(
             x=x,
             edge_index=edge_index,
@@ -314,7 +336,7 @@ class ParameterGraph(Data):
                     vals = ea[a:b, 0].reshape(c)
                 else:
                     vals = ea[a:b][:, spec.pad_index[r.key]].reshape(c)
-                out[r.key] = _from_canonical(vals, r).to(r.dtype).clone()
+                out[r.key] = r.from_canonical(vals).to(r.dtype).clone()
             elif r.kind == "diag":
                 a, b = spec.ranges[r.key]
                 col = 0 if spec.kernel == "edge" else int(_pad_positions((), spec.kernel_pad)[0])
@@ -322,8 +344,14 @@ class ParameterGraph(Data):
             elif r.kind == "node":
                 assert r.nodes is not None
                 out[r.key] = self.x[r.nodes, r.column].reshape(r.shape).to(r.dtype).clone()
+            elif r.kind == "alias":
+                continue
             else:
                 out[r.key] = spec.extras[r.key].clone()
+        for r in spec.records:
+            if r.kind == "alias":
+                assert r.tied_to is not None
+                out[r.key] = out[r.tied_to].clone()
         keys = spec.analysis.state_keys if spec.analysis is not None else list(out)
         return {k: out[k] for k in keys}
 

@@ -37,7 +37,6 @@ from graphspace.graphs.analysis import (
     ParamRecord,
     analyze,
 )
-from graphspace.graphs.parameter_graph import _canonical, _expand_src, _from_canonical
 
 
 @dataclass
@@ -70,22 +69,15 @@ def _analysis(obj: Any, example_input: Any = None) -> ModelAnalysis:
 
 
 def permutation_groups(model: Any, example_input: Any = None) -> list[PermutationGroup]:
-    """The permutation symmetry groups of ``model`` (a module, analysis or parameter graph)."""
+    """The permutation symmetry groups of ``model`` (a module, analysis or parameter graph).
+
+    Only groups that the analysis proved are returned: permuting every member block of a group
+    by one permutation (heads as blocks where ``num_heads > 0``) leaves the function unchanged.
+    """
     a = _analysis(model, example_input)
-    classes: dict[int, list[int]] = {}
-    for s in a.sets:
-        if s.permutable:
-            classes.setdefault(a.find(s.id), []).append(s.id)
-    groups = []
-    for _, sids in sorted(classes.items()):
-        first = a.sets[sids[0]]
-        heads = max(a.sets[s].num_heads for s in sids)
-        hg = next((a.sets[s].head_group for s in sids if a.sets[s].head_group is not None), None)
-        groups.append(PermutationGroup(
-            name=first.name,
-            size=first.size, sets=sids, members=[a.sets[s].nodes for s in sids],
-            num_heads=heads, head_group=hg,
-        ))
+    groups = [PermutationGroup(name=g.name, size=g.size, sets=list(g.sets),
+                               members=list(g.members), num_heads=g.num_heads,
+                               head_group=g.head_group) for g in a.groups]
     # names must be unique
     seen: dict[str, int] = {}
     for g in groups:
@@ -156,11 +148,15 @@ def _transform(
     for r in a.records:
         t = state_dict[r.key]
         if r.kind == "edge":
-            out[r.key] = _from_canonical(fn_edge(r, _canonical(t, r)), r).clone()
+            out[r.key] = r.from_canonical(fn_edge(r, r.to_canonical(t))).clone()
         elif r.kind in ("diag", "node"):
             out[r.key] = fn_vec(r, t).clone()
-        else:
+        elif r.kind != "alias":
             out[r.key] = t.clone()
+    for r in a.records:
+        if r.kind == "alias":
+            assert r.tied_to is not None
+            out[r.key] = out[r.tied_to].clone()
     return {k: out[k] for k in state_dict}
 
 
@@ -211,7 +207,7 @@ def permute_model(
     return new, perms
 
 
-_CHAIN_OK = {"identity", "dropout", "avgpool", "flatten", "scale"}
+_CHAIN_OK = {"identity", "dropout", "avgpool", "sumpool", "flatten", "scale", "linear_const"}
 
 
 def scaling_symmetries(model: Any, example_input: Any = None) -> dict[int, str]:
@@ -220,7 +216,7 @@ def scaling_symmetries(model: Any, example_input: Any = None) -> dict[int, str]:
     out: dict[int, str] = {}
     outputs = set(a.output_sets)
     for s in a.sets:
-        if s.kind not in ("linear", "conv") or s.id in outputs:
+        if s.kind not in ("linear", "conv") or s.id in outputs or s.id in a.no_rescale:
             continue
         uses = a.uses.get(s.id, [])
         if not uses or any(u.kind != "param" for u in uses):
@@ -269,7 +265,7 @@ def apply_scaling(
         assert r.dst is not None
         o, il = c.shape[0], c.shape[1]
         s = math.prod(c.shape[2:])
-        f = node_scale[r.dst].view(o, 1, 1) / node_scale[_expand_src(r, o, il, s)]
+        f = node_scale[r.dst].view(o, 1, 1) / node_scale[r.src_per_edge(o, il, s)]
         return (c.reshape(o, il, s).double() * f).to(c.dtype).reshape(c.shape)
 
     def vec(r: ParamRecord, t: Tensor) -> Tensor:

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from graphspace.graphs import ModelAnalysis, analyze
 from graphspace.graphs.analysis import Act, AnalysisContext, _Walker, trace
-from graphspace.graphs.parameter_graph import _canonical
 from graphspace.merge._utils import batch_input, iterate, model_device, to_device
 from graphspace.merge.spec import node_lookup
 
@@ -148,7 +147,7 @@ class ActivationTap:
                 key, rows, bkey, brows = self.derived[s]
                 r = self.analysis.record(key)
                 state = self.model.state_dict()
-                w = _canonical(state[key], r).reshape(r.canonical_shape[0], -1)
+                w = r.to_canonical(state[key]).reshape(r.canonical_shape[0], -1)
                 xs = torch.cat([get(t) for t in r.src_sets], dim=1)
                 z = xs @ w[rows.to(w.device)].T
                 if bkey is not None and brows is not None:

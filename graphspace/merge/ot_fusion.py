@@ -39,7 +39,6 @@ from torch import Tensor, nn
 
 from graphspace.graphs import ModelAnalysis, ParamRecord, analyze, permutation_groups
 from graphspace.graphs.errors import ArchitectureMismatchError
-from graphspace.graphs.parameter_graph import _canonical, _from_canonical
 from graphspace.merge._utils import state_of, weighted_average
 from graphspace.merge.activations import activation_statistics
 
@@ -134,7 +133,7 @@ def _transform(ch: _Chain, key: str, t: Tensor, target_shape: tuple[int, ...],
         if name is None:
             return x
         return (maps[name].T @ x.reshape(-1)).reshape(target_shape)
-    c = _canonical(x, r)
+    c = r.to_canonical(x)
     tview = _target_view(r, target_shape)
     assert r.perm is not None
     tcanon = tuple(tview[p] for p in r.perm)
@@ -150,7 +149,7 @@ def _transform(ch: _Chain, key: str, t: Tensor, target_shape: tuple[int, ...],
     tr = copy.copy(r)
     tr.shape = target_shape
     tr.view_shape = tview
-    return _from_canonical(c, tr)
+    return tr.from_canonical(c)
 
 
 def _target_view(r: ParamRecord, target_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -263,7 +262,7 @@ def ot_fusion(
             r = ch.producer[name]
             w_hat = _transform(ch, r.key, st[r.key], tuple(ts[r.key].shape), maps, rows=False)
             ck = w_hat.reshape(w_hat.shape[0], -1)
-            ct = _canonical(ts[r.key].double(), tgt.records[r.key])
+            ct = tgt.records[r.key].to_canonical(ts[r.key].double())
             ct = ct.reshape(ct.shape[0], -1)
             bias = _bias_key(ch, r)
             if bias is not None:
@@ -274,7 +273,7 @@ def ot_fusion(
             else:
                 assert stats is not None
                 c = stats[r.dst_sets[0]].squared_distance().cpu()
-            alpha = _marginal(marginals, _canonical(st[r.key].double(), r))
+            alpha = _marginal(marginals, r.to_canonical(st[r.key].double()))
             beta = _marginal(marginals, ct)
             t = torch.from_numpy(_solve(alpha, beta, c.numpy(), solver, reg))
             raw[name] = t

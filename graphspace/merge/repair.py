@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from graphspace.graphs import ModelAnalysis, analyze
-from graphspace.graphs.parameter_graph import _canonical, _from_canonical
 from graphspace.merge._utils import batch_input, iterate, model_device, to_device
 from graphspace.merge.activations import activation_statistics
 from graphspace.merge.spec import node_lookup
@@ -156,10 +155,10 @@ def _fold(a: ModelAnalysis, state: dict[str, Tensor], s: int, scale: Tensor, shi
             assert r.dst is not None
             rows = node_lookup(r.dst, a.num_nodes)[nodes]
             t = state[r.key]
-            c = _canonical(t, r).clone()
+            c = r.to_canonical(t).clone()
             f = scale.to(c.device, c.dtype).view(-1, *([1] * (c.dim() - 1)))
             c[rows.to(c.device)] *= f
-            state[r.key] = _from_canonical(c, r)
+            state[r.key] = r.from_canonical(c)
         elif r.kind == "node" and r.column == 0 and s in r.dst_sets:
             assert r.nodes is not None
             idx = node_lookup(r.nodes, a.num_nodes)[nodes].to(state[r.key].device)

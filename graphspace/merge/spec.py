@@ -31,7 +31,6 @@ from graphspace.graphs import (
     check_state_dict,
     permutation_groups,
 )
-from graphspace.graphs.parameter_graph import _canonical
 
 
 @dataclass
@@ -138,7 +137,7 @@ class AlignmentSpec:
             t = state[key].detach()
             t = t.to(device=device, dtype=dtype or (t.dtype if t.is_floating_point()
                                                      else torch.float32))
-            out[key] = _canonical(t, r) if r.kind == "edge" else t.reshape(-1, 1)
+            out[key] = r.to_canonical(t) if r.kind == "edge" else t.reshape(-1, 1)
         return out
 
     def identity(self) -> dict[str, Tensor]:

@@ -68,7 +68,6 @@ def swap_io_neurons(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with two *input* neurons of its first layer swapped (or, when that
     layer has a single input, two *output* neurons of its last layer): an uncoupled permutation
     that is not a symmetry, used as a negative control."""
-    from graphspace.graphs.parameter_graph import _canonical, _from_canonical
 
     a = analyze(model)
     wrong = copy.deepcopy(model)
@@ -76,14 +75,14 @@ def swap_io_neurons(model: nn.Module) -> nn.Module:
     edges = [r for r in a.records if r.kind == "edge"]
     first = edges[0]
     if first.canonical_shape[1] >= 2:
-        c = _canonical(sd[first.key], first)
+        c = first.to_canonical(sd[first.key])
         c[:, [0, 1]] = c[:, [1, 0]]
-        sd[first.key] = _from_canonical(c, first)
+        sd[first.key] = first.from_canonical(c)
     else:
         last = edges[-1]
-        c = _canonical(sd[last.key], last)
+        c = last.to_canonical(sd[last.key])
         c[[0, 1]] = c[[1, 0]]
-        sd[last.key] = _from_canonical(c, last)
+        sd[last.key] = last.from_canonical(c)
     wrong.load_state_dict(sd)
     return wrong
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -229,3 +230,564 @@ def reference_models() -> dict[str, tuple[nn.Module, Tensor]]:
         "transformer": (TinyTransformer(), torch.randn(2, 7, 6, generator=g)),
         "siren": (Siren(), torch.rand(16, 2, generator=g) * 2 - 1),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Modern reference models: compact, nanoGPT-style versions of architectures people train today.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    """Hyper-parameters of NanoGPT and ManualAttentionGPT.
+
+    Attributes:
+        vocab_size: Number of token ids.
+        block_size: Maximum sequence length (size of the position table).
+        n_layer: Number of transformer blocks.
+        n_head: Number of attention heads; must divide n_embd.
+        n_embd: Embedding width $C$.
+        tie_weights: Share the token embedding matrix with the output head.
+        bias: Use biases in the Linear and LayerNorm layers.
+    """
+
+    vocab_size: int = 37
+    block_size: int = 16
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 32
+    tie_weights: bool = True
+    bias: bool = True
+
+
+class CausalSelfAttention(nn.Module):
+    r"""Multi-head causal self-attention with one packed QKV projection, as in nanoGPT.
+
+    Each head computes $\mathrm{softmax}(q k^\top / \sqrt{d} + M) v$ with
+    F.scaled_dot_product_attention, where $M$ is $-\infty$ above the diagonal.
+
+    Args:
+        config: Model hyper-parameters.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError("n_embd must be divisible by n_head")
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class ManualCausalSelfAttention(nn.Module):
+    r"""Causal self-attention written out by hand, with separate q, k and v projections.
+
+    Computes $\mathrm{softmax}(q k^\top / \sqrt{d})$ with future positions masked to
+    $-\infty$ through a lower-triangular buffer, then multiplies by $v$.
+
+    Args:
+        config: Model hyper-parameters.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError("n_embd must be divisible by n_head")
+        C, bs = config.n_embd, config.block_size
+        self.n_head = config.n_head
+        self.q_proj = nn.Linear(C, C, bias=config.bias)
+        self.k_proj = nn.Linear(C, C, bias=config.bias)
+        self.v_proj = nn.Linear(C, C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        mask = torch.tril(torch.ones(bs, bs)).view(1, 1, bs, bs)  # (1, 1, bs, bs)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class GPTMLP(nn.Module):
+    """The GPT feed-forward layer: $W_2\\,\\mathrm{GELU}(W_1 x)$ with a 4x wide hidden layer.
+
+    Args:
+        config: Model hyper-parameters.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class GPTBlock(nn.Module):
+    r"""A pre-LayerNorm GPT block.
+
+    Computes $x \leftarrow x + \mathrm{attn}(\mathrm{LN}(x))$, then
+    $x \leftarrow x + \mathrm{mlp}(\mathrm{LN}(x))$.
+
+    Args:
+        config: Model hyper-parameters.
+        attention_cls: The attention module class, built as attention_cls(config).
+    """
+
+    def __init__(self, config: GPTConfig, attention_cls: type[nn.Module]) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = attention_cls(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = GPTMLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """A decoder-only GPT in the style of Karpathy's nanoGPT.
+
+    Token embedding wte plus learned position embedding wpe, n_layer pre-LayerNorm blocks of
+    causal self-attention and MLP, a final LayerNorm and a bias-free head. With tie_weights the
+    head's weight is the same Parameter as wte.weight. Weights follow nanoGPT's initialisation:
+    $\\mathcal{N}(0, 0.02^2)$, residual projections $\\mathcal{N}(0, 0.02^2 / (2 L))$.
+
+    Args:
+        vocab_size: Number of token ids.
+        block_size: Maximum sequence length.
+        n_layer: Number of blocks $L$.
+        n_head: Number of attention heads.
+        n_embd: Embedding width $C$.
+        tie_weights: Share wte.weight with lm_head.weight.
+        bias: Use biases in Linear and LayerNorm layers.
+
+    Shape:
+        Input: LongTensor (B, T) of token ids with $T \\le$ block_size.
+        Output: logits (B, T, vocab_size).
+    """
+
+    attention_cls: type[nn.Module] = CausalSelfAttention
+
+    def __init__(self, vocab_size: int = 37, block_size: int = 16, n_layer: int = 2,
+                 n_head: int = 4, n_embd: int = 32, tie_weights: bool = True,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.config = config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd,
+                                         tie_weights, bias)
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.h = nn.ModuleList(GPTBlock(config, self.attention_cls) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        if tie_weights:
+            self.lm_head.weight = self.wte.weight  # one Parameter used twice
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """nanoGPT's initialisation: normal(0, 0.02) weights, zero biases."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+
+class ManualAttentionGPT(NanoGPT):
+    """NanoGPT with hand-written masked attention and separate q, k, v projections.
+
+    Identical to NanoGPT except that each block uses ManualCausalSelfAttention (explicit
+    $q k^\\top$, a registered causal mask buffer and softmax) and the head is untied by default.
+
+    Args:
+        vocab_size: Number of token ids.
+        block_size: Maximum sequence length (also the size of the mask buffer).
+        n_layer: Number of blocks.
+        n_head: Number of attention heads.
+        n_embd: Embedding width.
+        tie_weights: Share wte.weight with lm_head.weight.
+        bias: Use biases in Linear and LayerNorm layers.
+    """
+
+    attention_cls = ManualCausalSelfAttention
+
+    def __init__(self, vocab_size: int = 37, block_size: int = 16, n_layer: int = 2,
+                 n_head: int = 4, n_embd: int = 32, tie_weights: bool = False,
+                 bias: bool = True) -> None:
+        super().__init__(vocab_size, block_size, n_layer, n_head, n_embd, tie_weights, bias)
+
+
+class TinyViT(nn.Module):
+    """A small Vision Transformer (Dosovitskiy et al. 2021).
+
+    Non-overlapping patches are embedded by a strided convolution, a learned class token is
+    prepended, learned position embeddings are added, pre-norm TransformerBlocks
+    (nn.MultiheadAttention + GELU MLP) follow, and a linear head reads the normalised class
+    token.
+
+    Args:
+        image_size: Height and width of the input image.
+        patch_size: Side of each square patch; must divide image_size.
+        in_chans: Input channels.
+        num_classes: Output logits.
+        dim: Token width.
+        depth: Number of transformer blocks.
+        heads: Attention heads per block.
+        mlp_ratio: MLP hidden width as a multiple of dim.
+
+    Shape:
+        Input: (B, in_chans, image_size, image_size). Output: (B, num_classes).
+    """
+
+    def __init__(self, image_size: int = 8, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 5, dim: int = 32, depth: int = 2, heads: int = 4,
+                 mlp_ratio: int = 2) -> None:
+        super().__init__()
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, heads, mlp_ratio * dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        x = self.patch_embed(x)  # (B, dim, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, dim)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, N + 1, dim)
+        x = x + self.pos_embed  # (B, N + 1, dim)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return self.head(x[:, 0])  # (B, num_classes)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dimension of a (B, C, H, W) tensor, as in torchvision.
+
+    Args:
+        normalized_shape: Number of channels $C$ (plus any nn.LayerNorm keyword arguments).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class ConvNeXtBlock(nn.Module):
+    r"""A ConvNeXt block (Liu et al. 2022).
+
+    Computes $x + \gamma \odot \mathrm{MLP}(\mathrm{LN}(\mathrm{dwconv}(x)))$, with the LayerNorm
+    and MLP applied channels-last.
+
+    Args:
+        dim: Channels.
+        layer_scale_init: Initial value of every entry of the layer-scale vector $\gamma$.
+    """
+
+    def __init__(self, dim: int, layer_scale_init: float = 1e-1) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.dwconv(x)  # (B, C, H, W)
+        h = h.permute(0, 2, 3, 1)  # (B, H, W, C)
+        h = self.pwconv2(self.act(self.pwconv1(self.norm(h))))  # (B, H, W, C)
+        h = self.gamma * h
+        h = h.permute(0, 3, 1, 2)  # (B, C, H, W)
+        return x + h
+
+
+class ConvNeXtBlockNet(nn.Module):
+    """A one-stage ConvNeXt: patchify stem, ConvNeXt blocks, pooled LayerNorm and head.
+
+    Args:
+        in_chans: Input channels.
+        dim: Channels after the stem.
+        num_classes: Output logits.
+        depth: Number of ConvNeXt blocks.
+        layer_scale_init: Initial layer-scale value of every block.
+
+    Shape:
+        Input: (B, in_chans, 16, 16) (any even size works). Output: (B, num_classes).
+    """
+
+    def __init__(self, in_chans: int = 3, dim: int = 16, num_classes: int = 5, depth: int = 2,
+                 layer_scale_init: float = 1e-1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dim, 2, stride=2), LayerNorm2d(dim))
+        self.blocks = nn.Sequential(*(ConvNeXtBlock(dim, layer_scale_init) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.stem(x))  # (B, dim, H/2, W/2)
+        x = x.mean([-2, -1])  # (B, dim)
+        return self.head(self.norm(x))  # (B, num_classes)
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth (Huang et al. 2016) on a batch of residual branches.
+
+    In training each sample's branch is zeroed with probability $p$ and otherwise scaled by
+    $1 / (1 - p)$, so its expectation is unchanged; in evaluation it is the identity.
+
+    Args:
+        x: Residual branch of shape (B, C, H, W).
+        p: Drop probability.
+        training: Whether the model is in training mode.
+
+    Returns:
+        The (possibly dropped and rescaled) branch, same shape as x.
+    """
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= p  # (B, 1, 1, 1)
+    return x * keep / (1.0 - p)
+
+
+class SqueezeExcite(nn.Module):
+    r"""Squeeze-and-excitation (Hu et al. 2018): $x \cdot \sigma(W_2\,\mathrm{SiLU}(W_1 \bar{x}))$.
+
+    Args:
+        channels: Channels of the input.
+        reduced: Channels of the bottleneck.
+    """
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
+        s = torch.sigmoid(self.expand(F.silu(self.reduce(s))))  # (B, C, 1, 1)
+        return x * s
+
+
+class MBConv(nn.Module):
+    """An EfficientNet inverted-residual block with squeeze-excitation and stochastic depth.
+
+    1x1 expansion, depthwise 3x3, squeeze-excitation, 1x1 linear projection, then
+    $x + \\mathrm{drop\\_path}(\\mathrm{branch}(x))$.
+
+    Args:
+        channels: Input and output channels.
+        expand_ratio: Hidden width as a multiple of channels.
+        se_ratio: Squeeze-excitation bottleneck as a fraction of channels.
+        drop_prob: Stochastic-depth probability of the residual branch.
+    """
+
+    def __init__(self, channels: int, expand_ratio: int = 4, se_ratio: float = 0.25,
+                 drop_prob: float = 0.0) -> None:
+        super().__init__()
+        hidden = channels * expand_ratio
+        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False),
+                                    nn.BatchNorm2d(hidden), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                                nn.BatchNorm2d(hidden), nn.SiLU())
+        self.se = SqueezeExcite(hidden, max(1, int(channels * se_ratio)))
+        self.project = nn.Sequential(nn.Conv2d(hidden, channels, 1, bias=False),
+                                     nn.BatchNorm2d(channels))
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.project(self.se(self.dw(self.expand(x))))  # (B, C, H, W)
+        return x + drop_path(h, self.drop_prob, self.training)
+
+
+class MBConvSENet(nn.Module):
+    """A tiny EfficientNet-style network: conv-BN-SiLU stem, two MBConv blocks, pool and head.
+
+    Args:
+        in_chans: Input channels.
+        num_classes: Output logits.
+        width: Channels of the stem and blocks.
+        drop_path: Stochastic-depth probability of each block's residual branch.
+
+    Shape:
+        Input: (B, in_chans, 16, 16). Output: (B, num_classes).
+    """
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 5, width: int = 16,
+                 drop_path: float = 0.1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(width, drop_prob=drop_path),
+                                    MBConv(width, drop_prob=drop_path))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.stem(x))  # (B, width, H/2, W/2)
+        x = x.mean((2, 3))  # (B, width)
+        return self.head(x)  # (B, num_classes)
+
+
+def _conv_relu(cin: int, cout: int) -> nn.Sequential:
+    """A 3x3 same-padding convolution followed by ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU())
+
+
+class TinyUNet(nn.Module):
+    """A two-level U-Net (Ronneberger et al. 2015) for dense per-pixel prediction.
+
+    Encoder: conv3x3+ReLU and 2x2 max-pool at each level; a bottleneck conv; decoder:
+    ConvTranspose2d upsampling, concatenation with the matching encoder feature map and
+    conv3x3+ReLU; a final 1x1 convolution gives out_chans logits per pixel.
+
+    Args:
+        in_chans: Input channels.
+        out_chans: Output channels.
+        base: Channels of the first level (doubled at each level down).
+
+    Shape:
+        Input: (B, in_chans, H, W) with H and W divisible by 4. Output: (B, out_chans, H, W).
+    """
+
+    def __init__(self, in_chans: int = 1, out_chans: int = 2, base: int = 8) -> None:
+        super().__init__()
+        self.enc1 = _conv_relu(in_chans, base)
+        self.enc2 = _conv_relu(base, 2 * base)
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = _conv_relu(2 * base, 4 * base)
+        self.up2 = nn.ConvTranspose2d(4 * base, 2 * base, kernel_size=2, stride=2)
+        self.dec2 = _conv_relu(4 * base, 2 * base)
+        self.up1 = nn.ConvTranspose2d(2 * base, base, kernel_size=2, stride=2)
+        self.dec1 = _conv_relu(2 * base, base)
+        self.out = nn.Conv2d(base, out_chans, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s1 = self.enc1(x)  # (B, base, H, W)
+        s2 = self.enc2(self.pool(s1))  # (B, 2 base, H/2, W/2)
+        x = self.bottleneck(self.pool(s2))  # (B, 4 base, H/4, W/4)
+        x = self.dec2(torch.cat([self.up2(x), s2], dim=1))  # cat: (B, 4 base, H/2, W/2)
+        x = self.dec1(torch.cat([self.up1(x), s1], dim=1))  # cat: (B, 2 base, H, W)
+        return self.out(x)  # (B, out_chans, H, W)
+
+
+class LSTMTagger(nn.Module):
+    """A sequence tagger: embedding, nn.LSTM (batch_first) and a Linear on every timestep.
+
+    Args:
+        vocab_size: Number of token ids.
+        embed_dim: Embedding width.
+        hidden_dim: Recurrent hidden width per direction.
+        num_tags: Output logits per timestep.
+        num_layers: Stacked recurrent layers.
+        bidirectional: Run a second, reversed recurrence and concatenate both.
+
+    Shape:
+        Input: LongTensor (B, T). Output: (B, T, num_tags).
+    """
+
+    rnn_cls: type[nn.RNNBase] = nn.LSTM
+
+    def __init__(self, vocab_size: int = 20, embed_dim: int = 8, hidden_dim: int = 12,
+                 num_tags: int = 5, num_layers: int = 1, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.rnn = self.rnn_cls(embed_dim, hidden_dim, num_layers=num_layers, batch_first=True,
+                                bidirectional=bidirectional)
+        self.head = nn.Linear(hidden_dim * (2 if bidirectional else 1), num_tags)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embed(tokens))  # (B, T, D * hidden_dim)
+        return self.head(out)  # (B, T, num_tags)
+
+
+class GRUTagger(LSTMTagger):
+    """LSTMTagger with an nn.GRU in place of the nn.LSTM (same arguments and shapes)."""
+
+    rnn_cls = nn.GRU
+
+
+class RNNRegressor(nn.Module):
+    """An Elman RNN regressor: $h_t = \\tanh(W x_t + U h_{t-1} + b)$, then Linear on $h_T$.
+
+    Args:
+        input_size: Features per timestep.
+        hidden: Hidden width.
+
+    Shape:
+        Input: float (B, T, input_size). Output: (B, 1).
+    """
+
+    def __init__(self, input_size: int = 4, hidden: int = 10) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(input_size, hidden, nonlinearity="tanh", batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)  # (B, T, hidden)
+        return self.head(out[:, -1])  # (B, 1)
+
+
+def modern_models() -> dict[str, tuple[nn.Module, Tensor]]:
+    """Name -> (model in eval mode, example input with batch 2) for the modern reference models.
+
+    Parameters are drawn from the global RNG, so call torch.manual_seed first for reproducible
+    weights; the inputs come from a fixed generator.
+    """
+    g = torch.Generator().manual_seed(0)
+    models: dict[str, tuple[nn.Module, Tensor]] = {
+        "nanogpt_tied": (NanoGPT(tie_weights=True), torch.randint(0, 37, (2, 12), generator=g)),
+        "nanogpt_untied": (NanoGPT(tie_weights=False),
+                           torch.randint(0, 37, (2, 12), generator=g)),
+        "gpt_manual_attention": (ManualAttentionGPT(),
+                                 torch.randint(0, 37, (2, 12), generator=g)),
+        "vit": (TinyViT(), torch.randn(2, 3, 8, 8, generator=g)),
+        "convnext": (ConvNeXtBlockNet(), torch.randn(2, 3, 16, 16, generator=g)),
+        "mbconv_se": (MBConvSENet(), torch.randn(2, 3, 16, 16, generator=g)),
+        "unet": (TinyUNet(), torch.randn(2, 1, 16, 16, generator=g)),
+        "lstm": (LSTMTagger(), torch.randint(0, 20, (2, 7), generator=g)),
+        "gru": (GRUTagger(), torch.randint(0, 20, (2, 7), generator=g)),
+        "rnn": (RNNRegressor(), torch.randn(2, 9, 4, generator=g)),
+    }
+    return {name: (model.eval(), x) for name, (model, x) in models.items()}

@@ -1,0 +1,240 @@
+"""What the analysis records: neuron sets, parameter records, structural edges, the result.
+
+A :class:`ParamRecord` is the one owner of a state-dict entry's layout in a parameter graph:
+:meth:`ParamRecord.to_canonical` and :meth:`ParamRecord.from_canonical` move a tensor between
+its state-dict shape and the canonical layout ``(out, in_per_group, *spatial)`` whose entries
+are the graph's edges, and :meth:`ParamRecord.src_per_edge` names the source neuron of every
+canonical entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class NeuronSet:
+    """A set of neurons (graph nodes) produced together, e.g. the outputs of one ``Linear``."""
+
+    id: int
+    nodes: Tensor
+    kind: str
+    name: str
+    layer: int
+    permutable: bool = True
+    #: attention: number of heads when the set is head-structured (0 otherwise)
+    num_heads: int = 0
+    #: id shared by the Q/K and V sets of one attention module (their heads move together)
+    head_group: int | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.nodes.numel())
+
+
+@dataclass
+class ParamRecord:
+    """How one state-dict entry is represented in the graph.
+
+    ``kind`` is one of
+
+    * ``"edge"``: a weight whose entries are edges. The tensor is brought to its canonical
+      layout ``(out, in_per_group, *spatial)`` by ``reshape(view_shape)`` then
+      ``permute(perm)`` (or, when ``index`` is set, by gathering ``t.reshape(-1)[index]``);
+      edges enumerate that layout in row-major order.
+    * ``"diag"``: a per-channel scale (norm weight); one edge from ``src[c]`` to ``dst[c]``.
+    * ``"node"``: a per-neuron vector stored in column ``column`` of the node features.
+    * ``"extra"``: kept verbatim (e.g. ``num_batches_tracked``).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str
+    module: str = ""
+    layer: int = 0
+    edge_type: int = 0
+    dst: Tensor | None = None
+    src: Tensor | None = None
+    view_shape: tuple[int, ...] | None = None
+    perm: tuple[int, ...] | None = None
+    groups: int = 1
+    spatial: tuple[int, ...] = ()
+    nodes: Tensor | None = None
+    column: int = 0
+    dst_sets: list[int] = field(default_factory=list)
+    src_sets: list[int] = field(default_factory=list)
+    #: flat gather index into the state-dict tensor giving the canonical layout (optional)
+    index: Tensor | None = None
+    #: for a second use of a tied parameter: the key of the parameter it repeats
+    tied_to: str | None = None
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        if self.kind in ("diag", "node", "extra"):
+            return self.shape
+        assert self.view_shape is not None and self.perm is not None
+        return tuple(self.view_shape[p] for p in self.perm)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    # -- layout --------------------------------------------------------------------------------
+    def to_canonical(self, t: Tensor) -> Tensor:
+        """``t`` (state-dict shape) in the canonical layout ``(out, in_per_group, *spatial)``."""
+        if self.kind != "edge":
+            return t
+        if self.index is not None:
+            return t.reshape(-1)[self.index.to(t.device)].view(self.canonical_shape)
+        assert self.view_shape is not None and self.perm is not None
+        return t.reshape(self.view_shape).permute(self.perm)
+
+    def from_canonical(self, c: Tensor) -> Tensor:
+        """Inverse of :meth:`to_canonical` (a contiguous tensor of the state-dict shape)."""
+        if self.kind != "edge":
+            return c.reshape(self.shape).contiguous()
+        if self.index is not None:
+            out = torch.empty(self.numel, dtype=c.dtype, device=c.device)
+            out[self.index.to(c.device)] = c.reshape(-1)
+            return out.view(self.shape)
+        assert self.perm is not None
+        inv = [0] * len(self.perm)
+        for i, p in enumerate(self.perm):
+            inv[p] = i
+        return c.permute(inv).reshape(self.shape).contiguous()
+
+    def src_per_edge(self, o: int, i_local: int, s: int) -> Tensor:
+        """Source node of every canonical entry, as an ``(o, i_local, s)`` tensor."""
+        assert self.src is not None
+        if self.groups == 1:
+            return self.src.view(1, i_local, 1).expand(o, i_local, s)
+        g = self.groups
+        return self.src.view(g, 1, i_local, 1).expand(g, o // g, i_local, s).reshape(o, i_local, s)
+
+    # -- values on a graph -----------------------------------------------------------------
+    def read(self, graph: Any) -> Tensor:
+        """This entry's values on ``graph`` (a :class:`~graphspace.graphs.ParameterGraph`), in
+        canonical layout for ``"edge"`` records and the state-dict shape otherwise."""
+        spec = graph.spec
+        if self.kind == "edge":
+            a, b = spec.ranges[self.key]
+            if spec.kernel == "edge":
+                return graph.edge_attr[a:b, 0].reshape(self.canonical_shape)
+            return graph.edge_attr[a:b][:, spec.pad_index[self.key]].reshape(
+                self.canonical_shape)
+        if self.kind == "diag":
+            a, b = spec.ranges[self.key]
+            return graph.edge_attr[a:b, spec.scalar_column].reshape(self.shape)
+        if self.kind == "node":
+            assert self.nodes is not None
+            return graph.x[self.nodes, self.column].reshape(self.shape)
+        return spec.extras[self.key]
+
+    def write(self, graph: Any, values: Tensor) -> None:
+        """Write ``values`` (as returned by :meth:`read`) into ``graph`` in place."""
+        spec = graph.spec
+        if self.kind == "edge":
+            a, b = spec.ranges[self.key]
+            v = values.reshape(b - a, -1).to(graph.edge_attr.dtype)
+            if spec.kernel == "edge":
+                graph.edge_attr[a:b, 0] = v[:, 0]
+            else:
+                graph.edge_attr[a:b, spec.pad_index[self.key]] = v
+            for ta, tb in spec.tied_ranges.get(self.key, []):
+                graph.edge_attr[ta:tb] = graph.edge_attr[a:b][spec.tied_index[(self.key, ta)]]
+        elif self.kind == "diag":
+            a, b = spec.ranges[self.key]
+            graph.edge_attr[a:b, spec.scalar_column] = values.reshape(-1).to(
+                graph.edge_attr.dtype)
+        elif self.kind == "node":
+            assert self.nodes is not None
+            graph.x[self.nodes, self.column] = values.reshape(-1).to(graph.x.dtype)
+        else:
+            spec.extras[self.key] = values.clone()
+
+
+@dataclass
+class StructEdges:
+    """Edges that carry no parameter (residual adds, products, attention q-k links)."""
+
+    src: Tensor
+    dst: Tensor
+    weight: float
+    edge_type: int
+    layer: int
+
+
+@dataclass
+class Use:
+    """How a neuron set is consumed: by a parameterised layer (``param``) or anything else."""
+
+    kind: str  # "param" or "other"
+    chain: tuple[str, ...] = ()
+    key: str = ""
+
+
+@dataclass
+class GroupInfo:
+    """A proved permutation symmetry: ``members[j]`` are the node ids of one aligned block
+    (position ``k`` of every block moves together); ``num_heads > 0``: blocks of
+    ``size // num_heads`` may also move as whole heads, jointly with every group of the same
+    ``head_group``."""
+
+    name: str
+    size: int
+    sets: list[int]
+    members: list[Tensor]
+    num_heads: int = 0
+    head_group: int | None = None
+
+
+@dataclass
+class ModelAnalysis:
+    """Result of :func:`~graphspace.graphs.analyze`: neurons, parameter records, symmetries."""
+
+    num_nodes: int
+    sets: list[NeuronSet]
+    records: list[ParamRecord]
+    struct_edges: list[StructEdges]
+    node_type: Tensor
+    node_layer: Tensor
+    node_set: Tensor
+    node_role: Tensor
+    node_pos: Tensor
+    node_act: Tensor
+    node_head: Tensor
+    input_sets: list[int]
+    output_sets: list[int]
+    uses: dict[int, list[Use]]
+    set_activation: dict[int, str]
+    state_keys: list[str]
+    groups: list[GroupInfo] = field(default_factory=list)
+    #: second (third, ...) uses of tied parameters: edges repeated in the graph
+    tied_records: list[ParamRecord] = field(default_factory=list)
+    #: sets whose incoming or outgoing weights are tied elsewhere (no rescaling)
+    no_rescale: set[int] = field(default_factory=set)
+    #: the exported program's node that carries each set: ``set -> (node, gather index)``
+    producers: dict[int, tuple[str, Tensor]] = field(default_factory=dict)
+    #: the example input the analysis traced with (shape-specialised)
+    example_input: tuple | None = None
+
+    def record(self, key: str) -> ParamRecord:
+        for r in self.records:
+            if r.key == key:
+                return r
+        raise KeyError(key)
+
+    @property
+    def ties(self) -> dict[str, list[str]]:
+        """Tied parameters: ``key -> [keys or uses that repeat it]``."""
+        out: dict[str, list[str]] = {}
+        for r in self.tied_records:
+            assert r.tied_to is not None
+            out.setdefault(r.tied_to, []).append(r.module)
+        return out
