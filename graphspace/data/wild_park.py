@@ -35,8 +35,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphspace.data.zoo_dataset import SPLITS, StoreWriter, WeightZooDataset, load_checkpoint
-from graphspace.graphs import register_rule
-from graphspace.graphs.analysis import Act, AnalysisContext, Use
 
 __all__ = ["CNNWildPark", "ChannelResidual", "WildParkCNN", "WILD_PARK_ACTIVATIONS"]
 
@@ -54,8 +52,8 @@ WILD_PARK_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 class ChannelResidual(nn.Module):
     """``x`` with ``res`` added to its first ``channels`` channels (``x[:, :c] += res[:, :c]``).
 
-    A leaf of the parameter-graph analysis: the added channels get residual edges; the sets
-    involved are not permuted (their channels are only partially tied).
+    The analysis reads its ops (slice, add, cat): the added channels are tied to the residual
+    and permute only among themselves, the other channels separately.
     """
 
     def __init__(self, channels: int) -> None:
@@ -68,26 +66,6 @@ class ChannelResidual(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
-
-
-@register_rule(ChannelResidual)
-def _channel_residual_rule(ctx: AnalysisContext, m: ChannelResidual, path: str, args: tuple,
-                           kwargs: dict) -> Act:
-    a, b = args[0], args[1]
-    if not isinstance(a, Act) or not isinstance(b, Act) or a.segs is None or b.segs is None:
-        raise TypeError(f"{path}: ChannelResidual expects two neuron-carrying inputs")
-    na = ctx.set_nodes(a.segs)
-    nb = ctx.set_nodes(b.segs)
-    c = m.channels
-    depth = max(a.depth, b.depth)
-    sid = ctx.new_set(int(na.numel()), "residual", path, depth)
-    out = ctx.sets[sid].nodes
-    ctx.add_struct_edges(na, out, 1.0, "residual", depth)
-    ctx.add_struct_edges(nb[:c], out[:c], 1.0, "residual", depth)
-    ctx.add_use(a, Use("other", a.chain, path))
-    ctx.add_use(b, Use("other", b.chain, path))
-    ctx.fix(list(a.segs) + list(b.segs) + [sid])
-    return Act([sid], a.cdim, depth, a.ndim or b.ndim)
 
 
 class WildParkCNN(nn.Module):

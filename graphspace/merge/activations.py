@@ -26,30 +26,24 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from graphspace.graphs import ModelAnalysis, analyze
-from graphspace.graphs.analysis import Act, AnalysisContext, _Walker, trace
 from graphspace.merge._utils import batch_input, iterate, model_device, to_device
 from graphspace.merge.spec import node_lookup
 
 
-def _set_producers(model: nn.Module) -> tuple[fx.GraphModule, dict[int, tuple[str, int, int]]]:
-    """The traced module and ``set id -> (fx node name, neuron axis, offset on that axis)``."""
-    from graphspace.graphs import rules  # noqa: F401  (registers the built-in rules)
-
-    gm = trace(model)
-    ctx = AnalysisContext(model)
-    walker = _Walker(ctx, gm, gm.graph, None)
-    walker.run()
-    out: dict[int, tuple[str, int, int]] = {}
-    for node in gm.graph.nodes:
-        v = walker.env.get(node)
-        if not isinstance(v, Act) or not v.segs or v.flat is not None:
-            continue
-        off = 0
-        for s in v.segs:
-            if s not in out:
-                out[s] = (node.name, v.cdim, off)
-            off += ctx.sets[s].size
-    return gm, out
+def _program_args(model: nn.Module, ep: Any, user: tuple) -> list[Any]:
+    """Flat inputs of an exported program: the model's current tensors, then ``user``."""
+    live: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    live.update(dict(model.named_buffers(remove_duplicate=False)))
+    it = iter(user)
+    args: list[Any] = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name == "USER_INPUT":
+            args.append(next(it))
+        elif spec.target in live:
+            args.append(live[spec.target])
+        else:
+            args.append(ep.constants[spec.target])
+    return args
 
 
 class _Recorder(fx.Interpreter):
@@ -83,7 +77,8 @@ class ActivationTap:
         self.model = model
         self.analysis = analysis or analyze(model)
         a = self.analysis
-        self.gm, self.producers = _set_producers(model)
+        self.producers = a.producers
+        self._programs: dict[Any, tuple[Any, dict]] = {}
         if sets is None:
             sets = [s.id for s in a.sets if s.permutable]
         self.sets = list(sets)
@@ -101,7 +96,35 @@ class ActivationTap:
                 if t not in self.producers and t not in self.derived:
                     todo.append(t)
         self._need = need
-        self._wanted = {self.producers[s][0] for s in need if s in self.producers}
+
+    def _program(self, args: tuple) -> tuple[Any, dict[int, tuple[str, Tensor, Tensor]]]:
+        """The exported program for inputs shaped like ``args`` (export specialises shapes)."""
+        key = tuple((tuple(x.shape), x.dtype) if isinstance(x, Tensor) else repr(x)
+                    for x in args)
+        if key not in self._programs:
+            cpu = tuple(x.cpu() if isinstance(x, Tensor) else x for x in args)
+            a = analyze(self.model, cpu)
+            if a.num_nodes != self.analysis.num_nodes:
+                raise ValueError("the model's analysis depends on the input shape; tap it with "
+                                 "inputs shaped like the analysis' example input")
+            self._programs[key] = (a.program, self._map_producers(a))
+        return self._programs[key]
+
+    def _map_producers(self, a: ModelAnalysis) -> dict[int, tuple[str, Tensor, Tensor]]:
+        """Producers of this tap's sets read off analysis ``a`` of the same model (node ids
+        agree; the split of nodes into sets may differ with the input's rank)."""
+        where: dict[int, tuple[str, int, int]] = {}
+        for sid, (name, dim, pos) in a.producers.items():
+            for node, p in zip(a.sets[sid].nodes.tolist(), pos.tolist()):
+                where.setdefault(node, (name, int(dim[0]), p))
+        out: dict[int, tuple[str, Tensor, Tensor]] = {}
+        for s in range(len(self.analysis.sets)):
+            nodes = self.analysis.sets[s].nodes.tolist()
+            got = [where.get(v) for v in nodes]
+            if any(g is None for g in got) or len({(g[0], g[1]) for g in got}) != 1:
+                continue
+            out[s] = (got[0][0], torch.tensor([got[0][1]]), torch.tensor([g[2] for g in got]))
+        return out
 
     def _incoming(self, s: int) -> tuple[str, Tensor, str | None, Tensor | None, list[int]]:
         a = self.analysis
@@ -125,24 +148,31 @@ class ActivationTap:
 
     @torch.no_grad()
     def __call__(self, x: Any) -> dict[int, Tensor]:
-        rec = _Recorder(self.gm, self._wanted)
         args = x if isinstance(x, tuple) else (x,)
-        rec.run(*args)
+        ep, producers = self._program(args)
+        wanted = {producers[s][0] for s in self._need if s in producers}
+        for s in self._need:
+            if s not in producers and s not in self.derived:
+                self.derived[s] = self._incoming(s)[:4]
+        for s in list(self.derived):
+            for t in self.analysis.record(self.derived[s][0]).src_sets:
+                if t in producers:
+                    wanted.add(producers[t][0])
+        rec = _Recorder(ep.graph_module, wanted)
+        rec.run(*_program_args(self.model, ep, args))
         out: dict[int, Tensor] = {}
 
         def get(s: int) -> Tensor:
             if s in out:
                 return out[s]
             size = self.analysis.sets[s].size
-            if s in self.producers:
-                name, cdim, off = self.producers[s]
+            if s in producers:
+                name, dim, pos = producers[s]
                 v = rec.values[name]
                 if isinstance(v, (tuple, list)):
                     v = v[0]
-                v = v.narrow(cdim if cdim >= 0 else v.dim() + cdim, off, size)
-                if cdim != -1 and v.dim() > 2:
-                    v = v.movedim(cdim, -1)
-                out[s] = v.reshape(-1, size)
+                v = v.movedim(int(dim[0]), -1)
+                out[s] = v[..., pos.to(v.device)].reshape(-1, size)
             else:
                 key, rows, bkey, brows = self.derived[s]
                 r = self.analysis.record(key)

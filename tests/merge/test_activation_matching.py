@@ -40,11 +40,14 @@ def test_recovers_exact_permutation(arch):
 def test_tap_reads_every_set_including_attention_projections():
     torch.manual_seed(0)
     m = TinyTransformer(in_dim=6, dim=16, heads=4).eval()
-    a = analyze(m)
-    tap = ActivationTap(m)
     x = torch.randn(2, 5, 6)
+    a = analyze(m, x)
+    tap = ActivationTap(m, analysis=a)
     acts = tap(x)
     byname = {a.sets[s].name: v for s, v in acts.items()}
+    # the packed in-projection is one set of 3 x 16 neurons: q, k, v
+    qkv = next(s for s in acts if a.sets[s].name == "block.attn" and a.sets[s].size == 48)
+    byname["block.attn.q"], byname["block.attn.v"] = acts[qkv][:, :16], acts[qkv][:, 32:]
     with torch.no_grad():
         h = m.block.norm1(m.inp(x))
         w, bias = m.block.attn.in_proj_weight, m.block.attn.in_proj_bias
@@ -53,8 +56,9 @@ def test_tap_reads_every_set_including_attention_projections():
         r = m.inp(x) + m.block.attn(h, h, h, need_weights=False)[0]
         fc1 = m.block.fc1(m.block.norm2(r))
     assert torch.allclose(byname["inp"], m.inp(x).reshape(-1, 16))
-    assert torch.allclose(byname["block.attn.q"], q.reshape(-1, 16), atol=1e-6)
-    assert torch.allclose(byname["block.attn.v"], v.reshape(-1, 16), atol=1e-6)
+    # batch_first attention projects (L, B, E): samples come token-major
+    assert torch.allclose(byname["block.attn.q"], q.transpose(0, 1).reshape(-1, 16), atol=1e-6)
+    assert torch.allclose(byname["block.attn.v"], v.transpose(0, 1).reshape(-1, 16), atol=1e-6)
     assert torch.allclose(byname["block.fc1"], fc1.reshape(-1, 32), atol=1e-5)
 
 

@@ -115,7 +115,7 @@ def test_inr_classifier_learns_separable_classes():
         g.y = torch.tensor([label])
         graphs.append(g)
     clf = INRClassifier(2, GraphMetaNetwork(2, hidden_channels=16, num_layers=1), lr=1e-2)
-    trainer = pl.Trainer(max_epochs=10, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=30, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(clf, ListData(graphs))
     trainer.test(clf, ListData(graphs), verbose=False)

@@ -426,12 +426,19 @@ class AnalysisContext:
         if t.numel() != nodes.numel():
             raise UnsupportedModuleError(module, "a parameter", f"'{key}' does not match")
         if key in self.key_axes:
-            raise UnsupportedModuleError(module, "a shared bias",
-                                         f"'{key}' is used more than once as a bias")
+            first = self.key_axes[key]
+            if len(first) != 1 or first[0] is None:
+                raise UnsupportedModuleError(module, "a shared bias",
+                                             f"'{key}' is used both as a bias and otherwise")
+            # a tied bias (a module called twice): its neurons move with the first use's
+            self.tie_nodes(first[0], nodes.reshape(-1))
+            self.no_rescale.update(sets)
+            self.no_rescale.update(self.sets_of(first[0]))
+            return next(r for r in self.records if r.key == key)
         rec = ParamRecord(key=key, shape=tuple(t.shape), dtype=t.dtype, kind="node",
                           module=module, layer=layer, nodes=nodes, column=column,
                           dst_sets=list(sets))
-        self.key_axes[key] = [None]
+        self.key_axes[key] = [nodes.reshape(-1)]
         self.records.append(rec)
         return rec
 

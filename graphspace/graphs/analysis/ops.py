@@ -90,8 +90,10 @@ class Walker:
         self.ctx = ctx
         self.model = model
         self.env: dict[fx.Node, Any] = {}
-        self.producers: dict[int, tuple[str, Tensor]] = {}
+        self.producers: dict[int, tuple[str, Tensor, Tensor]] = {}
         self.node: fx.Node | None = None
+        #: pieces of packed weights waiting for their other rows
+        self.pending: dict[str, list[Any]] = {}
 
     # -- values --------------------------------------------------------------------------
     def param_act(self, key: str, shape: tuple[int, ...]) -> Act:
@@ -101,8 +103,12 @@ class Walker:
         ids = torch.arange(n).view(shape) if shape else torch.zeros((), dtype=torch.long)
         return Act(ids, tuple(s > 1 for s in shape), shape, param=key)
 
-    def weight(self, v: Any, path: str, what: str = "weight") -> tuple[str, Tensor | None]:
-        """State-dict key of a weight argument and its gather index (None: as stored)."""
+    def weight(self, v: Any, path: str, what: str = "weight", partial: bool = False
+               ) -> tuple[str, Tensor | None]:
+        """State-dict key of a weight argument and its gather index (None: as stored).
+
+        With ``partial``, a use of part of the parameter (``in_proj_weight.chunk(3)``) is
+        accepted and its flat indices returned."""
         if not _is_param(v):
             raise UnsupportedOperationError(path, f"a computed {what}",
                                             "weights must be parameters of the model")
@@ -111,6 +117,8 @@ class Walker:
         if tuple(full.shape) != tuple(v.shape):
             full = v.full()
         flat = full.reshape(-1)
+        if partial and flat.numel() < t.numel() and torch.unique(flat).numel() == flat.numel():
+            return v.param, full
         if flat.numel() != t.numel() or not torch.equal(torch.sort(flat).values,
                                                          torch.arange(t.numel())):
             raise UnsupportedOperationError(
@@ -1015,7 +1023,10 @@ def _dense(w: Walker, node: fx.Node, x: Any, wt: Any, bias: Any, out_features: i
     path = _path(node)
     shape = _shape(node)
     x = ctx.resolve(x, in_features, path, -1, kind)
-    key, full = w.weight(wt, path)
+    key, full = w.weight(wt, path, partial=True)
+    if full is not None and full.numel() < ctx.state[key].numel():
+        return _dense_piece(w, node, x, wt, bias, key, full, out_features, in_features,
+                            w_layout)
     src_ids = x.along(-1, path, kind)
     src, vt, pt, s = _flat_src(src_ids, path, kind)
     c = src.numel()
@@ -1046,6 +1057,55 @@ def _dense(w: Walker, node: fx.Node, x: Any, wt: Any, bias: Any, out_features: i
         ctx.add_node_param(bkey, out, 0, mod, depth, sets=[sid])
     ctx.add_use(x, Use("param", x.chain, key))
     return ctx.new_act(sid, shape, -1, depth)
+
+
+def _dense_piece(w: Walker, node: fx.Node, x: Act, wt: Act, bias: Any, key: str, full: Tensor,
+                 o: int, i: int, w_layout: str) -> Act:
+    """A dense layer using rows of a packed weight (``in_proj_weight.chunk(3)``): the piece's
+    neurons are created now; the record is written once every row of the weight is used."""
+    ctx = w.ctx
+    path = _path(node)
+    mod = path.split(" (")[0]
+    src = x.along(-1, path, "linear")
+    if bool((src < 0).any()) or torch.unique(src).numel() != src.numel():
+        raise UnsupportedOperationError(path, f"a partial use of '{key}'",
+                                        "on flattened or padded features")
+    pid = full.t() if w_layout == "io" else full
+    pid = pid.reshape(o, i)
+    depth = x.depth + 1
+    sid = ctx.new_set(o, "linear", mod, depth)
+    out = ctx.sets[sid].nodes
+    pend = w.pending.setdefault(key, [])
+    bpiece = None
+    if bias is not None:
+        bkey, bfull = w.weight(bias, path, "bias", partial=True)
+        bpiece = (bkey, bfull.reshape(-1) if bfull is not None else torch.arange(o))
+    pend.append((pid, out, src, sid, bpiece, depth, mod))
+    total = ctx.state[key].numel()
+    if sum(p[0].numel() for p in pend) == total:
+        pend.sort(key=lambda p: int(p[0].min()))
+        srcs = [p[2] for p in pend]
+        if any(not torch.equal(srcs[0], s_) for s_ in srcs[1:]):
+            raise UnsupportedOperationError(
+                path, f"rows of '{key}' applied to different inputs",
+                "a packed weight whose pieces read different neurons (cross-attention with "
+                "kdim == vdim == embed_dim) cannot become one set of edges")
+        index = torch.cat([p[0] for p in pend]).reshape(-1)
+        dst = torch.cat([p[1] for p in pend])
+        sets = [p[3] for p in pend]
+        ctx.add_edge_param(key, dst, srcs[0], "linear", max(p[5] for p in pend), mod,
+                           (dst.numel(), srcs[0].numel()),
+                           index=None if torch.equal(index, torch.arange(total)) else index,
+                           dst_sets=sets, src_sets=ctx.sets_of(srcs[0]))
+        if all(p[4] is not None for p in pend):
+            bkeys = {p[4][0] for p in pend}
+            bidx = torch.cat([p[4][1] for p in pend])
+            if len(bkeys) != 1 or not torch.equal(bidx, torch.arange(bidx.numel())):
+                raise UnsupportedOperationError(path, f"the bias pieces of '{key}'")
+            ctx.add_node_param(bkeys.pop(), dst, 0, mod, max(p[5] for p in pend), sets=sets)
+        del w.pending[key]
+    ctx.add_use(x, Use("param", x.chain, key))
+    return ctx.new_act(sid, _shape(node), -1, depth)
 
 
 @op("linear")

@@ -220,9 +220,11 @@ class ModelAnalysis:
     #: sets whose incoming or outgoing weights are tied elsewhere (no rescaling)
     no_rescale: set[int] = field(default_factory=set)
     #: the exported program's node that carries each set: ``set -> (node, gather index)``
-    producers: dict[int, tuple[str, Tensor]] = field(default_factory=dict)
+    producers: dict[int, tuple[str, Tensor, Tensor]] = field(default_factory=dict)
     #: the example input the analysis traced with (shape-specialised)
     example_input: tuple | None = None
+    #: the ``torch.export.ExportedProgram`` that was walked (for activation taps)
+    program: Any = None
 
     def record(self, key: str) -> ParamRecord:
         for r in self.records:

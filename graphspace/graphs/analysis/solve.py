@@ -30,6 +30,8 @@ def _rand64(n: int) -> np.ndarray:
 def solve_groups(ctx: Any) -> tuple[list[GroupInfo], np.ndarray]:
     """Permutation groups of the analysed model and the per-node fixed mask."""
     n = ctx.num_nodes
+    if n == 0:
+        return [], np.zeros(0, dtype=bool)
     node_set = torch.cat(ctx._node_set).numpy() if ctx._node_set else np.zeros(0, np.int64)
     fixed = np.zeros(n, dtype=bool)
     for f in ctx.fixed:

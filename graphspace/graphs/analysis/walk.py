@@ -68,14 +68,15 @@ def _export(model: nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        # export must not draw from the caller's random stream
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             return torch.export.export(model, inputs, strict=False)
     finally:
         for m, t in modes.items():
             m.training = t
 
 
-_SPATIAL = (32, 28, 16, 8, 64, 224, 24, 12, 48, 96, 4)
+_SPATIAL = (32, 28, 16, 8, 64, 224, 24, 12, 48, 96) + tuple(range(1, 12))
 
 
 def infer_example_input(model: nn.Module) -> list[tuple]:
@@ -90,13 +91,34 @@ def infer_example_input(model: nn.Module) -> list[tuple]:
     if isinstance(first, nn.modules.conv._ConvNd):
         nd = len(first.kernel_size)
         c = first.in_channels
-        return [(torch.zeros(2, c, *([s] * nd), dtype=dt),) for s in _SPATIAL]
+        cands = [(torch.zeros(2, c, *([s] * nd), dtype=dt),) for s in _SPATIAL]
+        return [x for x in cands if _runs(model, x)][:1] or cands[:1]
     if isinstance(first, nn.Embedding):
         return [(torch.zeros(2, t, dtype=torch.long),) for t in (8, 4, 1)]
     if isinstance(first, nn.RNNBase):
         shape = (2, 5, first.input_size) if first.batch_first else (5, 2, first.input_size)
         return [(torch.zeros(*shape, dtype=dt),)]
+    if not any(True for _ in model.parameters()):
+        return [(torch.zeros(2, 1),)]
     return []
+
+
+def _runs(model: nn.Module, inputs: tuple) -> bool:
+    """Whether ``model`` accepts ``inputs`` (a forward in eval mode on the meta device's
+    shapes; the model's modes are restored, its values untouched)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            model(*(mode.from_tensor(x) for x in inputs))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: try another shape
+        return False
+    finally:
+        for m, t in modes.items():
+            m.training = t
 
 
 def analyze(model: nn.Module, example_input: Any = None, leaf_modules: Sequence[type] = (),
@@ -149,6 +171,7 @@ def analyze(model: nn.Module, example_input: Any = None, leaf_modules: Sequence[
             last = e
             continue
         a = _analyze_program(model, ep, inputs)
+        a.program = ep
         if key is not None:
             _CACHE[key] = a
             while len(_CACHE) > _CACHE_SIZE:
