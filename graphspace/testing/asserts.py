@@ -46,7 +46,7 @@ def assert_permutation_invariant(
 ) -> None:
     """A random permutation of the hidden neurons keeps the function (``atol``), and, as a
     negative control, permuting the *input* neurons of the first layer changes it."""
-    a = analyze(model)
+    a = analyze(model, inputs)
     groups = permutation_groups(a)
     perms = random_permutation(groups, generator)
     sd = {k: v.detach() for k, v in model.state_dict().items()}

@@ -1,0 +1,147 @@
+"""Models as people write them today: exact round trips and proved symmetries (fp64)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from graphspace.graphs import (
+    ParameterGraph,
+    analyze,
+    apply_permutation,
+    permutation_groups,
+    random_permutation,
+    scaling_symmetries,
+)
+from graphspace.testing import assert_permutation_invariant
+from graphspace.testing.models import modern_models
+
+NAMES = sorted(modern_models())
+
+
+def _model(name):
+    torch.manual_seed(0)
+    m, x = modern_models()[name]
+    m = m.double()
+    return m, (x.double() if x.is_floating_point() else x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_is_bit_exact(name):
+    m, x = _model(name)
+    g = ParameterGraph.from_module(m, x)
+    sd, ref = g.to_state_dict(), m.state_dict()
+    assert list(sd) == list(ref)
+    for k in ref:
+        assert sd[k].dtype == ref[k].dtype and torch.equal(sd[k], ref[k]), k
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_reported_group_is_a_symmetry(name):
+    m, x = _model(name)
+    # negative control (swapping input neurons changes the output) needs float inputs: a token
+    # swap is invisible when neither token occurs in the example
+    assert_permutation_invariant(m, x, atol=1e-10, generator=torch.Generator().manual_seed(1),
+                                 negative_control=x.is_floating_point())
+
+
+@pytest.mark.parametrize("name", ["nanogpt_tied", "gpt_manual_attention", "vit"])
+def test_attention_heads_move_as_blocks_and_cross_head_moves_break(name):
+    m, x = _model(name)
+    a = analyze(m, x)
+    heads = [g for g in permutation_groups(a) if g.num_heads]
+    assert heads, "attention heads were not found"
+    v = next(g for g in heads if len(g.members) == 1)
+    d = v.size // v.num_heads
+    ref = m(x)
+    sd = {k: t.detach() for k, t in m.state_dict().items()}
+    # negative control: moving one coordinate across heads changes the function
+    across = {v.name: torch.roll(torch.arange(v.size), 1)}
+    bad = copy.deepcopy(m)
+    bad.load_state_dict(apply_permutation(a, sd, across))
+    assert (bad(x) - ref).abs().max() > 1e-6
+    # a pure head permutation is a symmetry
+    hp = torch.roll(torch.arange(v.num_heads), 1)
+    perms = {g.name: (hp.view(-1, 1) * (g.size // g.num_heads)
+                      + torch.arange(g.size // g.num_heads)).reshape(-1)
+             for g in heads if g.head_group == v.head_group}
+    good = copy.deepcopy(m)
+    good.load_state_dict(apply_permutation(a, sd, perms))
+    assert (good(x) - ref).abs().max() < 1e-10
+    assert d > 0
+
+
+def test_tied_embedding_and_head_share_one_permutation():
+    m, x = _model("nanogpt_tied")
+    g = ParameterGraph.from_module(m, x)
+    a = g.spec.analysis
+    assert any(r.kind == "alias" for r in a.records)  # lm_head.weight is wte.weight
+    perms = random_permutation(permutation_groups(a), torch.Generator().manual_seed(0))
+    sd = apply_permutation(a, {k: v.detach() for k, v in m.state_dict().items()}, perms)
+    assert torch.equal(sd["wte.weight"], sd["lm_head.weight"])
+
+
+def test_non_persistent_buffer_multiplied_into_features_is_not_permuted():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.register_buffer("w", torch.linspace(0.5, 2.0, 6), persistent=False)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) * self.w)
+
+    m = M().double()
+    a = analyze(m, torch.randn(3, 4, dtype=torch.float64))
+    assert permutation_groups(a) == []
+    assert scaling_symmetries(a) == {}
+
+
+def test_transpose_with_equal_sizes_is_followed_exactly():
+    class Mixer(nn.Module):  # token mixing on (B, L, C) with L == C
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(3, 4)
+            self.tok = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.emb(x)                                # (B, L, C)
+            h = self.tok(h.transpose(1, 2)).transpose(1, 2)  # mixes tokens
+            return self.out(torch.relu(h))
+
+    m = Mixer().double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(Exception, match="different neurons|neuron"):
+        # the token mixer reads a token axis that carries no neurons: never guessed
+        analyze(m, x)
+
+
+def test_amax_is_not_sign_flippable():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)).amax(1))
+
+    m = M().double()
+    a = analyze(m, torch.randn(2, 7, 3, dtype=torch.float64))
+    assert scaling_symmetries(a) == {}
+
+
+def test_analysis_leaves_batchnorm_statistics_and_modes_alone():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    before = copy.deepcopy(m.state_dict())
+    analyze(m, torch.randn(2, 3, 8, 8))
+    assert m.training and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_analysis_is_cached_per_architecture():
+    m1, x = _model("nanogpt_untied")
+    m2, _ = _model("nanogpt_untied")
+    assert analyze(m1, x) is analyze(m2, x)
+    t, _ = _model("nanogpt_tied")
+    assert analyze(t, x) is not analyze(m1, x)  # a tie changes the architecture
