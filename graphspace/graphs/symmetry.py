@@ -21,9 +21,9 @@ with :math:`s = \pm 1`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,26 +35,9 @@ from graphspace.graphs.analysis import (
     POSITIVE_HOMOGENEOUS,
     ModelAnalysis,
     ParamRecord,
+    PermutationGroup,
     analyze,
 )
-
-
-@dataclass
-class PermutationGroup:
-    """Neuron sets that must be permuted by one permutation of ``size`` elements.
-
-    ``members`` are the node ids (in the model's parameter graph) of each tied set, aligned
-    position by position. ``num_heads > 0`` marks attention sets: a valid permutation maps
-    heads to heads (blocks of ``size // num_heads``); sets with the same ``head_group`` must use
-    the same head permutation.
-    """
-
-    name: str
-    size: int
-    sets: list[int]
-    members: list[Tensor]
-    num_heads: int = 0
-    head_group: int | None = None
 
 
 def _analysis(obj: Any, example_input: Any = None) -> ModelAnalysis:
@@ -75,18 +58,8 @@ def permutation_groups(model: Any, example_input: Any = None) -> list[Permutatio
     by one permutation (heads as blocks where ``num_heads > 0``) leaves the function unchanged.
     """
     a = _analysis(model, example_input)
-    groups = [PermutationGroup(name=g.name, size=g.size, sets=list(g.sets),
-                               members=list(g.members), num_heads=g.num_heads,
-                               head_group=g.head_group) for g in a.groups]
-    # names must be unique
-    seen: dict[str, int] = {}
-    for g in groups:
-        if g.name in seen:
-            seen[g.name] += 1
-            g.name = f"{g.name}#{seen[g.name]}"
-        else:
-            seen[g.name] = 0
-    return groups
+    return [dataclasses.replace(g, sets=list(g.sets), members=list(g.members))
+            for g in a.groups]
 
 
 def random_permutation(

@@ -30,10 +30,10 @@ from graphspace.graphs.analysis.context import (
 )
 from graphspace.graphs.analysis.ops import OPS, op
 from graphspace.graphs.analysis.records import (
-    GroupInfo,
     ModelAnalysis,
     NeuronSet,
     ParamRecord,
+    PermutationGroup,
     StructEdges,
     Use,
 )
@@ -54,7 +54,7 @@ register_op = op
 
 __all__ = [
     "ACTIVATION", "ACTIVATIONS", "Act", "AnalysisContext", "Const", "EDGE_TYPE", "EDGE_TYPES",
-    "GroupInfo", "ModelAnalysis", "NODE_TYPE", "NODE_TYPES", "NeuronSet", "ODD", "OPS",
+    "PermutationGroup", "ModelAnalysis", "NODE_TYPE", "NODE_TYPES", "NeuronSet", "ODD", "OPS",
     "Opaque", "POSITIVE_HOMOGENEOUS", "ParamRecord", "Raw", "Scores", "StructEdges",
     "TupleOut", "Use", "analyze", "infer_example_input", "register_op", "register_rule",
 ]

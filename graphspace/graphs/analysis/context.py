@@ -351,30 +351,29 @@ class AnalysisContext:
             perm=perm, groups=groups, spatial=tuple(canon[2:]), dst_sets=list(dst_sets),
             src_sets=list(src_sets), index=index,
         )
-        axes = self._axes_of(rec)
         if key in self.key_axes:
-            self._tie_uses(key, axes, module)
+            first = next(r for r in self.records if r.key == key)
+            if first.kind != "edge":
+                raise UnsupportedModuleError(module, "a shared parameter", f"'{key}' is used "
+                                             f"as a weight here and as a {first.kind} before")
+            if not self.key_axes[key]:
+                self.key_axes[key] = self._axes_of(first)
+            self._tie_uses(key, self._axes_of(rec), module)
             rec.tied_to = key
-            rec.edge_type = EDGE_TYPE["tied"] if edge_type == "custom" else rec.edge_type
             self.tied_records.append(rec)
             self.no_rescale.update(rec.dst_sets)
             self.no_rescale.update(rec.src_sets)
-            first = next(r for r in self.records if r.key == key)
             self.no_rescale.update(first.dst_sets)
             self.no_rescale.update(first.src_sets)
             return rec
-        self.key_axes[key] = axes
+        self.key_axes[key] = []  # node axes: computed if the weight is used again (a tie)
         self.records.append(rec)
         return rec
 
     def _axes_of(self, rec: ParamRecord) -> list[Tensor | None]:
-        """Node of every index along each axis of the state-dict tensor (None: not neurons)."""
+        """Node of every index along each axis of an edge record's state-dict tensor (None: the
+        axis does not index neurons, e.g. a kernel offset)."""
         out: list[Tensor | None] = []
-        if rec.kind != "edge":
-            nodes = rec.dst if rec.kind == "diag" else rec.nodes
-            assert nodes is not None
-            return [nodes.reshape(rec.shape)] if len(rec.shape) == 1 else [None] * len(
-                rec.shape)
         c = rec.canonical_shape
         o, il = c[0], c[1]
         s = 1

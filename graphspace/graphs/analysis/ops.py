@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +94,8 @@ class Walker:
         self.env: dict[fx.Node, Any] = {}
         self.producers: dict[int, tuple[str, Tensor, Tensor]] = {}
         self.node: fx.Node | None = None
+        #: the ids of every parameter as stored (a use of this very tensor needs no gather)
+        self._param_ids: dict[str, Tensor] = {}
         #: pieces of packed weights waiting for their other rows
         self.pending: dict[str, list[Any]] = {}
 
@@ -101,6 +105,7 @@ class Walker:
         for s in shape:
             n *= s
         ids = torch.arange(n).view(shape) if shape else torch.zeros((), dtype=torch.long)
+        self._param_ids[key] = ids
         return Act(ids, tuple(s > 1 for s in shape), shape, param=key)
 
     def weight(self, v: Any, path: str, what: str = "weight", partial: bool = False
@@ -112,10 +117,10 @@ class Walker:
         if not _is_param(v):
             raise UnsupportedOperationError(path, f"a computed {what}",
                                             "weights must be parameters of the model")
+        if v.ids is self._param_ids.get(v.param):  # used as stored
+            return v.param, None
         t = self.ctx.state[v.param]
-        full = v.full() if v.ids.numel() != t.numel() else v.ids
-        if tuple(full.shape) != tuple(v.shape):
-            full = v.full()
+        full = v.full()
         flat = full.reshape(-1)
         if partial and flat.numel() < t.numel() and torch.unique(flat).numel() == flat.numel():
             return v.param, full
@@ -244,13 +249,20 @@ class Walker:
         return Act(ids, mat, shape, depth)
 
 
+def clean_path(path: str) -> str:
+    """A module path of ``nn_module_stack`` as in ``named_modules()`` (``layers.0.fc``)."""
+    p = path.replace("L['self'].", "").replace("L['self']", "")
+    p = re.sub(r"\[(\d+)\]", r".\1", p)
+    p = re.sub(r"\['([^']+)'\]", r".\1", p)
+    return p.lstrip(".")
+
+
 def _path(node: fx.Node) -> str:
+    """Where ``node`` sits in the model, for error messages: ``module.path (node name)``."""
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         p = list(stack.values())[-1][0]
-        from graphspace.graphs.analysis.walk import _clean_path
-
-        return f"{_clean_path(p) or '<model>'} ({node.name})"
+        return f"{clean_path(p) or '<model>'} ({node.name})"
     return node.name
 
 
@@ -485,10 +497,13 @@ def _split(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     dim = _arg(args, kwargs, 2 if name not in ("unbind",) else 1, "dim", 0)
     if name == "unbind":
         dim = _arg(args, kwargs, 1, "dim", 0)
+    if isinstance(x, Raw):
+        return TupleOut([Raw(x.holder, s, x.chain) for s in shapes])
+    if isinstance(x, Const):
+        return TupleOut([Const(s, x.invariant, x.what) for s in shapes])
     if not isinstance(x, Act):
-        return TupleOut([_layout(w, node, x, lambda a: a) if not isinstance(x, (Raw, Const))
-                         else (Raw(x.holder, s, x.chain) if isinstance(x, Raw) else Const(s))
-                         for s in shapes])
+        return TupleOut([Opaque(f"a split of {getattr(x, 'what', 'a value')}")
+                         for _ in shapes])
     d = dim % x.ndim
     out = []
     start = 0
@@ -511,8 +526,20 @@ def _split(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 
 @op("cat", "concat", "concatenate")
 def _cat(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    parts = list(args[0])
-    dim = _arg(args, kwargs, 1, "dim", 0)
+    return _concat(w, node, list(args[0]), _arg(args, kwargs, 1, "dim", 0))
+
+
+@op("stack")
+def _stack(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """``stack`` is ``cat`` of the parts unsqueezed at ``dim``."""
+    d = _arg(args, kwargs, 1, "dim", 0) % len(_shape(node))
+    parts = [L.unsqueeze(p, d) if isinstance(p, Act) else dataclasses.replace(
+        p, shape=p.shape[:d] + (1,) + p.shape[d:]) if isinstance(p, (Raw, Const)) else p
+        for p in args[0]]
+    return _concat(w, node, parts, d)
+
+
+def _concat(w: Walker, node: fx.Node, parts: list, dim: int) -> Any:
     shape = _shape(node)
     nd = len(shape)
     d = dim % nd
@@ -565,40 +592,26 @@ def _cat(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     return w.merge(ids, shape, tuple(mat), "residual", [1.0] * len(ids), depth, _path(node))
 
 
-@op("stack")
-def _stack(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    parts = list(args[0])
-    dim = _arg(args, kwargs, 1, "dim", 0)
-    shape = _shape(node)
-    d = dim % len(shape)
-    ex = []
-    for p in parts:
-        if isinstance(p, Act):
-            ex.append(L.unsqueeze(p, d))
-        else:
-            ex.append(p)
-    fake = fx.Node(node.graph, node.name, "call_function", torch.ops.aten.cat.default, (), {})
-    fake.meta["val"] = node.meta.get("val")
-    fake.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-    return _cat(w, fake, (ex, d), {})
-
-
 @op("roll", "flip")
 def _roll(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """``roll``/``flip`` move entries along their dims: applied to the ids where they vary."""
     name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
 
     def fn(a: Act) -> Act:
-        if name == "roll":
-            ids = torch.roll(a.full(), *args[1:]) if any(s > 1 for s in a.ids.shape) else a.ids
-        else:
-            dims = [dd % a.ndim for dd in args[1]]
-            ids = a.ids.flip([dd for dd in dims if a.ids.shape[dd] > 1]) if dims else a.ids
-        if name == "roll" and ids.shape != a.ids.shape:
-            keep = [k for k in range(a.ndim) if a.ids.shape[k] > 1]
-            ids = ids
-            if not keep:
-                ids = a.ids
-        return a.replace(ids=ids if ids.dim() == a.ndim else a.ids, shape=_shape(node))
+        if name == "flip":
+            dims = [d % a.ndim for d in args[1] if a.ids.shape[d % a.ndim] > 1]
+            ids = a.ids.flip(dims) if dims else a.ids
+            return a.replace(ids=ids, shape=_shape(node))
+        shifts = list(args[1]) if isinstance(args[1], (list, tuple)) else [args[1]]
+        dims = _arg(args, kwargs, 2, "dims", [])
+        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+        if not dims:
+            if any(s_ > 1 for s_ in a.ids.shape):
+                raise UnsupportedOperationError(_path(node), "roll of the flattened neurons")
+            return a.replace(shape=_shape(node))
+        moved = [(sh, d % a.ndim) for sh, d in zip(shifts, dims) if a.ids.shape[d % a.ndim] > 1]
+        ids = torch.roll(a.ids, [m[0] for m in moved], [m[1] for m in moved]) if moved else a.ids
+        return a.replace(ids=ids, shape=_shape(node))
 
     return _layout(w, node, args[0], fn)
 
@@ -701,14 +714,13 @@ def _binary(w: Walker, node: fx.Node, a: Any, b: Any, op_name: str) -> Any:
             if _varies_along_neurons(x, o.shape, shape):
                 ctx.fix_act(x)
                 return x.replace(shape=shape, chain=x.chain + ("elementwise",))
-            if op_name in ("mul", "div") and not o.invariant and "uniform" not in o.what:
-                tag = "linear_const"
-            elif op_name in ("mul", "div") and "uniform" in o.what:
+            # x * c and x / c with a constant c are linear in x; 1 / x and data-dependent
+            # (permutation-invariant) factors such as a norm's 1 / std are not
+            if op_name in ("mul", "div") and not o.invariant and not (op_name == "div"
+                                                                      and x is b):
                 tag = "linear_const"
             else:
                 tag = "shift" if op_name in ("add", "sub") else "elementwise"
-            if op_name == "div" and x is b:
-                tag = "elementwise"
             return x.replace(shape=shape, chain=x.chain + (tag,))
         if isinstance(o, (int, float, bool)) or o is None:
             if op_name in ("mul", "div") and isinstance(o, (int, float)) and not (
@@ -1031,14 +1043,14 @@ def _dense(w: Walker, node: fx.Node, x: Any, wt: Any, bias: Any, out_features: i
     src, vt, pt, s = _flat_src(src_ids, path, kind)
     c = src.numel()
     o = out_features
-    pid = full if full is not None else torch.arange(ctx.state[key].numel()).view(wt.shape)
-    if w_layout == "io":
-        pid = pid.t()
-    pid = pid.reshape(o, in_features)
     view = (o,) + vt
     perm = (0,) + pt
-    canon = pid.reshape(view).permute(perm).reshape(-1)
-    index = None if torch.equal(canon, torch.arange(canon.numel())) else canon
+    index = None
+    if full is not None or w_layout == "io":  # stored otherwise than (out, in): gather
+        pid = full if full is not None else torch.arange(ctx.state[key].numel()).view(wt.shape)
+        if w_layout == "io":
+            pid = pid.t()
+        index = pid.reshape(o, in_features).reshape(view).permute(perm).reshape(-1)
     depth = x.depth + 1
     mod = path.split(" (")[0]
     sid = ctx.new_set(o, "linear", mod if mod != "<model>" else key.rsplit(".", 1)[0], depth)
@@ -1261,22 +1273,22 @@ def _conv(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         raise UnsupportedModuleError(path, name, "some input channels carry no neuron")
     key, full = w.weight(wt, path)
     k = tuple(wshape[2:])
-    pid = full if full is not None else torch.arange(ctx.state[key].numel()).view(wshape)
-    if transposed:
-        ipg = cin // groups
-        canon = pid.view(groups, ipg, opg, *k).transpose(1, 2).reshape(cout, ipg, *k)
-    else:
-        canon = pid
-    flat = canon.reshape(-1)
-    index = None if torch.equal(flat, torch.arange(flat.numel())) else flat
-    depth = x.depth + 1
-    kind = "conv"
-    sid = ctx.new_set(cout, kind, mod, depth)
-    out = ctx.sets[sid].nodes
     cshape = (cout, cin // groups) + k
-    ctx.add_edge_param(key, out, src, "conv", depth, mod, cshape, None if index is None else
-                       tuple(range(len(cshape))), groups=groups, dst_sets=[sid],
-                       src_sets=ctx.sets_of(src), index=index)
+    view, perm, index = tuple(wshape), tuple(range(len(wshape))), None
+    if transposed and groups == 1 and full is None:  # (in, out, *k) -> (out, in, *k)
+        perm = (1, 0) + perm[2:]
+    elif transposed or full is not None:  # a gather into (out, in_per_group, *k)
+        pid = full if full is not None else torch.arange(ctx.state[key].numel()).view(wshape)
+        if transposed:
+            ipg = cin // groups
+            pid = pid.view(groups, ipg, opg, *k).transpose(1, 2)
+        index = pid.reshape(-1)
+        view, perm = cshape, tuple(range(len(cshape)))
+    depth = x.depth + 1
+    sid = ctx.new_set(cout, "conv", mod, depth)
+    out = ctx.sets[sid].nodes
+    ctx.add_edge_param(key, out, src, "conv", depth, mod, view, perm, groups=groups,
+                       dst_sets=[sid], src_sets=ctx.sets_of(src), index=index)
     if b is not None:
         bkey, bfull = w.weight(b, path, "bias")
         ctx.add_node_param(bkey, out, 0, mod, depth, sets=[sid])
@@ -1336,7 +1348,6 @@ def _channel_input(w: Walker, x: Any, size: int, path: str, dim: int) -> Act:
 @op("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
     "_native_batch_norm_legit", "instance_norm", "cudnn_batch_norm")
 def _batch_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
     x, wt, b, rm, rv = args[0], args[1], args[2], args[3], args[4]
     c = None
     for t in (wt, b, rm, rv):
@@ -1347,10 +1358,8 @@ def _batch_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     x = _channel_input(w, x, c, _path(node), 1)
     stats = (rm, rv) if (_is_param(rm) or _is_param(rv)) else None
     out = _norm(w, node, x, 1, wt, b, stats)
-    if isinstance(node.meta.get("val"), (tuple, list)) or name != "batch_norm" and \
-            name != "instance_norm":
-        shapes = _shapes(node)
-        return TupleOut([out] + [Const(s) for s in shapes[1:]])
+    if isinstance(node.meta.get("val"), (tuple, list)):  # native_* variants return stats too
+        return TupleOut([out] + [Const(s) for s in _shapes(node)[1:]])
     return out
 
 
@@ -1436,10 +1445,8 @@ def _rnn(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     ctx = w.ctx
     path = _path(node)
     mod = path.split(" (")[0]
-    if name == "lstm":
-        x, hx, params, has_b, layers, _, _, bidir, batch_first = args[:9]
-    else:
-        x, hx, params, has_b, layers, _, _, bidir, batch_first = args[:9]
+    # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+    x, _, params, has_b, layers, _, _, bidir, _ = args[:9]
     gates = _GATES[name]
     ndir = 2 if bidir else 1
     per = 4 if has_b else 2
@@ -1503,7 +1510,6 @@ def _rnn(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     for shp in shapes[1:]:
         states.append(Act(allh.view(allh.shape[0], 1, allh.shape[1]), (True, False, True),
                           shp, cur.depth))
-    del batch_first
     return TupleOut([out] + states)
 
 

@@ -180,11 +180,14 @@ class Use:
 
 
 @dataclass
-class GroupInfo:
-    """A proved permutation symmetry: ``members[j]`` are the node ids of one aligned block
-    (position ``k`` of every block moves together); ``num_heads > 0``: blocks of
-    ``size // num_heads`` may also move as whole heads, jointly with every group of the same
-    ``head_group``."""
+class PermutationGroup:
+    """A proved permutation symmetry of ``size`` elements.
+
+    ``members[j]`` are the node ids (in the model's parameter graph) of one aligned block:
+    position ``k`` of every block moves together. ``num_heads > 0`` marks attention: a valid
+    permutation maps heads to heads (blocks of ``size // num_heads``), and groups with the same
+    ``head_group`` use the same head permutation. ``sets`` are the neuron sets of the blocks.
+    """
 
     name: str
     size: int
@@ -214,7 +217,7 @@ class ModelAnalysis:
     uses: dict[int, list[Use]]
     set_activation: dict[int, str]
     state_keys: list[str]
-    groups: list[GroupInfo] = field(default_factory=list)
+    groups: list[PermutationGroup] = field(default_factory=list)
     #: second (third, ...) uses of tied parameters: edges repeated in the graph
     tied_records: list[ParamRecord] = field(default_factory=list)
     #: sets whose incoming or outgoing weights are tied elsewhere (no rescaling)

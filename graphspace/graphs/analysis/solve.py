@@ -18,7 +18,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from graphspace.graphs.analysis.records import GroupInfo
+from graphspace.graphs.analysis.records import PermutationGroup
 
 _RNG = np.random.default_rng(12345)
 
@@ -27,7 +27,7 @@ def _rand64(n: int) -> np.ndarray:
     return _RNG.integers(1, np.iinfo(np.int64).max, size=n, dtype=np.int64).astype(np.uint64)
 
 
-def solve_groups(ctx: Any) -> tuple[list[GroupInfo], np.ndarray]:
+def solve_groups(ctx: Any) -> tuple[list[PermutationGroup], np.ndarray]:
     """Permutation groups of the analysed model and the per-node fixed mask."""
     n = ctx.num_nodes
     if n == 0:
@@ -85,7 +85,7 @@ def solve_groups(ctx: Any) -> tuple[list[GroupInfo], np.ndarray]:
     order = np.lexsort((first[cls[free]], atom[free], size[cls[free]], sig[cls[free]]))
     nodes = free[order]
     g_sig, g_size = sig[cls[nodes]], size[cls[nodes]]
-    groups: list[GroupInfo] = []
+    groups: list[PermutationGroup] = []
     start = 0
     total = nodes.size
     while start < total:
@@ -99,15 +99,21 @@ def solve_groups(ctx: Any) -> tuple[list[GroupInfo], np.ndarray]:
             members = [torch.from_numpy(block[j * m:(j + 1) * m].copy()) for j in range(k)]
             if all(np.unique(atom[mm.numpy()]).size == 1 for mm in members):
                 sets = [int(node_set[int(mm[0])]) for mm in members]
-                groups.append(GroupInfo(name=ctx.sets[sets[0]].name, size=m, sets=sets,
+                groups.append(PermutationGroup(name=ctx.sets[sets[0]].name, size=m, sets=sets,
                                         members=members))
         start = end
-    groups = _merge_heads(ctx, groups, atom)
+    groups = _merge_heads(ctx, groups)
     groups.sort(key=lambda g: int(g.members[0].min()))
+    seen: dict[str, int] = {}
+    for g in groups:  # names are keys of permutation dicts: make them unique
+        k = seen.get(g.name, -1) + 1
+        seen[g.name] = k
+        if k:
+            g.name = f"{g.name}#{k}"
     return groups, fixed
 
 
-def _merge_heads(ctx: Any, groups: list[GroupInfo], atom: np.ndarray) -> list[GroupInfo]:
+def _merge_heads(ctx: Any, groups: list[PermutationGroup]) -> list[PermutationGroup]:
     """Let heads of one attention move as blocks when nothing tells them apart."""
     if not ctx.heads:
         return groups
@@ -119,7 +125,7 @@ def _merge_heads(ctx: Any, groups: list[GroupInfo], atom: np.ndarray) -> list[Gr
     for ci, (nodes, _) in enumerate(ctx.cells):
         node_cells.setdefault(int(nodes[0]), []).append(ci)
     remove: set[int] = set()
-    added: list[GroupInfo] = []
+    added: list[PermutationGroup] = []
     for hg, spec in enumerate(ctx.heads):
         if spec.get("dependent"):
             continue
@@ -159,7 +165,7 @@ def _merge_heads(ctx: Any, groups: list[GroupInfo], atom: np.ndarray) -> list[Gr
             k = len(per_head[0][1])
             members = [torch.cat([mem[j] for _, mem in per_head]) for j in range(k)]
             g0 = groups[per_head[0][0]]
-            added.append(GroupInfo(name=g0.name, size=int(members[0].numel()),
+            added.append(PermutationGroup(name=g0.name, size=int(members[0].numel()),
                                    sets=g0.sets, members=members, num_heads=spec["H"],
                                    head_group=hg))
             remove.update(gi for gi, _ in per_head)

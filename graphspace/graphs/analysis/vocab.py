@@ -29,7 +29,6 @@ EDGE_TYPES: tuple[str, ...] = (
     "custom",
     "free",
     "recurrent",
-    "tied",
 )
 ACTIVATIONS: tuple[str, ...] = (
     "identity",

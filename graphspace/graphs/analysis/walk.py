@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -13,18 +12,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from graphspace.graphs.analysis.context import (
-    Act,
     AnalysisContext,
     Const,
     InputHolder,
-    Opaque,
     Raw,
-    Scores,
-    TupleOut,
     has_rules,
     rule_for,
 )
-from graphspace.graphs.analysis.ops import OPS, Walker
+from graphspace.graphs.analysis.ops import Walker, clean_path
 from graphspace.graphs.analysis.records import ModelAnalysis, ParamRecord
 from graphspace.graphs.analysis.solve import solve_groups
 from graphspace.graphs.analysis.vocab import ACTIVATION
@@ -91,8 +86,10 @@ def infer_example_input(model: nn.Module) -> list[tuple]:
     if isinstance(first, nn.modules.conv._ConvNd):
         nd = len(first.kernel_size)
         c = first.in_channels
-        cands = [(torch.zeros(2, c, *([s] * nd), dtype=dt),) for s in _SPATIAL]
-        return [x for x in cands if _runs(model, x)][:1] or cands[:1]
+        for s in _SPATIAL:
+            if _runs(model, (torch.zeros(1, c, *([s] * nd), dtype=dt),)):
+                return [(torch.zeros(2, c, *([s] * nd), dtype=dt),)]
+        return [(torch.zeros(2, c, *([_SPATIAL[0]] * nd), dtype=dt),)]
     if isinstance(first, nn.Embedding):
         return [(torch.zeros(2, t, dtype=torch.long),) for t in (8, 4, 1)]
     if isinstance(first, nn.RNNBase):
@@ -104,15 +101,13 @@ def infer_example_input(model: nn.Module) -> list[tuple]:
 
 
 def _runs(model: nn.Module, inputs: tuple) -> bool:
-    """Whether ``model`` accepts ``inputs`` (a forward in eval mode on the meta device's
-    shapes; the model's modes are restored, its values untouched)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    """Whether ``model`` accepts ``inputs``: one forward in eval mode without gradients (the
+    modes are restored; in eval mode no built-in layer changes a buffer)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            model(*(mode.from_tensor(x) for x in inputs))
+        with torch.no_grad():
+            model(*inputs)
         return True
     except Exception:  # noqa: BLE001 - any failure means: try another shape
         return False
@@ -194,22 +189,13 @@ def _regions(gm: fx.GraphModule, model: nn.Module) -> dict[fx.Node, tuple[str, s
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
         for key, (path, _) in stack.items():
-            p = _clean_path(path)
+            p = clean_path(path)
             m = mods.get(p)
             if m is not None and rule_for(m) is not None and type(m).__module__.split(".")[0] \
                     != "torch":
                 out[node] = (key, p)
                 break
     return out
-
-
-def _clean_path(path: str) -> str:
-    import re
-
-    p = path.replace("L['self'].", "").replace("L['self']", "")
-    p = re.sub(r"\[(\d+)\]", r".\1", p)
-    p = re.sub(r"\['([^']+)'\]", r".\1", p)
-    return p.lstrip(".")
 
 
 def _analyze_program(model: nn.Module, ep: torch.export.ExportedProgram, inputs: tuple
@@ -334,5 +320,4 @@ def _finish(ctx: AnalysisContext, model: nn.Module, walker: Walker, inputs: tupl
     )
 
 
-__all__ = ["analyze", "infer_example_input", "OPS", "Act", "Const", "Opaque", "Raw", "Scores",
-           "TupleOut", "operator"]
+__all__ = ["analyze", "infer_example_input"]
