@@ -336,7 +336,10 @@ class ParameterGraph(Data):
                     vals = ea[a:b, 0].reshape(c)
                 else:
                     vals = ea[a:b][:, spec.pad_index[r.key]].reshape(c)
-                out[r.key] = r.from_canonical(vals).to(r.dtype).clone()
+                t = r.from_canonical(vals).to(r.dtype)
+                # a fresh tensor unless it is still a view of edge_attr
+                same = t.untyped_storage().data_ptr() == ea.untyped_storage().data_ptr()
+                out[r.key] = t.clone() if same else t
             elif r.kind == "diag":
                 a, b = spec.ranges[r.key]
                 col = 0 if spec.kernel == "edge" else int(_pad_positions((), spec.kernel_pad)[0])

@@ -178,6 +178,7 @@ class AnalysisContext:
         self._node_type: list[Tensor] = []
         self._node_layer: list[Tensor] = []
         self._node_set: list[Tensor] = []
+        self._node_set_cache: Tensor | None = None
         self.tie_pairs: list[tuple[Tensor, Tensor]] = []
         self.fixed: list[Tensor] = []
         self.cells: list[tuple[Tensor, str]] = []
@@ -207,7 +208,11 @@ class AnalysisContext:
         return sid
 
     def node_set(self, nodes: Tensor) -> Tensor:
-        return torch.cat(self._node_set)[nodes] if self._node_set else nodes
+        """The neuron set of every node in ``nodes``."""
+        if self._node_set_cache is None or self._node_set_cache.numel() != self.num_nodes:
+            self._node_set_cache = torch.cat(self._node_set) if self._node_set else \
+                torch.zeros(0, dtype=torch.long)
+        return self._node_set_cache[nodes]
 
     def sets_of(self, nodes: Tensor) -> list[int]:
         """The neuron sets that ``nodes`` belong to (sorted)."""
@@ -373,19 +378,24 @@ class AnalysisContext:
     def _axes_of(self, rec: ParamRecord) -> list[Tensor | None]:
         """Node of every index along each axis of an edge record's state-dict tensor (None: the
         axis does not index neurons, e.g. a kernel offset)."""
-        out: list[Tensor | None] = []
+        assert rec.dst is not None and rec.src is not None
+        nd = len(rec.shape)
+        if rec.index is None and rec.view_shape == rec.shape and rec.groups == 1:
+            # canonical axis j is stored axis perm[j]: rows are dst, columns src
+            assert rec.perm is not None
+            out: list[Tensor | None] = [None] * nd
+            out[rec.perm[0]] = rec.dst
+            out[rec.perm[1]] = rec.src
+            return out
         c = rec.canonical_shape
         o, il = c[0], c[1]
         s = 1
         for v in c[2:]:
             s *= v
-        dst = rec.dst.view(o, 1, 1).expand(o, il, s)  # type: ignore[union-attr]
-        src = rec.src_per_edge(o, il, s)
-        flat_dst = rec.from_canonical(dst.reshape(c).double()).long()
-        flat_src = rec.from_canonical(src.reshape(c).double()).long()
-        for ax in range(len(rec.shape)):
-            out.append(self._axis_nodes(flat_dst, flat_src, ax))
-        return out
+        dst = rec.dst.view(o, 1, 1).expand(o, il, s).reshape(c)
+        src = rec.src_per_edge(o, il, s).reshape(c)
+        flat_dst, flat_src = rec.from_canonical(dst), rec.from_canonical(src)
+        return [self._axis_nodes(flat_dst, flat_src, ax) for ax in range(nd)]
 
     @staticmethod
     def _axis_nodes(dst: Tensor, src: Tensor, ax: int) -> Tensor | None:

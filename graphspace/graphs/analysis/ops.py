@@ -28,15 +28,32 @@ from graphspace.graphs.errors import UnsupportedModuleError, UnsupportedOperatio
 
 OpFn = Callable[["Walker", fx.Node, tuple, dict], Any]
 OPS: dict[str, OpFn] = {}
+#: ops whose rules read parameters as weights (they receive :class:`ParamRef` as is)
+WEIGHT_OPS: set[str] = set()
 
 
-def op(*names: str) -> Callable[[OpFn], OpFn]:
+def op(*names: str, weights: bool = False) -> Callable[[OpFn], OpFn]:
+    """Register a rule for the ATen ops ``names`` (packet names). With ``weights``, parameter
+    arguments arrive as :class:`ParamRef` (read them with :meth:`Walker.weight`); otherwise as
+    an :class:`Act` whose ids are the parameter's flat indices."""
+
     def deco(fn: OpFn) -> OpFn:
         for n in names:
             OPS[n] = fn
+            if weights:
+                WEIGHT_OPS.add(n)
         return fn
 
     return deco
+
+
+@dataclasses.dataclass
+class ParamRef:
+    """A parameter (or persistent buffer) as the exported graph passes it: its key and shape.
+    It becomes an :class:`Act` of flat indices only when an op uses it as a value."""
+
+    param: str
+    shape: tuple[int, ...]
 
 
 ACT_OPS = {
@@ -82,7 +99,7 @@ def _is_neuron(v: Any) -> bool:
 
 
 def _is_param(v: Any) -> bool:
-    return isinstance(v, Act) and v.param is not None
+    return isinstance(v, ParamRef) or (isinstance(v, Act) and v.param is not None)
 
 
 class Walker:
@@ -94,19 +111,23 @@ class Walker:
         self.env: dict[fx.Node, Any] = {}
         self.producers: dict[int, tuple[str, Tensor, Tensor]] = {}
         self.node: fx.Node | None = None
-        #: the ids of every parameter as stored (a use of this very tensor needs no gather)
-        self._param_ids: dict[str, Tensor] = {}
+        #: every parameter used as a value, as stored
+        self._param_acts: dict[str, Act] = {}
         #: pieces of packed weights waiting for their other rows
         self.pending: dict[str, list[Any]] = {}
 
     # -- values --------------------------------------------------------------------------
-    def param_act(self, key: str, shape: tuple[int, ...]) -> Act:
-        n = 1
-        for s in shape:
-            n *= s
-        ids = torch.arange(n).view(shape) if shape else torch.zeros((), dtype=torch.long)
-        self._param_ids[key] = ids
-        return Act(ids, tuple(s > 1 for s in shape), shape, param=key)
+    def param_act(self, ref: ParamRef) -> Act:
+        """``ref`` as a value: ids are the parameter's flat indices."""
+        if ref.param not in self._param_acts:
+            shape = ref.shape
+            n = 1
+            for s in shape:
+                n *= s
+            ids = torch.arange(n).view(shape) if shape else torch.zeros((), dtype=torch.long)
+            self._param_acts[ref.param] = Act(ids, tuple(s > 1 for s in shape), shape,
+                                              param=ref.param)
+        return self._param_acts[ref.param]
 
     def weight(self, v: Any, path: str, what: str = "weight", partial: bool = False
                ) -> tuple[str, Tensor | None]:
@@ -117,7 +138,7 @@ class Walker:
         if not _is_param(v):
             raise UnsupportedOperationError(path, f"a computed {what}",
                                             "weights must be parameters of the model")
-        if v.ids is self._param_ids.get(v.param):  # used as stored
+        if isinstance(v, ParamRef) or v is self._param_acts.get(v.param):  # used as stored
             return v.param, None
         t = self.ctx.state[v.param]
         full = v.full()
@@ -146,15 +167,28 @@ class Walker:
         elif isinstance(target, torch._ops.OpOverload):
             name = target._overloadpacket.__name__
             fn = OPS.get(name)
+            if name not in WEIGHT_OPS:
+                args, kwargs = self._as_values((args, kwargs))
             if fn is None:
                 out = self.unknown(node, name, args, kwargs)
             else:
                 out = fn(self, node, args, kwargs)
         else:
+            args, kwargs = self._as_values((args, kwargs))
             out = self.unknown(node, getattr(target, "__name__", str(target)), args, kwargs)
         self.env[node] = out
         if _is_neuron(out):
             self._producer(node, out)
+
+    def _as_values(self, x: Any) -> Any:
+        """``x`` with every :class:`ParamRef` turned into its :class:`Act`."""
+        if isinstance(x, ParamRef):
+            return self.param_act(x)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._as_values(v) for v in x)
+        if isinstance(x, dict):
+            return {k: self._as_values(v) for k, v in x.items()}
+        return x
 
     def _producer(self, node: fx.Node, a: Act) -> None:
         dims = [d for d in range(a.ndim) if a.ids.shape[d] > 1 or (a.mat[d] and a.shape[d])]
@@ -1043,14 +1077,14 @@ def _dense(w: Walker, node: fx.Node, x: Any, wt: Any, bias: Any, out_features: i
     src, vt, pt, s = _flat_src(src_ids, path, kind)
     c = src.numel()
     o = out_features
-    view = (o,) + vt
-    perm = (0,) + pt
+    if w_layout == "oi":  # (out, in) -> (out, c[, s])
+        view, perm = (o,) + vt, (0,) + pt
+    else:  # (in, out), as in x @ W or HF Conv1D -> (out, c[, s])
+        view, perm = vt + (o,), (len(vt),) + tuple(p - 1 for p in pt)
     index = None
-    if full is not None or w_layout == "io":  # stored otherwise than (out, in): gather
-        pid = full if full is not None else torch.arange(ctx.state[key].numel()).view(wt.shape)
-        if w_layout == "io":
-            pid = pid.t()
-        index = pid.reshape(o, in_features).reshape(view).permute(perm).reshape(-1)
+    if full is not None:  # a reshaped or transposed parameter: gather
+        pid = full.t() if w_layout == "io" else full
+        index = pid.reshape(o, in_features).reshape((o,) + vt).permute((0,) + pt).reshape(-1)
     depth = x.depth + 1
     mod = path.split(" (")[0]
     sid = ctx.new_set(o, "linear", mod if mod != "<model>" else key.rsplit(".", 1)[0], depth)
@@ -1120,17 +1154,17 @@ def _dense_piece(w: Walker, node: fx.Node, x: Act, wt: Act, bias: Any, key: str,
     return ctx.new_act(sid, _shape(node), -1, depth)
 
 
-@op("linear")
+@op("linear", weights=True)
 def _linear(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     x, wt = args[0], args[1]
     b = _arg(args, kwargs, 2, "bias")
-    o, i = wt.shape if isinstance(wt, Act) else (None, None)
-    if o is None:
+    if not _is_param(wt):
         raise UnsupportedOperationError(_path(node), "linear with a computed weight")
+    o, i = wt.shape
     return _dense(w, node, x, wt, b, o, i, "oi")
 
 
-@op("addmm")
+@op("addmm", weights=True)
 def _addmm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     b, x, wt = args[0], args[1], args[2]
     if not _is_param(wt):
@@ -1139,7 +1173,7 @@ def _addmm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     return _dense(w, node, x, wt, b, o, i, "io")
 
 
-@op("matmul", "mm", "bmm")
+@op("matmul", "mm", "bmm", weights=True)
 def _matmul(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     a, b = args[0], args[1]
     path = _path(node)
@@ -1214,7 +1248,7 @@ def _attention(w: Walker, node: fx.Node, q: Act, k: Act, v: Act, dependent: bool
 
 
 @op("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention")
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention", weights=True)
 def _sdpa(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     q, k, v = args[0], args[1], args[2]
     mask = _arg(args, kwargs, 3, "attn_mask")
@@ -1241,7 +1275,7 @@ def _sdpa(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 
 
 @op("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
-    "conv_transpose3d", "_convolution")
+    "conv_transpose3d", "_convolution", weights=True)
 def _conv(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
     ctx = w.ctx
@@ -1346,12 +1380,12 @@ def _channel_input(w: Walker, x: Any, size: int, path: str, dim: int) -> Act:
 
 
 @op("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
-    "_native_batch_norm_legit", "instance_norm", "cudnn_batch_norm")
+    "_native_batch_norm_legit", "instance_norm", "cudnn_batch_norm", weights=True)
 def _batch_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     x, wt, b, rm, rv = args[0], args[1], args[2], args[3], args[4]
     c = None
     for t in (wt, b, rm, rv):
-        if isinstance(t, Act):
+        if _is_param(t):
             c = t.shape[0]
     if c is None:
         c = (x.shape if isinstance(x, (Act, Raw)) else ())[1]
@@ -1363,7 +1397,7 @@ def _batch_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     return out
 
 
-@op("layer_norm", "rms_norm", "native_layer_norm")
+@op("layer_norm", "rms_norm", "native_layer_norm", weights=True)
 def _layer_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
     x, ns = args[0], list(args[1])
@@ -1389,7 +1423,7 @@ def _layer_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     return out
 
 
-@op("group_norm", "native_group_norm")
+@op("group_norm", "native_group_norm", weights=True)
 def _group_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     x, g = args[0], int(args[1])
     wt, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
@@ -1398,7 +1432,7 @@ def _group_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     return _norm(w, node, x, 1, wt, b, None, groups=g)
 
 
-@op("embedding")
+@op("embedding", weights=True)
 def _embedding(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     ctx = w.ctx
     wt, idx = args[0], args[1]
@@ -1436,7 +1470,7 @@ def _embedding(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
-@op("lstm", "gru", "rnn_tanh", "rnn_relu")
+@op("lstm", "gru", "rnn_tanh", "rnn_relu", weights=True)
 def _rnn(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     """LSTM/GRU/RNN: per layer and direction, a gate set (``gates x H`` neurons: rows of
     ``weight_ih``/``weight_hh``, biases in columns 0 and 1) and a hidden set of ``H`` neurons

@@ -19,7 +19,7 @@ from graphspace.graphs.analysis.context import (
     has_rules,
     rule_for,
 )
-from graphspace.graphs.analysis.ops import Walker, clean_path
+from graphspace.graphs.analysis.ops import ParamRef, Walker, clean_path
 from graphspace.graphs.analysis.records import ModelAnalysis, ParamRecord
 from graphspace.graphs.analysis.solve import solve_groups
 from graphspace.graphs.analysis.vocab import ACTIVATION
@@ -221,7 +221,7 @@ def _analyze_program(model: nn.Module, ep: torch.export.ExportedProgram, inputs:
             val = node.meta.get("val")
             shape = tuple(val.shape) if isinstance(val, Tensor) else ()
             if kind in ("PARAMETER", "BUFFER") and target in ctx.state and persistent:
-                env[node] = walker.param_act(target, shape)
+                env[node] = ParamRef(target, shape)
             elif kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
                 env[node] = Const(shape, what=f"the constant '{target}'")
             elif isinstance(val, Tensor):
