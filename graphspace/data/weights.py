@@ -37,7 +37,6 @@ from torch_geometric.data import Batch
 from torch_geometric.transforms import BaseTransform
 
 from graphspace.graphs import ModelAnalysis, ParameterGraph, ParamRecord, analyze
-from graphspace.graphs.parameter_graph import _pad_positions
 
 __all__ = [
     "GraphBuilder",
@@ -401,10 +400,6 @@ class GraphBuilder:
 # ----------------------------------------------------------------------------------------------
 
 
-def _center_col(spec: Any) -> int:
-    return 0 if spec.kernel == "edge" else int(_pad_positions((), spec.kernel_pad)[0])
-
-
 def map_records(
     graph: ParameterGraph,
     fn: Callable[[ParamRecord, Tensor], Tensor | None],
@@ -412,45 +407,22 @@ def map_records(
 ) -> ParameterGraph:
     """A shallow copy of ``graph`` whose parameter values are replaced by ``fn``'s output.
 
-    ``fn(record, values)`` receives a state-dict entry's current values -- in the canonical
-    layout ``record.canonical_shape`` for weights (``(out, in_per_group, *spatial)``), as a
-    vector for per-neuron entries -- and returns new values of the same shape, or ``None`` to
-    keep them. ``graph`` itself is not modified (new ``x`` / ``edge_attr`` tensors).
+    ``fn(record, values)`` receives a state-dict entry's current values (:meth:`ParamRecord.read`:
+    the canonical layout ``record.canonical_shape`` for weights, ``(out, in_per_group,
+    *spatial)``, a vector for per-neuron entries) and returns new values of the same shape, or
+    ``None`` to keep them. ``graph`` itself is not modified (new ``x`` / ``edge_attr`` tensors);
+    repeated edges of tied weights follow their parameter.
     """
-    spec = graph.spec
-    if isinstance(spec, list):
+    if isinstance(graph.spec, list):
         raise ValueError("this is a batch: call batch.to_data_list() first")
-    ea = graph.edge_attr.clone()
-    x = graph.x.clone()
-    col = _center_col(spec)
-    for r in (spec.records if records is None else records):
-        if r.kind == "edge":
-            a, b = spec.ranges[r.key]
-            c = r.canonical_shape
-            if spec.kernel == "edge":
-                cur = ea[a:b, 0].reshape(c)
-            else:
-                cur = ea[a:b][:, spec.pad_index[r.key]].reshape(c)
-            new = fn(r, cur)
-            if new is None:
-                continue
-            if spec.kernel == "edge":
-                ea[a:b, 0] = new.reshape(-1).to(ea.dtype)
-            else:
-                ea[a:b, spec.pad_index[r.key]] = new.reshape(c[0] * c[1], -1).to(ea.dtype)
-        elif r.kind == "diag":
-            a, b = spec.ranges[r.key]
-            new = fn(r, ea[a:b, col])
-            if new is not None:
-                ea[a:b, col] = new.reshape(-1).to(ea.dtype)
-        elif r.kind == "node":
-            assert r.nodes is not None
-            new = fn(r, x[r.nodes, r.column])
-            if new is not None:
-                x[r.nodes, r.column] = new.reshape(-1).to(x.dtype)
     out = copy.copy(graph)
-    out.edge_attr = ea
-    out.x = x
+    out.edge_attr = graph.edge_attr.clone()
+    out.x = graph.x.clone()
+    for r in (graph.spec.records if records is None else records):
+        if r.kind in ("edge", "diag", "node"):
+            new = fn(r, r.read(out))
+            if new is not None:
+                r.write(out, new)
     return out
 
 

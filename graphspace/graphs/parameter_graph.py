@@ -58,6 +58,8 @@ class GraphSpec:
     tied_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     #: for each tied range ``(key, start)``: the position in ``key``'s edges of every repeat
     tied_index: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+    #: dtypes of entries whose state dict differed from the analysed model's (e.g. float64)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     @property
     def scalar_column(self) -> int:
@@ -300,7 +302,9 @@ class ParameterGraph(Data):
             a = b
         spec = GraphSpec(records=records, ranges=ranges, extras=extras, kernel=kernel,
                          kernel_pad=pad, pad_index=pad_index, num_param_edges=n_param,
-                         analysis=analysis, tied_ranges=tied_ranges, tied_index=tied_index)
+                         analysis=analysis, tied_ranges=tied_ranges, tied_index=tied_index,
+                         dtypes={r.key: state_dict[r.key].dtype for r in records
+                                 if state_dict[r.key].dtype != r.dtype})
         g = cls(
             x=x,
             edge_index=edge_index,
@@ -327,30 +331,17 @@ class ParameterGraph(Data):
         if isinstance(spec, list):
             raise ValueError("this is a batch: call batch.to_data_list() and convert each graph")
         out: dict[str, Tensor] = {}
-        ea = self.edge_attr
+        storage = (self.edge_attr.untyped_storage().data_ptr(),
+                   self.x.untyped_storage().data_ptr())
         for r in spec.records:
-            if r.kind == "edge":
-                a, b = spec.ranges[r.key]
-                c = r.canonical_shape
-                if spec.kernel == "edge":
-                    vals = ea[a:b, 0].reshape(c)
-                else:
-                    vals = ea[a:b][:, spec.pad_index[r.key]].reshape(c)
-                t = r.from_canonical(vals).to(r.dtype)
-                # a fresh tensor unless it is still a view of edge_attr
-                same = t.untyped_storage().data_ptr() == ea.untyped_storage().data_ptr()
-                out[r.key] = t.clone() if same else t
-            elif r.kind == "diag":
-                a, b = spec.ranges[r.key]
-                col = 0 if spec.kernel == "edge" else int(_pad_positions((), spec.kernel_pad)[0])
-                out[r.key] = ea[a:b, col].reshape(r.shape).to(r.dtype).clone()
-            elif r.kind == "node":
-                assert r.nodes is not None
-                out[r.key] = self.x[r.nodes, r.column].reshape(r.shape).to(r.dtype).clone()
-            elif r.kind == "alias":
+            if r.kind == "alias":
                 continue
-            else:
-                out[r.key] = spec.extras[r.key].clone()
+            v = r.read(self)
+            t = (r.from_canonical(v) if r.kind == "edge" else v.reshape(r.shape)).to(
+                spec.dtypes.get(r.key, r.dtype))
+            # a fresh tensor, never a view of the graph's storage
+            out[r.key] = t.clone() if t.untyped_storage().data_ptr() in storage or \
+                r.kind == "extra" else t
         for r in spec.records:
             if r.kind == "alias":
                 assert r.tied_to is not None

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from graphspace.merge.activations import activation_statistics
+from graphspace.merge.activations import ActivationTap, activation_statistics
 from graphspace.merge.assignment import LapSolver
 from graphspace.merge.spec import AlignmentSpec
 from graphspace.merge.weight_matching import MatchResult, solve_unit
@@ -51,7 +51,10 @@ def activation_matching(
     """
     spec = spec or AlignmentSpec(model_a)
     spec.check(model_b.state_dict(), "model B")
-    sets = sorted({s for g in spec.groups for s in g.sets})
+    a = spec.analysis
+    tap = ActivationTap(model_a, sorted({s for g in spec.groups for s in g.sets}), a,
+                        skip_unreadable=True)
+    sets = tap.sets  # sets whose activations can be read (RNN gates, e.g., cannot)
     modes = (model_a.training, model_b.training)
     model_a.eval()
     model_b.eval()
@@ -67,8 +70,18 @@ def activation_matching(
         for gi in unit:
             g = spec.groups[gi]
             c = torch.zeros(g.size, g.size, dtype=torch.float64)
-            for s in g.sets:
-                c += stats[s].correlation(eps).cpu()
+            read = 0
+            for s, member in zip(g.sets, g.members):
+                if s not in stats:
+                    continue
+                # the member's neurons within its set (a member may be part of a set, e.g.
+                # the q third of a packed projection), in the group's order
+                idx = member - a.sets[s].nodes[0]
+                c += stats[s].correlation(eps).cpu()[idx][:, idx]
+                read += 1
+            if not read:
+                raise ValueError(f"activation matching: no activations of group {g.name!r} "
+                                 "can be read (use weight matching for it)")
             costs.append(c.numpy())
         for gi, p in zip(unit, solve_unit(spec, unit, costs, backend)):
             perms[spec.groups[gi].name] = torch.from_numpy(p)

@@ -73,7 +73,7 @@ class ActivationTap:
     """
 
     def __init__(self, model: nn.Module, sets: Iterable[int] | None = None,
-                 analysis: ModelAnalysis | None = None) -> None:
+                 analysis: ModelAnalysis | None = None, skip_unreadable: bool = False) -> None:
         self.model = model
         self.analysis = analysis or analyze(model)
         a = self.analysis
@@ -81,21 +81,37 @@ class ActivationTap:
         self._programs: dict[Any, tuple[Any, dict]] = {}
         if sets is None:
             sets = [s.id for s in a.sets if s.permutable]
-        self.sets = list(sets)
         self.derived: dict[int, tuple[str, Tensor, str | None, Tensor | None]] = {}
-        need = set(self.sets)
-        todo = [s for s in self.sets if s not in self.producers]
+        need: set[int] = set()
+        readable = []
+        for s0 in sets:
+            try:
+                need |= self._plan(s0)
+                readable.append(s0)
+            except ValueError:
+                if not skip_unreadable:
+                    raise
+        self.sets = readable
+        self._need = need
+
+    def _plan(self, s0: int) -> set[int]:
+        """The sets read to compute set ``s0`` (deriving it from its dense producer if no traced
+        value carries it); raises ``ValueError`` when it cannot be read."""
+        need = {s0}
+        todo = [s0] if s0 not in self.producers else []
+        derived: dict[int, tuple[str, Tensor, str | None, Tensor | None]] = {}
         while todo:
             s = todo.pop()
-            if s in self.derived:
+            if s in self.derived or s in derived:
                 continue
             key, rows, bkey, brows, srcs = self._incoming(s)
-            self.derived[s] = (key, rows, bkey, brows)
+            derived[s] = (key, rows, bkey, brows)
             for t in srcs:
                 need.add(t)
-                if t not in self.producers and t not in self.derived:
+                if t not in self.producers and t not in self.derived and t not in derived:
                     todo.append(t)
-        self._need = need
+        self.derived.update(derived)
+        return need
 
     def _program(self, args: tuple) -> tuple[Any, dict[int, tuple[str, Tensor, Tensor]]]:
         """The exported program for inputs shaped like ``args`` (export specialises shapes)."""
@@ -129,9 +145,8 @@ class ActivationTap:
     def _incoming(self, s: int) -> tuple[str, Tensor, str | None, Tensor | None, list[int]]:
         a = self.analysis
         nodes = a.sets[s].nodes
-        for r in a.records:
-            if r.kind != "edge" or s not in r.dst_sets:
-                continue
+        incoming = [r for r in a.records if r.kind == "edge" and s in r.dst_sets]
+        for r in incoming[:1] if len(incoming) == 1 else []:  # z = x W^T + b, one W only
             if r.spatial or r.groups != 1:
                 break
             assert r.dst is not None

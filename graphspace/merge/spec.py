@@ -87,7 +87,8 @@ class AlignmentSpec:
         self.slots: list[list[Slot]] = [[] for _ in self.groups]
         self.matched: list[str] = []
         for r in a.records:
-            if r.kind == "extra" or (r.kind == "node" and r.column != 0 and not include_buffers):
+            if r.kind in ("extra", "alias") or (r.kind == "node" and r.column != 0
+                                                and not include_buffers):
                 continue
             self.matched.append(r.key)
             axes = [(0, r.dst if r.kind in ("edge", "diag") else r.nodes)]

@@ -145,3 +145,15 @@ def test_analysis_is_cached_per_architecture():
     assert analyze(m1, x) is analyze(m2, x)
     t, _ = _model("nanogpt_tied")
     assert analyze(t, x) is not analyze(m1, x)  # a tie changes the architecture
+
+
+def test_state_dict_dtype_and_layout_survive_the_graph():
+    from safetensors.torch import save
+
+    m, x = _model("nanogpt_untied")
+    a = analyze(m.float(), x)  # analysed in float32
+    sd64 = {k: v.double() for k, v in m.state_dict().items()}
+    back = ParameterGraph.from_state_dict(sd64, a).to_state_dict()
+    assert all(back[k].dtype == torch.float64 and torch.equal(back[k], sd64[k]) for k in sd64)
+    assert all(v.is_contiguous() for v in back.values())
+    save(back)  # safetensors accepts it: contiguous, no shared storage

@@ -191,7 +191,9 @@ class Walker:
         return x
 
     def _producer(self, node: fx.Node, a: Act) -> None:
-        dims = [d for d in range(a.ndim) if a.ids.shape[d] > 1 or (a.mat[d] and a.shape[d])]
+        dims = [d for d in range(a.ndim) if a.ids.shape[d] > 1]
+        if not dims:  # a single neuron
+            dims = [d for d in range(a.ndim) if a.mat[d]][:1]
         if len(dims) != 1:
             return
         d = dims[0]

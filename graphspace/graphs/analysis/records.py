@@ -119,8 +119,9 @@ class ParamRecord:
 
     # -- values on a graph -----------------------------------------------------------------
     def read(self, graph: Any) -> Tensor:
-        """This entry's values on ``graph`` (a :class:`~graphspace.graphs.ParameterGraph`), in
-        canonical layout for ``"edge"`` records and the state-dict shape otherwise."""
+        """This entry's values on ``graph`` (a :class:`~graphspace.graphs.ParameterGraph`): the
+        canonical layout for ``"edge"`` records, a vector (one value per neuron) for ``"diag"``
+        and ``"node"`` records, the stored tensor for ``"extra"``. A view where possible."""
         spec = graph.spec
         if self.kind == "edge":
             a, b = spec.ranges[self.key]
@@ -130,10 +131,10 @@ class ParamRecord:
                 self.canonical_shape)
         if self.kind == "diag":
             a, b = spec.ranges[self.key]
-            return graph.edge_attr[a:b, spec.scalar_column].reshape(self.shape)
+            return graph.edge_attr[a:b, spec.scalar_column]
         if self.kind == "node":
             assert self.nodes is not None
-            return graph.x[self.nodes, self.column].reshape(self.shape)
+            return graph.x[self.nodes, self.column]
         return spec.extras[self.key]
 
     def write(self, graph: Any, values: Tensor) -> None:
@@ -141,12 +142,13 @@ class ParamRecord:
         spec = graph.spec
         if self.kind == "edge":
             a, b = spec.ranges[self.key]
-            v = values.reshape(b - a, -1).to(graph.edge_attr.dtype)
+            c = self.canonical_shape
             if spec.kernel == "edge":
-                graph.edge_attr[a:b, 0] = v[:, 0]
+                graph.edge_attr[a:b, 0] = values.reshape(-1).to(graph.edge_attr.dtype)
             else:
-                graph.edge_attr[a:b, spec.pad_index[self.key]] = v
-            for ta, tb in spec.tied_ranges.get(self.key, []):
+                graph.edge_attr[a:b, spec.pad_index[self.key]] = values.reshape(
+                    c[0] * c[1], -1).to(graph.edge_attr.dtype)
+            for ta, tb in spec.tied_ranges.get(self.key, []):  # repeated edges of a tied weight
                 graph.edge_attr[ta:tb] = graph.edge_attr[a:b][spec.tied_index[(self.key, ta)]]
         elif self.kind == "diag":
             a, b = spec.ranges[self.key]
