@@ -157,3 +157,14 @@ def test_state_dict_dtype_and_layout_survive_the_graph():
     assert all(back[k].dtype == torch.float64 and torch.equal(back[k], sd64[k]) for k in sd64)
     assert all(v.is_contiguous() for v in back.values())
     save(back)  # safetensors accepts it: contiguous, no shared storage
+
+
+def test_graphs_pickle_without_the_exported_program():
+    import pickle
+
+    m, x = _model("vit")
+    g = ParameterGraph.from_module(m, x)
+    g2 = pickle.loads(pickle.dumps(g))
+    assert g2.spec.analysis.program is None and g.spec.analysis.program is not None
+    sd = g2.to_state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())

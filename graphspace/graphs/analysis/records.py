@@ -231,6 +231,12 @@ class ModelAnalysis:
     #: the ``torch.export.ExportedProgram`` that was walked (for activation taps)
     program: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the exported program is a cache for activation taps: not pickled with graphs
+        state = dict(self.__dict__)
+        state["program"] = None
+        return state
+
     def record(self, key: str) -> ParamRecord:
         for r in self.records:
             if r.key == key:
