@@ -251,7 +251,7 @@ class ParameterGraph(Data):
                 edge_index[1, a:b] = r.dst
                 edge_index[0, a:b] = r.src
                 col = 0 if kernel == "edge" else int(_pad_positions((), pad)[0])  # type: ignore
-                edge_attr[a:b, col] = t.to(dt)
+                edge_attr[a:b, col] = t.reshape(-1).to(dt)
             elif r.kind == "node":
                 b = a
                 assert r.nodes is not None

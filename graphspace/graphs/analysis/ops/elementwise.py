@@ -20,6 +20,7 @@ from graphspace.graphs.analysis.context import (
 from graphspace.graphs.analysis.ops.table import (
     _is_neuron,
     _is_param,
+    _op_name,
     _path,
     _prod,
     _shape,
@@ -76,7 +77,7 @@ def _unary(w: Walker, x: Any, tag: str, shape: tuple[int, ...], act: bool = Fals
 
 @op(*ACT_OPS)
 def _act_op(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
     return _unary(w, args[0], ACT_OPS[name], _shape(node), act=True)
 
 
@@ -112,7 +113,7 @@ def _native_dropout(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 
 @op(*CONST_OPS)
 def _const(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
     x = args[0] if args else None
     if name in ("tril", "triu") and isinstance(x, Act):
         raise UnsupportedOperationError(_path(node), name, "masks a neuron tensor")
@@ -331,7 +332,7 @@ def _param_elementwise(w: Walker, node: fx.Node, x: Act, p: Act, op_name: str) -
     "remainder", "atan2", "hypot", "floor_divide", "eq", "ne", "lt", "gt", "le", "ge",
     "logical_and", "logical_or", "bitwise_and", "bitwise_or", "mul_", "add_")
 def _binary_op(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__.rstrip("_")  # type: ignore[union-attr]
+    name = _op_name(node)
     a, b = args[0], args[1]
     alpha = kwargs.get("alpha", 1)
     if name in ("add", "sub") and alpha != 1 and _is_neuron(b):

@@ -15,7 +15,15 @@ from graphspace.graphs.analysis.context import (
     TupleOut,
 )
 from graphspace.graphs.analysis.ops.elementwise import _unary
-from graphspace.graphs.analysis.ops.table import _arg, _is_param, _path, _shape, _shapes, op
+from graphspace.graphs.analysis.ops.table import (
+    _arg,
+    _is_param,
+    _op_name,
+    _path,
+    _shape,
+    _shapes,
+    op,
+)
 from graphspace.graphs.analysis.ops.walker import Walker
 from graphspace.graphs.analysis.records import Use
 from graphspace.graphs.errors import UnsupportedModuleError, UnsupportedOperationError
@@ -166,7 +174,7 @@ def _addmm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 @op("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
     "conv_transpose3d", "_convolution", weights=True)
 def _conv(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
     ctx = w.ctx
     path = _path(node)
     mod = path.split(" (")[0]
@@ -288,7 +296,7 @@ def _batch_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 
 @op("layer_norm", "rms_norm", "native_layer_norm", weights=True)
 def _layer_norm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
     x, ns = args[0], list(args[1])
     wt = _arg(args, kwargs, 2, "weight")
     b = _arg(args, kwargs, 3, "bias") if name != "rms_norm" else None

@@ -11,7 +11,7 @@ from graphspace.graphs.analysis.context import (
     Act,
     TupleOut,
 )
-from graphspace.graphs.analysis.ops.table import _path, _shapes, op
+from graphspace.graphs.analysis.ops.table import _op_name, _path, _shapes, op
 from graphspace.graphs.analysis.ops.walker import Walker
 from graphspace.graphs.analysis.records import Use
 from graphspace.graphs.errors import UnsupportedOperationError
@@ -28,7 +28,7 @@ def _rnn(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     """LSTM/GRU/RNN: per layer and direction, a gate set (``gates x H`` neurons: rows of
     ``weight_ih``/``weight_hh``, biases in columns 0 and 1) and a hidden set of ``H`` neurons
     (struct edges gate -> hidden). A hidden unit's gate rows and recurrence move together."""
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
     ctx = w.ctx
     path = _path(node)
     mod = path.split(" (")[0]

@@ -15,7 +15,7 @@ from graphspace.graphs.analysis.context import (
     TupleOut,
 )
 from graphspace.graphs.analysis.ops.elementwise import _binary, _unary
-from graphspace.graphs.analysis.ops.table import _arg, _path, _shapes, op
+from graphspace.graphs.analysis.ops.table import _arg, _op_name, _path, _shapes, op
 from graphspace.graphs.analysis.ops.walker import Walker
 from graphspace.graphs.analysis.records import Use
 from graphspace.graphs.errors import UnsupportedOperationError
@@ -29,7 +29,7 @@ from graphspace.graphs.errors import UnsupportedOperationError
     "var_mean", "std_mean", "linalg_vector_norm", "all", "any", "argmax", "argmin", "nansum",
     "nanmean")
 def _reduce(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
     x = args[0]
     overload = node.target._overloadname  # type: ignore[union-attr]
     if name in ("max", "min") and len(args) > 1 and isinstance(args[1], (Act, Const, Raw)):
@@ -100,7 +100,7 @@ POOL_OPS = {
 
 @op(*POOL_OPS)
 def _pool(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
     tag = POOL_OPS[name]
     x = args[0]
     shapes = _shapes(node)

@@ -22,8 +22,10 @@ from graphspace.graphs.analysis.context import (
 from graphspace.graphs.analysis.ops.elementwise import _free_set
 from graphspace.graphs.analysis.ops.table import (
     _arg,
+    _flatten_vals,
     _is_neuron,
     _is_param,
+    _op_name,
     _path,
     _shape,
     _shapes,
@@ -128,7 +130,7 @@ def _slice_index(size: int, start: Any, end: Any, step: Any) -> Tensor:
 
 @op("slice", "narrow")
 def _slice(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
     x = args[0]
     dim = _arg(args, kwargs, 1, "dim", 0)
     if name == "narrow":
@@ -157,7 +159,7 @@ def _slice(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 
 @op("split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split")
 def _split(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
     x = args[0]
     shapes = _shapes(node)
     dim = _arg(args, kwargs, 2 if name not in ("unbind",) else 1, "dim", 0)
@@ -261,7 +263,7 @@ def _concat(w: Walker, node: fx.Node, parts: list, dim: int) -> Any:
 @op("roll", "flip")
 def _roll(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     """``roll``/``flip`` move entries along their dims: applied to the ids where they vary."""
-    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    name = _op_name(node)
 
     def fn(a: Act) -> Act:
         if name == "flip":
@@ -320,3 +322,38 @@ def _repeat(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         return a.replace(ids=ids, mat=(False,) * lead + a.mat, shape=_shape(node))
 
     return _layout(w, node, args[0], fn)
+
+
+@op("index", "index_select", "gather", "take", "_unsafe_index")
+def _index(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """Gathers by index tensors. A gathered parameter (a relative-position bias table) is kept
+    verbatim and acts as a constant: the neurons or heads it varies along stay fixed. Neurons may
+    be gathered along other axes (tokens) when they vary along the last axis only."""
+    x = args[0]
+    shape = _shape(node)
+    params = [v for v in _flatten_vals(args) if _is_param(v)]
+    if params:
+        if any(_is_neuron(v) for v in _flatten_vals(args)):
+            raise UnsupportedOperationError(_path(node), "gather of neurons by a parameter")
+        for p in params:
+            w.ctx.add_extra(p.param, _path(node))
+        return Const(shape, what="a gathered parameter")
+    if isinstance(x, Raw):
+        return Raw(x.holder, shape, x.chain)
+    if isinstance(x, Const):
+        return Const(shape, x.invariant, x.what)
+    if not _is_neuron(x):
+        return Opaque(f"a gather of {getattr(x, 'what', 'a value')}")
+    varying = [d for d in range(x.ndim) if x.ids.shape[d] > 1]
+    name = _op_name(node)
+    dim = args[1] if name in ("index_select", "gather") else None
+    if name == "take" or varying not in ([], [x.ndim - 1]) or (
+            dim is not None and dim % x.ndim == x.ndim - 1) or (
+            name in ("index", "_unsafe_index") and len(args[1]) >= x.ndim and
+            args[1][x.ndim - 1] is not None) or shape[-1] != x.shape[-1]:
+        raise UnsupportedOperationError(_path(node), f"{name} of neurons",
+                                        "indexes the neuron axis")
+    ids = x.ids.reshape(-1)[-1:] if not varying else x.ids.reshape(-1)
+    nd = len(shape)
+    return x.replace(ids=ids.view((1,) * (nd - 1) + (-1,)), mat=(False,) * (nd - 1) + (True,),
+                     shape=shape, chain=x.chain + ("gather",))

@@ -46,6 +46,15 @@ class ParamRef:
 
 
 
+def _op_name(node: fx.Node) -> str:
+    """The op's packet name; an in-place variant (``silu_``) is named after its functional op
+    when only that has a rule."""
+    name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
+    if name not in OPS and name.endswith("_") and name[:-1] in OPS:
+        return name[:-1]
+    return name
+
+
 def _shape(node: fx.Node) -> tuple[int, ...]:
     v = node.meta.get("val")
     if isinstance(v, Tensor):

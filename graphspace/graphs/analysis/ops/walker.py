@@ -26,6 +26,7 @@ from graphspace.graphs.analysis.ops.table import (
     _flatten_vals,
     _is_neuron,
     _is_param,
+    _op_name,
     _path,
     _shape,
     _shapes,
@@ -97,7 +98,7 @@ class Walker:
             out = x.items[i] if isinstance(x, TupleOut) else (
                 x[i] if isinstance(x, (list, tuple)) else None)
         elif isinstance(target, torch._ops.OpOverload):
-            name = target._overloadpacket.__name__
+            name = _op_name(node)
             fn = OPS.get(name)
             if name not in WEIGHT_OPS:
                 args, kwargs = self._as_values((args, kwargs))
@@ -105,6 +106,9 @@ class Walker:
                 out = self.unknown(node, name, args, kwargs)
             else:
                 out = fn(self, node, args, kwargs)
+            if target._schema.is_mutable and node.args and isinstance(node.args[0], fx.Node):
+                # an in-place op (relu_, add_): later uses of its input see the new value
+                self.env[node.args[0]] = out
         else:
             args, kwargs = self._as_values((args, kwargs))
             out = self.unknown(node, getattr(target, "__name__", str(target)), args, kwargs)
