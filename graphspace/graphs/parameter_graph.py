@@ -200,14 +200,15 @@ class ParameterGraph(Data):
         e = n_param + n_tied + n_struct
         width = 1 if kernel == "edge" else math.prod(pad or (1,))
         edge_index = torch.empty(2, e, dtype=torch.long)
-        edge_attr = torch.zeros(e, width, dtype=dt)
+        # every entry is written in edge mode; channel mode pads kernels with zeros
+        edge_attr = (torch.empty if kernel == "edge" else torch.zeros)(e, width, dtype=dt)
         edge_type = torch.empty(e, dtype=torch.long)
         edge_layer = torch.empty(e, dtype=torch.long)
         edge_pos = None
         if kernel == "edge":
             max_sp = max([max(r.spatial, default=0) for r in records if r.kind == "edge"] + [0])
             pos_dtype = torch.int16 if max_sp <= torch.iinfo(torch.int16).max else torch.int32
-            edge_pos = torch.empty(e, 3, dtype=pos_dtype)
+            edge_pos = torch.zeros(e, 3, dtype=pos_dtype)  # zero pages: dense layers stay 0
         x = torch.zeros(analysis.num_nodes, 3, dtype=dt)
         ranges: dict[str, tuple[int, int]] = {}
         extras: dict[str, Tensor] = {}
@@ -234,7 +235,6 @@ class ParameterGraph(Data):
                                                           indexing="ij"), -1).view(s, len(sp))
                         edge_pos[a:b, : len(sp)].view(o, il, s, len(sp)).copy_(
                             grid.view(1, 1, s, len(sp)).expand(o, il, s, len(sp)))
-                    edge_pos[a:b, len(sp):] = 0
                 else:
                     b = a + n
                     assert r.dst is not None
@@ -245,8 +245,6 @@ class ParameterGraph(Data):
                     edge_attr[a:b][:, idx] = c.reshape(o * il, s).to(dt)
             elif r.kind == "diag":
                 b = a + n
-                if edge_pos is not None:
-                    edge_pos[a:b] = 0
                 assert r.dst is not None and r.src is not None
                 edge_index[1, a:b] = r.dst
                 edge_index[0, a:b] = r.src
@@ -266,8 +264,6 @@ class ParameterGraph(Data):
                 edge_layer[a:b] = r.layer
                 ranges[r.key] = (a, b)
             a = b
-        if edge_pos is not None:
-            edge_pos[n_param:] = 0
         tied_ranges: dict[str, list[tuple[int, int]]] = {}
         tied_index: dict[tuple[str, int], Tensor] = {}
         by_key = {r.key: r for r in records}
@@ -279,10 +275,10 @@ class ParameterGraph(Data):
             b = a + o * il * sp
             edge_index[1, a:b].view(o, il, sp).copy_(r.dst.view(o, 1, 1).expand(o, il, sp))
             edge_index[0, a:b].view(o, il, sp).copy_(r.src_per_edge(o, il, sp))
-            flat = torch.arange(first.numel).view(first.shape)
-            pos_first = torch.empty(first.numel, dtype=torch.long)
-            pos_first[first.to_canonical(flat).reshape(-1)] = torch.arange(first.numel)
-            idx = pos_first[r.to_canonical(flat).reshape(-1)]
+            # where each entry sits among the first use's edges: lay those positions out in
+            # the stored shape, then read them in this use's canonical order
+            pos = first.from_canonical(torch.arange(first.numel).view(first.canonical_shape))
+            idx = r.to_canonical(pos).reshape(-1)
             fa, _ = ranges[first.key]
             col = 0 if kernel == "edge" else int(_pad_positions((), pad)[0])  # type: ignore
             edge_attr[a:b, col] = edge_attr[fa:fa + first.numel, col][idx]

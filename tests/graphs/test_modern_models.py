@@ -168,3 +168,29 @@ def test_graphs_pickle_without_the_exported_program():
     assert g2.spec.analysis.program is None and g.spec.analysis.program is not None
     sd = g2.to_state_dict()
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+
+
+def test_tied_head_edges_carry_the_embedding_and_follow_writes():
+    m, x = _model("nanogpt_tied")
+    g = ParameterGraph.from_module(m, x)
+    second = g.spec.analysis.tied_records[0]  # the second use of the one tied tensor
+    (a, b), = g.spec.tied_ranges[second.tied_to]
+    w = m.state_dict()["lm_head.weight"]  # (vocab, C), also wte.weight
+    c = second.to_canonical(w)
+    assert torch.equal(g.edge_attr[a:b, 0].view_as(c), c)
+    assert torch.equal(g.edge_index[1, a:b].view_as(c)[:, 0], second.dst)
+    rec = g.spec.analysis.record(second.tied_to)
+    rec.write(g, rec.read(g) * 2)
+    assert torch.equal(g.edge_attr[a:b, 0].view_as(c), 2 * c)
+    sd = g.to_state_dict()
+    assert torch.equal(sd["lm_head.weight"], 2 * w) and torch.equal(sd["wte.weight"], 2 * w)
+
+
+def test_embedding_max_norm_table_is_not_renormalised_by_the_analysis():
+    m = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Linear(4, 2))
+    with torch.no_grad():
+        m[0].weight.mul_(3)  # rows well above max_norm
+    w0 = m[0].weight.detach().clone()
+    g = ParameterGraph.from_module(m, torch.randint(0, 10, (2, 5)))
+    assert torch.equal(m[0].weight, w0)
+    assert [gr.size for gr in permutation_groups(g)] == [4]

@@ -358,3 +358,11 @@ def _embedding(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     ctx.add_edge_param(key, ctx.sets[sid].nodes, tok, "embedding", 1, mod, (v, d), (1, 0),
                        dst_sets=[sid], src_sets=ctx.sets_of(tok))
     return ctx.new_act(sid, _shape(node), -1, 1)
+
+
+@op("embedding_renorm", "embedding_renorm_", weights=True)
+def _embedding_renorm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """``Embedding(max_norm=...)`` rescales the looked-up rows of its table in place. Row norms
+    do not depend on the order of the features, so the table stays what it was for the walk
+    (export runs on fake tensors: the model's own table is never touched)."""
+    return args[0]
