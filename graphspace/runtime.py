@@ -21,6 +21,10 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 #: glibc ``mallopt`` parameters (``malloc.h``)
 _M_TRIM_THRESHOLD = -1
@@ -71,3 +75,38 @@ def tuning_enabled() -> bool:
     """Whether the console script should call :func:`tune_cpu_allocator` (the
     ``GRAPHSPACE_MALLOC_TUNING`` environment variable is unset or not ``0``/``false``/``no``)."""
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+#: ``madvise(2)`` advice asking for transparent huge pages (``MADV_HUGEPAGE``)
+_MADV_HUGEPAGE = 14
+_HUGE = 2 * 1024 * 1024
+_libc = None
+
+
+def empty_huge(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(size, dtype=dtype)``, with the kernel asked to back it by transparent
+    huge pages before any page is touched (Linux, tensors of 8 MiB and more).
+
+    A parameter graph of a 124M-parameter model writes ~7 GB of fresh edge arrays; faulting
+    them in 4 KiB pages costs most of the conversion. ``madvise(MADV_HUGEPAGE)`` on the fresh
+    range (the process-wide alternative is PyTorch's ``THP_MEM_ALLOC_ENABLE=1``) cuts that by
+    about 4x. Elsewhere, or if the kernel refuses, this is a plain ``torch.empty``.
+    """
+    import torch
+
+    t = torch.empty(size, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 4 * _HUGE or not sys.platform.startswith("linux"):
+        return t
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        start = t.data_ptr()
+        lo = (start + _HUGE - 1) // _HUGE * _HUGE  # whole huge pages inside the tensor
+        hi = (start + nbytes) // _HUGE * _HUGE
+        if hi > lo:
+            _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
+    return t

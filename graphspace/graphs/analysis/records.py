@@ -95,19 +95,19 @@ class ParamRecord:
         assert self.view_shape is not None and self.perm is not None
         return t.reshape(self.view_shape).permute(self.perm)
 
-    def from_canonical(self, c: Tensor) -> Tensor:
-        """Inverse of :meth:`to_canonical` (a contiguous tensor of the state-dict shape)."""
+    def from_canonical(self, c: Tensor, out: Tensor | None = None) -> Tensor:
+        """Inverse of :meth:`to_canonical`: a contiguous tensor of the state-dict shape (written
+        into ``out`` when given)."""
+        if out is None:
+            out = torch.empty(self.shape, dtype=c.dtype, device=c.device)
         if self.kind != "edge":
-            return c.reshape(self.shape).contiguous()
-        if self.index is not None:
-            out = torch.empty(self.numel, dtype=c.dtype, device=c.device)
-            out[self.index.to(c.device)] = c.reshape(-1)
-            return out.view(self.shape)
-        assert self.perm is not None
-        inv = [0] * len(self.perm)
-        for i, p in enumerate(self.perm):
-            inv[p] = i
-        return c.permute(inv).reshape(self.shape).contiguous()
+            out.copy_(c.reshape(self.shape))
+        elif self.index is not None:
+            out.view(-1)[self.index.to(c.device)] = c.reshape(-1).to(out.dtype)
+        else:
+            assert self.view_shape is not None and self.perm is not None
+            out.view(self.view_shape).permute(self.perm).copy_(c)
+        return out
 
     def src_per_edge(self, o: int, i_local: int, s: int) -> Tensor:
         """Source node of every canonical entry, as an ``(o, i_local, s)`` tensor."""
