@@ -21,6 +21,8 @@ from scipy.sparse.csgraph import connected_components
 from graphspace.graphs.analysis.records import PermutationGroup
 
 _RNG = np.random.default_rng(12345)
+_K_SET = np.uint64(0x9E3779B97F4A7C15)
+_K_NODE = np.uint64(0xC2B2AE3D27D4EB4F)
 
 
 def _rand64(n: int) -> np.ndarray:
@@ -57,9 +59,18 @@ def solve_groups(ctx: Any) -> tuple[list[PermutationGroup], np.ndarray]:
         bad_cls = np.unique(cls[fixed])
         fixed |= np.isin(cls, bad_cls)
         # atoms: (set, cells, node if fixed)
-        atom_key = np.stack([node_set.astype(np.int64), cell_hash.view(np.int64),
-                             np.where(fixed, np.arange(n), -1)], 1)
-        _, atom = np.unique(atom_key, axis=0, return_inverse=True)
+        # one 64-bit key per (set, cells, node if fixed): random odd multipliers make a
+        # collision of two different atoms a 2**-64 event
+        with np.errstate(over="ignore"):
+            atom_key = (node_set.astype(np.uint64) * _K_SET) ^ cell_hash ^ np.where(
+                fixed, (np.arange(n, dtype=np.uint64) + np.uint64(1)) * _K_NODE, np.uint64(0))
+        _, atom = np.unique(atom_key, return_inverse=True)
+        # number atoms in the order of their first node (deterministic member order)
+        first_node = np.full(int(atom.max()) + 1, n, dtype=np.int64)
+        np.minimum.at(first_node, atom, np.arange(n))
+        rank = np.empty_like(first_node)
+        rank[np.argsort(first_node, kind="stable")] = np.arange(first_node.size)
+        atom = rank[atom]
         atom = atom.reshape(-1)
         # a class meeting an atom twice is fixed
         free = ~fixed
