@@ -290,18 +290,23 @@ class AnalysisContext:
         return act.replace(chain=act.chain + (name,))
 
     # -- inputs --------------------------------------------------------------------------
+    def input_set(self, h: InputHolder, size: int, path: str, kind: str = "layer") -> int:
+        """The neuron set of model input ``h`` (``size`` nodes, created on first read)."""
+        if h.set_id is None:
+            h.set_id = self.new_set(size, "input", h.name, 0, permutable=False)
+            self.input_sets.append(h.set_id)
+        elif self.sets[h.set_id].size != size:
+            raise UnsupportedModuleError(
+                path, kind, f"model input '{h.name}' is read with {size} features here but "
+                f"with {self.sets[h.set_id].size} elsewhere")
+        return h.set_id
+
     def resolve(self, x: Any, size: int, path: str, dim: int = -1, kind: str = "layer") -> Act:
         """Make sure ``x`` carries neurons along ``dim`` (creating input nodes for a model
         input); returns an :class:`Act`."""
         if isinstance(x, Raw):
             h = x.holder
-            if h.set_id is None:
-                h.set_id = self.new_set(size, "input", h.name, 0, permutable=False)
-                self.input_sets.append(h.set_id)
-            elif self.sets[h.set_id].size != size:
-                raise UnsupportedModuleError(
-                    path, kind, f"model input '{h.name}' is read with {size} features here but "
-                    f"with {self.sets[h.set_id].size} elsewhere")
+            self.input_set(h, size, path, kind)
             if not x.shape:
                 raise UnsupportedModuleError(path, kind, "its input is a scalar")
             return self.new_act(h.set_id, x.shape, dim, 0, x.chain)

@@ -340,14 +340,7 @@ def _embedding(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         raise UnsupportedOperationError(path, "embedding with a reshaped table")
     v, d = wt.shape
     if isinstance(idx, Raw):
-        h = idx.holder
-        if h.set_id is None:
-            h.set_id = ctx.new_set(v, "input", h.name, 0, permutable=False)
-            ctx.input_sets.append(h.set_id)
-        elif ctx.sets[h.set_id].size != v:
-            raise UnsupportedOperationError(path, "embedding", f"input '{h.name}' indexes "
-                                            "tables of different sizes")
-        tok = ctx.sets[h.set_id].nodes
+        tok = ctx.sets[ctx.input_set(idx.holder, v, path, "embedding")].nodes
     elif isinstance(idx, Const):
         sid = ctx.new_set(v, "input", f"{key}.indices", 0, permutable=False)
         tok = ctx.sets[sid].nodes
