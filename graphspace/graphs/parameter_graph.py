@@ -362,7 +362,8 @@ class ParameterGraph(Data):
         for r in spec.records:
             if r.kind == "alias":
                 assert r.tied_to is not None
-                out[r.key] = out[r.tied_to].clone()
+                src = out[r.tied_to]
+                out[r.key] = empty_huge(tuple(src.shape), dtype=src.dtype).copy_(src)
         keys = spec.analysis.state_keys if spec.analysis is not None else list(out)
         return {k: out[k] for k in keys}
 

@@ -179,6 +179,7 @@ class AnalysisContext:
         self._node_layer: list[Tensor] = []
         self._node_set: list[Tensor] = []
         self._node_set_cache: Tensor | None = None
+        self._set_starts: list[int] = []
         self.tie_pairs: list[tuple[Tensor, Tensor]] = []
         self.fixed: list[Tensor] = []
         self.cells: list[tuple[Tensor, str]] = []
@@ -197,6 +198,7 @@ class AnalysisContext:
                 ) -> int:
         """Create ``size`` new nodes forming one neuron set; returns the set id."""
         sid = len(self.sets)
+        self._set_starts.append(self.num_nodes)
         nodes = torch.arange(self.num_nodes, self.num_nodes + size)
         self.num_nodes += size
         self.sets.append(NeuronSet(sid, nodes, kind, name, layer))
@@ -208,11 +210,10 @@ class AnalysisContext:
         return sid
 
     def node_set(self, nodes: Tensor) -> Tensor:
-        """The neuron set of every node in ``nodes``."""
-        if self._node_set_cache is None or self._node_set_cache.numel() != self.num_nodes:
-            self._node_set_cache = torch.cat(self._node_set) if self._node_set else \
-                torch.zeros(0, dtype=torch.long)
-        return self._node_set_cache[nodes]
+        """The neuron set of every node in ``nodes`` (sets are consecutive ranges of ids)."""
+        if self._node_set_cache is None or self._node_set_cache.numel() != len(self.sets):
+            self._node_set_cache = torch.tensor(self._set_starts, dtype=torch.long)
+        return torch.searchsorted(self._node_set_cache, nodes, right=True) - 1
 
     def sets_of(self, nodes: Tensor) -> list[int]:
         """The neuron sets that ``nodes`` belong to (sorted)."""

@@ -139,12 +139,13 @@ class Walker:
         for s in self.ctx.sets_of(ids):
             if s in self.producers:
                 continue
-            nodes = self.ctx.sets[s].nodes
-            lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
-            lookup[ids] = torch.arange(ids.numel())
-            if int(nodes.max()) >= lookup.numel():
-                continue
-            pos = lookup[nodes]
+            # sets are ranges of node ids: where each of the set's nodes sits in ``ids``
+            start, size = int(self.ctx.sets[s].nodes[0]), self.ctx.sets[s].size
+            where = torch.nonzero((ids >= start) & (ids < start + size)).view(-1)
+            if where.numel() != size:
+                continue  # part of the set only, or a node repeated
+            pos = torch.full((size,), -1, dtype=torch.long)
+            pos[ids[where] - start] = where
             if bool((pos >= 0).all()):
                 self.producers[s] = (node.name, torch.tensor([d % a.ndim]).long(), pos)
 
