@@ -27,6 +27,8 @@ from graphspace.graphs.errors import CoverageError, TraceError
 
 _CACHE: OrderedDict[Any, ModelAnalysis] = OrderedDict()
 _CACHE_SIZE = 32
+#: inferred example inputs per architecture (the shape probe runs once)
+_INFERRED: OrderedDict[Any, list[tuple]] = OrderedDict()
 
 
 def _attr_key(v: Any) -> Any:
@@ -138,10 +140,18 @@ def analyze(model: nn.Module, example_input: Any = None, leaf_modules: Sequence[
         UnsupportedModuleError: an op acts on neurons in a way no rule covers.
         CoverageError: some state-dict entry would not be represented.
     """
-    from graphspace.graphs import rules  # noqa: F401  (registers the built-in module rules)
-
     if example_input is None:
-        candidates = infer_example_input(model)
+        k0 = _arch_key(model, ()) if cache else None
+        try:
+            candidates = _INFERRED.get(k0) if k0 is not None else None
+        except TypeError:  # an attribute that cannot be hashed: no caching
+            k0 = candidates = None
+        if candidates is None:
+            candidates = infer_example_input(model)
+            if k0 is not None and candidates:
+                _INFERRED[k0] = candidates
+                while len(_INFERRED) > _CACHE_SIZE:
+                    _INFERRED.popitem(last=False)
         if not candidates:
             raise TraceError(
                 f"cannot infer an example input for {type(model).__name__} (its first layer is "
