@@ -115,6 +115,13 @@ def test_undirected_edges_symmetrises_and_drops_self_loops():
     assert undirected_edges(ei, 4).tolist() == [[0, 0, 2], [1, 3, 3]]
 
 
+@pytest.mark.parametrize("bad", [[[0], [6]], [[-1], [2]]])
+def test_undirected_edges_refuses_nodes_out_of_range(bad):
+    # node 6 of a 6-node graph used to come back as node 1 (6 = 1 * 6 + 0)
+    with pytest.raises(ValueError, match=r"edge_index holds node indices outside \[0, 6\)"):
+        undirected_edges(torch.tensor(bad), 6)
+
+
 # --------------------------------------------------------------------------- maps
 
 

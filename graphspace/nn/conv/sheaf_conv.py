@@ -55,6 +55,10 @@ def undirected_edges(edge_index: Tensor, num_nodes: int) -> Tensor:
     Sheaves live on undirected graphs: ``(u, v)`` and ``(v, u)`` are the same edge, and a
     directed input is symmetrised.
     """
+    if not torch.compiler.is_compiling() and edge_index.numel() and (
+            int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
+        raise ValueError(f"edge_index holds node indices outside [0, {num_nodes}): "
+                         f"min {int(edge_index.min())}, max {int(edge_index.max())}")
     row, col = edge_index[0], edge_index[1]
     keep = row != col
     lo = torch.minimum(row, col)[keep]
