@@ -72,6 +72,17 @@ def test_graph_file_round_trip(tmp_path):
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
 
 
+def test_graph_file_of_another_architecture_with_as_many_edges_is_refused(tmp_path):
+    from graphspace.testing.models import MLP
+
+    g = ParameterGraph.from_module(MLP((2, 8, 2)))  # 32 edges, 12 nodes
+    save_graph(g, tmp_path / "g.safetensors")
+    other = MLP((4, 4, 4))  # also 32 edges and 12 nodes, wired differently
+    assert ParameterGraph.from_module(other).edge_index.shape == g.edge_index.shape
+    with pytest.raises(ValueError, match="does not hold a graph of MLP: its 'edge_index'"):
+        load_graph(tmp_path / "g.safetensors", other)
+
+
 def test_cli_convert_and_info(tmp_path, capsys):
     m = SmallCNN()
     save_state_dict(m.state_dict(), tmp_path / "m.safetensors")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from graphspace.graphs.analysis import analyze
@@ -48,8 +49,17 @@ def load_graph(path: str | os.PathLike, model: nn.Module, example_input: Any = N
     template = ParameterGraph.from_module(
         model, example_input, kernel=kernel,
         kernel_pad=json.loads(meta.get("graphspace.kernel_pad", "null")), check_finite=False)
-    if template.edge_index.shape != tensors["edge_index"].shape:
-        raise ValueError(f"'{path}' does not hold a graph of {type(model).__name__}")
+    # the structure must be this architecture's, not just the same number of edges
+    for k in ("edge_index", "edge_type", "edge_layer", "node_type", "node_layer", "node_role"):
+        if k not in tensors:
+            raise ValueError(f"'{path}' is not a parameter-graph file: no tensor '{k}'")
+        if not torch.equal(tensors[k], getattr(template, k)):
+            raise ValueError(f"'{path}' does not hold a graph of {type(model).__name__}: its "
+                             f"'{k}' differs from the architecture's")
+    for k in ("x", "edge_attr"):
+        if k not in tensors or tensors[k].shape != getattr(template, k).shape:
+            raise ValueError(f"'{path}' does not hold a graph of {type(model).__name__}: "
+                             f"'{k}' is missing or has another shape")
     spec: GraphSpec = template.spec
     spec.analysis = a
     spec.extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
