@@ -114,6 +114,11 @@ def _repeat_index(first: ParamRecord, r: ParamRecord) -> Tensor:
     return idx
 
 
+def non_finite_keys(state_dict: dict[str, Tensor]) -> list[str]:
+    """Keys of ``state_dict`` whose floating-point tensors hold NaN or Inf."""
+    return [k for k, v in state_dict.items() if not _all_finite(v)]
+
+
 def _all_finite(t: Tensor) -> bool:
     """No NaN or Inf in ``t``. A finite sum proves it in one pass without a temporary (NaN and
     Inf propagate through a sum); only a non-finite sum, which may be overflow, is checked

@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from graphspace.graphs import NonFiniteWeightError
+from graphspace.graphs.parameter_graph import non_finite_keys
 from graphspace.merge._utils import state_of, weighted_average, with_state
 from graphspace.merge.spec import AlignmentSpec
 from graphspace.merge.weight_matching import MatchResult, align_state
@@ -102,6 +104,10 @@ def merge(
         raise ValueError(f"unknown repair {repair!r}; choose None, 'bn_reset' or 'repair'")
     if repair in ("bn_reset", "repair"):
         _need(loader, f"repair={repair!r}")
+    for i, m in enumerate(models):  # NaN would spread through averages and OT plans
+        bad = non_finite_keys(m.state_dict())
+        if bad:
+            raise NonFiniteWeightError(f"model {i}: NaN or Inf in {bad[:3]}")
     base = models[0]
     if method == "ot_fusion":
         from graphspace.merge.ot_fusion import ot_fusion

@@ -69,7 +69,13 @@ def _data(spec: str | None, kwargs: dict[str, Any]) -> Any:
 
 
 def _run(a: argparse.Namespace) -> int:
-    from graphspace.graphs import ArchitectureMismatchError, analyze, check_state_dict
+    from graphspace.graphs import (
+        ArchitectureMismatchError,
+        NonFiniteWeightError,
+        analyze,
+        check_state_dict,
+    )
+    from graphspace.graphs.parameter_graph import non_finite_keys
     from graphspace.io import build_model, load_state_dict, save_state_dict
     from graphspace.merge.api import merge
 
@@ -91,6 +97,9 @@ def _run(a: argparse.Namespace) -> int:
             check_state_dict(sd, analyze(model))
         except ArchitectureMismatchError as e:
             raise ArchitectureMismatchError(f"checkpoint {i} ('{path}'): {e}") from None
+        bad = non_finite_keys(sd)
+        if bad:
+            raise NonFiniteWeightError(f"checkpoint {i} ('{path}'): NaN or Inf in {bad[:3]}")
         model.load_state_dict(sd)
         models.append(model.eval())
     loader = _data(a.data, json.loads(a.data_kwargs))

@@ -142,6 +142,24 @@ def test_cli_names_the_mismatching_tensor(tmp_path, capsys):
     assert "checkpoint 1" in err and "net.2.weight" in err
 
 
+@pytest.mark.parametrize("method", ["average", "ot_fusion", "weight_matching"])
+def test_nan_checkpoints_are_refused_naming_the_file(tmp_path, capsys, method):
+    a, b = _models(2)
+    with torch.no_grad():
+        b.net[2].weight[0, 0] = float("nan")
+    from graphspace.graphs import NonFiniteWeightError
+
+    with pytest.raises(NonFiniteWeightError, match=r"model 1: NaN or Inf in \['net.2.weight'\]"):
+        merge([a, b], method)
+    paths = _write([a, b], tmp_path)
+    out = tmp_path / "o.safetensors"
+    rc = main(paths + ["--model", FACTORY, "--model-kwargs", '{"sizes": [8, 16, 16, 4]}',
+                       "--method", method, "-o", str(out)])
+    assert rc == 1 and not out.exists()
+    err = capsys.readouterr().err
+    assert "checkpoint 1" in err and paths[1] in err and "net.2.weight" in err
+
+
 def test_cli_write_is_atomic(tmp_path, monkeypatch, capsys):
     models = _models(2)
     paths = _write(models, tmp_path)
