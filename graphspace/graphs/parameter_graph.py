@@ -166,14 +166,16 @@ class ParameterGraph(Data):
         """Convert ``model`` (not modified) into a parameter graph.
 
         Args:
-            model: a ``torch.fx``-traceable module.
-            example_input: optional example input, used to check shapes exactly.
+            model: a module that ``torch.export`` can trace.
+            example_input: an example input (a tensor or tuple); optional when the first layer
+                is ``Linear``, ``Conv*``, ``Embedding`` or recurrent (an input is inferred).
             kernel: ``"edge"`` (one edge per kernel entry, Graph Metanetworks) or
                 ``"channel"`` (one edge per channel pair with the padded kernel, Neural
                 Graphs).
             kernel_pad: with ``kernel="channel"``, the spatial shape kernels are padded to
                 (default: the largest kernel of this model; fix it to batch models).
-            leaf_modules: extra module types kept as leaves of the trace.
+            leaf_modules: ignored (kept for backward compatibility; see
+                :func:`~graphspace.graphs.register_rule`).
             check_finite: raise :class:`NonFiniteWeightError` on NaN/Inf weights.
             dtype: float dtype of the graph (default: the widest parameter dtype, at least
                 float32, so the round trip is exact).

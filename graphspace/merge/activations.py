@@ -1,13 +1,14 @@
-r"""Activations of neuron sets, read through the same torch.fx trace as the model analysis.
+r"""Activations of neuron sets, read from the exported program that the model analysis walked.
 
-:class:`ActivationTap` runs a model through the graph traced by
-:func:`graphspace.graphs.trace` and returns, for each requested neuron set of the analysis, its
-values as a ``[samples, neurons]`` matrix (the neuron axis moved last; batch, spatial positions
-and tokens all count as samples). The fx node that produces each set, and where its neuron axis
-lies, come from the analysis walk itself, so every set the analysis knows (``Linear``/``Conv``
-outputs, norms, residual sums, ...) is found without per-architecture code. Sets that no traced
-value carries (attention ``Q``/``K``/``V`` neurons inside ``MultiheadAttention``) are computed
-from their incoming dense parameter record: :math:`z = x W^\top + b`.
+:class:`ActivationTap` runs a model through the ``torch.export`` program of
+:func:`graphspace.graphs.analyze` (exported again for each new input shape) and returns, for each
+requested neuron set of the analysis, its values as a ``[samples, neurons]`` matrix (the neuron
+axis moved last; batch, spatial positions and tokens all count as samples). The graph node that
+carries each set, and where its neurons lie, come from the analysis walk itself, so every set
+the analysis knows (``Linear``/``Conv`` outputs, norms, residual sums, packed q/k/v, ...) is
+found without per-architecture code. A set that no traced value carries is computed from its
+single incoming dense parameter record, $z = x W^\top + b$; a set with none (RNN gates) cannot
+be read.
 
 Values are *pre-activations* (the output of the layer, before its nonlinearity).
 
