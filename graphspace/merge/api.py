@@ -74,6 +74,7 @@ def merge(
     repair: str | None = None,
     num_batches: int | None = None,
     seed: int = 0,
+    allow_nonfinite: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Merge two or more models into a new one (the inputs are never modified).
@@ -90,6 +91,8 @@ def merge(
             (REPAIR, Jordan et al. 2022, for networks without BatchNorm).
         num_batches: limit the batches used from ``loader``.
         seed: seed of randomised steps (weight-matching group order).
+        allow_nonfinite: skip the NaN/Inf check of the inputs (a method that cannot handle
+            them, such as weight matching, still refuses them).
         **kwargs: passed to the method (e.g. ``max_passes``, ``backend``, ``solver``, ``reg``,
             ``marginals``, ``cost``, ``epochs``, ``lr``).
 
@@ -105,6 +108,8 @@ def merge(
     if repair in ("bn_reset", "repair"):
         _need(loader, f"repair={repair!r}")
     for i, m in enumerate(models):  # NaN would spread through averages and OT plans
+        if allow_nonfinite:
+            break
         bad = non_finite_keys(m.state_dict())
         if bad:
             raise NonFiniteWeightError(f"model {i}: NaN or Inf in {bad[:3]}")
