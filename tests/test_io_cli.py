@@ -79,8 +79,28 @@ def test_graph_file_of_another_architecture_with_as_many_edges_is_refused(tmp_pa
     save_graph(g, tmp_path / "g.safetensors")
     other = MLP((4, 4, 4))  # also 32 edges and 12 nodes, wired differently
     assert ParameterGraph.from_module(other).edge_index.shape == g.edge_index.shape
-    with pytest.raises(ValueError, match="does not hold a graph of MLP: its 'edge_index'"):
+    from graphspace.graphs.io import architecture_fingerprint
+
+    theirs, ours = architecture_fingerprint(g), architecture_fingerprint(
+        ParameterGraph.from_module(other))
+    assert theirs != ours
+    # the file names both fingerprints and both layouts
+    with pytest.raises(ValueError, match=f"does not hold a graph of MLP: its architecture "
+                                         f"fingerprint is {theirs} .*MLP's is {ours}") as e:
         load_graph(tmp_path / "g.safetensors", other)
+    assert "(8, 2)" in str(e.value) and "(4, 4)" in str(e.value)
+    # an older file without a fingerprint is still checked tensor by tensor
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "g.safetensors"), framework="pt") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k != "graphspace.arch"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="does not hold a graph of MLP: its 'edge_index'"):
+        load_graph(tmp_path / "old.safetensors", other)
+    # the same architecture loads (the fingerprint does not depend on the weights)
+    load_graph(tmp_path / "g.safetensors", MLP((2, 8, 2)))
 
 
 def test_cli_convert_and_info(tmp_path, capsys):

@@ -21,6 +21,8 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -141,12 +143,26 @@ def _check_recipe(work: Path, recipe: dict[str, Any]) -> None:
     if path.exists():
         have = json.loads(path.read_text())
         if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise ZooConfigError(
-                f"{work.parent} holds a zoo with another recipe (differs in {diff}); use a new "
-                "output directory or delete it")
+            raise ZooConfigError(f"{work.parent} holds a zoo with another recipe: "
+                                 f"{_recipe_diff(have, want)}; use a new output directory, "
+                                 "the same settings, or delete it")
     else:
         _write_json(path, want)
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _recipe_diff(have: dict[str, Any], want: dict[str, Any]) -> str:
+    """`"field 'seed' is 0 there, 1 now (and 1 more field: ['lr'])"`."""
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    k = diff[0]
+    a = _short(have[k]) if k in have else "absent"
+    b = _short(want[k]) if k in want else "absent"
+    more = f" (and {len(diff) - 1} more: {diff[1:]})" if len(diff) > 1 else ""
+    return f"field '{k}' is {a} there, {b} now{more}"
 
 
 def _clean_temps(chunks_dir: Path, names: set[str]) -> None:
@@ -163,8 +179,35 @@ def _clean_temps(chunks_dir: Path, names: set[str]) -> None:
 _WORKER_JOB: ZooJob | None = None
 
 
-def _init_worker(job: ZooJob) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the process that started it dies, even by SIGKILL (no cleanup
+    runs then): Linux's `PR_SET_PDEATHSIG`, plus a thread polling `os.getppid()` (other
+    systems, and the case where the forking thread, not the process, ended)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="graphspace-parent-watch", daemon=True).start()
+
+
+def _init_worker(job: ZooJob, parent: int | None = None) -> None:
     global _WORKER_JOB
+    if parent is not None:
+        _die_with_parent(parent)
     torch.set_num_threads(1)
     _WORKER_JOB = job
 
@@ -190,6 +233,36 @@ def _save_chunk(path: Path, chunk: Chunk, result: dict[str, Any]) -> None:
 
 def _load_chunk(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _chunk_ok(path: Path, chunk: Chunk) -> str | None:
+    """`None` when the chunk file reads back and belongs to `chunk`, else what is wrong."""
+    try:
+        obj = _load_chunk(path)
+    except Exception as e:  # truncated/corrupt: EOFError, RuntimeError, UnpicklingError, ...
+        lines = str(e).strip().splitlines()
+        return f"truncated or corrupt ({lines[0] if lines else type(e).__name__})"
+    if not isinstance(obj, dict) or obj.get("index") != chunk.index or \
+            obj.get("members") != list(chunk.members) or "result" not in obj:
+        return "does not match the plan"
+    return None
+
+
+def _drop_bad_chunks(chunks_dir: Path, chunks: Sequence[Chunk]) -> list[int]:
+    """Check every existing chunk file of `chunks`; report and delete bad ones (they are then
+    regenerated). Returns their indices."""
+    bad = []
+    for c in chunks:
+        path = chunks_dir / _chunk_name(c.index)
+        if not path.exists():
+            continue
+        why = _chunk_ok(path, c)
+        if why is not None:
+            print(f"graphspace zoo: warning: chunk {c.index} ({path}) is {why}; it is "
+                  "regenerated", file=sys.stderr)
+            path.unlink()
+            bad.append(c.index)
+    return bad
 
 
 def run_zoo(
@@ -222,6 +295,7 @@ def run_zoo(
     plan = job.plan()
     mine = [c for c in plan if c.index % n == i]
     _clean_temps(chunks_dir, {_chunk_name(c.index) for c in mine})
+    _drop_bad_chunks(chunks_dir, mine)
     manifest = work / f"manifest-{i}-of-{n}.json"
     done = {c.index for c in mine if (chunks_dir / _chunk_name(c.index)).exists()}
     pending = [c for c in mine if c.index not in done]
@@ -264,7 +338,7 @@ def run_zoo(
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             ex = cf.ProcessPoolExecutor(nw, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(job,))
+                                        initargs=(job, os.getpid()))
             try:
                 by_index = {c.index: c for c in pending}
                 order = sorted(pending, key=lambda c: -job.chunk_cost(c))
@@ -295,10 +369,21 @@ def _maybe_finalize(cls: type[ZooJob], out: Path, recipe: dict[str, Any],
     elif not missing:
         results = []
         for c in plan:
-            obj = _load_chunk(chunks_dir / _chunk_name(c.index))
-            if obj["members"] != list(c.members):
-                raise ZooConfigError(f"chunk {c.index} does not match the plan")
-            results.append(obj["result"])
+            path = chunks_dir / _chunk_name(c.index)
+            why = _chunk_ok(path, c)
+            if why is not None:
+                print(f"graphspace zoo: warning: chunk {c.index} ({path}) is {why}; deleted, "
+                      "re-run the shard that builds it", file=sys.stderr)
+                path.unlink()
+                status.missing.append(c.index)
+                continue
+            results.append(_load_chunk(path)["result"])
+        if status.missing:
+            status.chunks_done -= len(status.missing)
+            status.members_done -= sum(len(c.members) for c in plan
+                                       if c.index in set(status.missing))
+            status.seconds = time.perf_counter() - t0
+            return status
         cls.finalize(out, recipe, plan, results)
         _write_json(out / "raw" / "zoo.json", recipe)
         status.complete = True
@@ -325,7 +410,8 @@ def merge_zoo(out: str | os.PathLike, sources: Sequence[str | os.PathLike] = ())
             recipe = other
             _write_json(work / "zoo.json", recipe)
         elif other != recipe:
-            raise ZooConfigError(f"{src} holds a zoo with another recipe than {out}")
+            raise ZooConfigError(f"{src} holds a zoo with another recipe than {out}: "
+                                 f"{_recipe_diff(recipe, other)}")
         for p in sorted((src / "work" / "chunks").glob("chunk-*.pt")):
             dst = work / "chunks" / p.name
             if not dst.exists():
@@ -341,6 +427,8 @@ def merge_zoo(out: str | os.PathLike, sources: Sequence[str | os.PathLike] = ())
 def zoo_status(out: str | os.PathLike) -> ZooStatus:
     """Progress of the zoo in ``out`` (from its recipe and finished chunks; nothing is run)."""
     out = Path(out)
+    if not (out / "work" / "zoo.json").is_file():
+        raise FileNotFoundError(f"{out} holds no zoo (no work/zoo.json)")
     recipe = json.loads((out / "work" / "zoo.json").read_text())
     cls = _JOBS.get(recipe["kind"])
     if cls is None:
