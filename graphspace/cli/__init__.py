@@ -57,8 +57,11 @@ def report_error(cmd: str, e: BaseException, debug: bool) -> int:
     if debug:
         traceback.print_exception(type(e), e, e.__traceback__)
     msg = None
+    plain = isinstance(e, CLIError)  # a bad input: the traceback would not help
     if isinstance(e, ModuleNotFoundError) and e.name:
-        msg = missing_extra_message(e.name) or f"no module named {e.name!r}"
+        msg = missing_extra_message(e.name)
+        plain = msg is not None
+        msg = msg or f"no module named {e.name!r}"
     if msg is None:
         lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
         msg = lines[0] if lines else type(e).__name__
@@ -66,7 +69,7 @@ def report_error(cmd: str, e: BaseException, debug: bool) -> int:
                 type(e).__name__ not in msg:
             msg = f"{type(e).__name__}: {msg}"
     prog = f"graphspace {cmd}" if cmd else "graphspace"
-    print(f"{prog}: error: {msg}" + ("" if debug else " (--debug shows the traceback)"),
+    print(f"{prog}: error: {msg}" + ("" if debug or plain else " (--debug shows the traceback)"),
           file=sys.stderr)
     return 1
 

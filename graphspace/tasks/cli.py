@@ -132,7 +132,18 @@ def report(trainer: pl.Trainer, module: pl.LightningModule, stage: str = "test"
     return table
 
 
+class _NoAdverts:
+    """Drops Lightning's "Tip: try installing ..." advert (an info line, not a warning)."""
+
+    @staticmethod
+    def filter(record) -> bool:  # type: ignore[no-untyped-def]
+        return not str(record.msg).lstrip("\U0001f4a1 ").startswith("Tip:")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts)
     GraphspaceCLI(
         pl.LightningModule,
         pl.LightningDataModule,
