@@ -194,7 +194,8 @@ def load_checkpoint(path: str, model: Any, *, key: str | None = None, strip_pref
         raise CLIError(f"checkpoint {name} does not fit {type(model).__name__}: {e}{hint}") \
             from None
     cast = []
-    for k, v in sd.items():
+    for k in own:  # the model's order: the first tensor named is the model's first
+        v = sd[k]
         want = own[k].dtype
         if v.dtype == want:
             continue
