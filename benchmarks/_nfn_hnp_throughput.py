@@ -1,7 +1,7 @@
 """Training throughput of the ``nfn`` package's HNP model in its predict-generalization setup.
 
 Runs in its *own* environment (``torch`` and ``nfn`` only, no graphspace):
-``/work/nfn-venv/bin/python benchmarks/_nfn_hnp_throughput.py [--threads 2] [--json]``;
+``PEER_PYTHON benchmarks/_nfn_hnp_throughput.py [--threads 2] [--json]``;
 ``benchmarks/throughput.py`` calls it and prints the result next to graphspace's.
 
 Model: the invariant NFN of Zhou et al. 2023 ("Permutation Equivariant Neural Functionals")

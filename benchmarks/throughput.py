@@ -18,8 +18,10 @@ time over ``--repeats`` steps (after ``--warmup`` steps), as networks/s, and its
 
 The reference is the ``nfn`` package's HNP invariant NFN in its predict-generalization
 configuration (``benchmarks/_nfn_hnp_throughput.py``), run with ``--nfn-python`` (an
-environment with ``torch`` and ``nfn`` only, e.g. ``/work/nfn-venv/bin/python``); it is
-skipped with a message when that interpreter is missing. The issue quotes 264 networks/s
+environment with ``torch`` and ``nfn`` only). Without ``--nfn-python`` the benchmark makes that
+environment itself from the package registry, once, under ``~/.cache/graphspace/peers/nfn``
+(``$GRAPHSPACE_CACHE`` moves it): a venv with this process's torch version and ``nfn``. The
+reference is skipped with a message when neither works. The issue quotes 264 networks/s
 for it on 2 CPU cores; the target is a graph metanetwork at >= 264 networks/s.
 
 ``--malloc tuned`` (default) measures the way the ``graphspace`` console script trains: with
@@ -52,7 +54,31 @@ from graphspace.testing.models import SmallCNN
 #: networks/s of nfn's HNP model quoted in the issue (2 CPU cores)
 REFERENCE = 264.0
 NFN_SCRIPT = Path(__file__).with_name("_nfn_hnp_throughput.py")
-DEFAULT_NFN_PYTHON = "/work/nfn-venv/bin/python"
+PEER_PACKAGES = {"nfn": ["nfn"]}
+
+
+def peer_python(name: str) -> str | None:
+    """The interpreter of the peer environment `name` (created on first use under the cache
+    directory with `pip`, this torch version and the peer's packages), or `None` with a
+    message when it cannot be made (e.g. no registry)."""
+    cache = Path(os.environ.get("GRAPHSPACE_CACHE", Path.home() / ".cache" / "graphspace"))
+    root = cache / "peers" / name
+    python = root / "bin" / "python"
+    ready = root / ".ready"
+    if ready.exists() and python.exists():
+        return str(python)
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    print(f"creating the {name} peer environment in {root} ({torch_pin}, "
+          f"{' '.join(PEER_PACKAGES[name])}) ...", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", torch_pin,
+                        *PEER_PACKAGES[name]], check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"{name} peer environment not created ({e}); pass --{name}-python PATH")
+        return None
+    ready.write_text(torch_pin + "\n")
+    return str(python)
 
 
 @dataclass(frozen=True)
@@ -134,8 +160,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--nfn-python", default=DEFAULT_NFN_PYTHON,
-                   help="interpreter of an environment with nfn (default: %(default)s)")
+    p.add_argument("--nfn-python", default=None,
+                   help="interpreter of an environment with nfn (default: one made under "
+                        "~/.cache/graphspace/peers/nfn)")
     p.add_argument("--configs", nargs="+", default=[c.key for c in CONFIGS],
                    choices=[c.key for c in CONFIGS],
                    help="graphspace configurations to run (default: all; defaults-edge takes "
@@ -175,6 +202,9 @@ def main() -> None:
             meds.setdefault(cfg.key, []).append(statistics.median(times))
             print(f"  round {r + 1}, {cfg.name}: {meds[cfg.key][-1] * 1e3:.1f} ms/step (min "
                   f"{min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})", flush=True)
+        if not args.skip_nfn and args.nfn_python is None:
+            args.nfn_python = peer_python("nfn")
+            args.skip_nfn = args.nfn_python is None
         nfn = None if args.skip_nfn else run_nfn(args.nfn_python, args.threads, args.batch,
                                                  args.warmup, args.repeats, tuned)
         if nfn is not None:
