@@ -45,7 +45,11 @@ def missing_extra_message(module: str) -> str | None:
 
 def require(module: str) -> None:
     """Raise `CLIError` naming the extra to install when `module` is not importable."""
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ValueError, ImportError):  # a module blocked in sys.modules, a broken parent
+        found = False
+    if not found:
         raise CLIError(missing_extra_message(module) or f"the package {module!r} is needed")
 
 

@@ -27,11 +27,13 @@ class GraphspaceCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="test the best checkpoint after fit and print a results table")
-        # the results table is printed by `report`; Lightning's metric table would repeat it
-        try:
+
+    def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):  # type: ignore[no-untyped-def]
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            # the results are printed by `report`; Lightning's metric table would repeat them
             parser.set_defaults(verbose=False)
-        except (KeyError, ValueError, TypeError):
-            pass  # fit/predict have no `verbose`
+        return parser
 
     def _instantiate_trainer(self, config, callbacks):  # type: ignore[no-untyped-def]
         if config.get("logger") in (None, True):

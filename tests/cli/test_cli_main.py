@@ -240,3 +240,57 @@ def test_fit_is_quiet_prints_results_once_and_where_outputs_went(capsys, tmp_pat
     with torch.no_grad():
         want = torch.nn.functional.mse_loss(model(d.x), d.y).item()
     assert mse == pytest.approx(want, abs=5e-7)  # the table has 6 decimals
+
+
+def test_missing_optional_dependency_is_one_line_naming_the_extra(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    rc, _, err = _run(capsys, "zoo", "cnn", str(tmp_path / "z"), "--num-models", "2")
+    assert rc == 1
+    assert err == ("graphspace zoo: error: scikit-learn is needed: "
+                   "pip install 'graphspace-weights[data]'\n")
+    assert not (tmp_path / "z").exists()
+    # the same message when the import fails deep inside a run
+    from graphspace.cli import report_error
+
+    assert report_error("merge", ModuleNotFoundError("No module named 'ot'", name="ot"),
+                        False) == 1
+    assert capsys.readouterr().err == \
+        "graphspace merge: error: POT is needed: pip install 'graphspace-weights[merge]'\n"
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "g.safetensors"])
+def test_written_files_honour_the_umask(tmp_path, name):
+    import os
+    import stat
+
+    from graphspace.graphs import ParameterGraph
+    from graphspace.graphs.io import save_graph
+
+    m = MLP((2, 4, 2))
+    old = os.umask(0o027)
+    try:
+        if name.startswith("g"):
+            out = save_graph(ParameterGraph.from_module(m), tmp_path / name)
+        else:
+            out = save_state_dict(m.state_dict(), tmp_path / name)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+def test_test_verb_prints_the_results_once(capsys, tmp_path):
+    rc = main(["test", "--model", "graphspace.testing.tiny_task.TinyTask",
+               "--data", "graphspace.testing.tiny_task.TinyData",
+               "--trainer.enable_progress_bar", "false",
+               "--trainer.default_root_dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.count("| model | test mse |") == 1 and "Test metric" not in out
+    assert out.strip().splitlines()[-1].startswith("outputs: ")
+    # Lightning's own table is back on request
+    rc = main(["test", "--model", "graphspace.testing.tiny_task.TinyTask",
+               "--data", "graphspace.testing.tiny_task.TinyData", "--verbose", "true",
+               "--trainer.enable_progress_bar", "false",
+               "--trainer.default_root_dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "test_mse" in out and out.count("| model | test mse |") == 1
