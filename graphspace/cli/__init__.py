@@ -57,7 +57,8 @@ def report_error(cmd: str, e: BaseException, debug: bool) -> int:
     if debug:
         traceback.print_exception(type(e), e, e.__traceback__)
     msg = None
-    plain = isinstance(e, CLIError)  # a bad input: the traceback would not help
+    # a bad input: the traceback would not help
+    plain = isinstance(e, (CLIError, argparse.ArgumentError))
     if isinstance(e, ModuleNotFoundError) and e.name:
         msg = missing_extra_message(e.name)
         plain = msg is not None
@@ -65,7 +66,8 @@ def report_error(cmd: str, e: BaseException, debug: bool) -> int:
     if msg is None:
         lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
         msg = lines[0] if lines else type(e).__name__
-        if not isinstance(e, (CLIError, OSError, ValueError, KeyError)) and \
+        if not isinstance(e, (CLIError, OSError, ValueError, KeyError,
+                              argparse.ArgumentError)) and \
                 type(e).__name__ not in msg:
             msg = f"{type(e).__name__}: {msg}"
     prog = f"graphspace {cmd}" if cmd else "graphspace"

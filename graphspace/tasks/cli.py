@@ -153,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         subclass_mode_data=True,
         save_config_callback=SaveConfigCallback,
         save_config_kwargs={"overwrite": True},
+        # a bad option raises (`graphspace` prints it as one line) instead of printing usage
+        parser_kwargs={"exit_on_error": False},
         args=list(argv) if argv is not None else None,
     )
     return 0

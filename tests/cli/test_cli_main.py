@@ -294,3 +294,11 @@ def test_test_verb_prints_the_results_once(capsys, tmp_path):
                "--trainer.default_root_dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert rc == 0 and "test_mse" in out and out.count("| model | test mse |") == 1
+
+
+def test_lightning_verb_bad_option_is_one_line(capsys):
+    rc, _, err = _run(capsys, "fit", "--model", "graphspace.testing.tiny_task.TinyTask",
+                      "--data", "graphspace.testing.tiny_task.TinyData",
+                      "--trainer.max_epochz", "3")
+    assert rc == 1
+    assert "unrecognized arguments: --trainer.max_epochz 3" in _one_error_line(err, "fit")
