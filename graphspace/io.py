@@ -1,4 +1,4 @@
-"""Safe checkpoint and graph files: ``weights_only`` loading, safetensors, atomic writes."""
+"""Safe checkpoint and graph files: `weights_only` loading, safetensors, atomic writes."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class UntrustedCheckpointError(RuntimeError):
 
 def _umask() -> int:
     """The process umask, read without changing it where the OS allows (Linux reads it from
-    ``/proc``; elsewhere it is set and restored, which is not thread-safe but brief)."""
+    `/proc`; elsewhere it is set and restored, which is not thread-safe but brief)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -171,7 +171,7 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
 
 def save_state_dict(state_dict: dict[str, Tensor], path: str | os.PathLike,
                     metadata: dict[str, str] | None = None) -> Path:
-    """Write a state dict atomically (safetensors for ``.safetensors``, else ``torch.save``)."""
+    """Write a state dict atomically (safetensors for `.safetensors`, else `torch.save`)."""
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file

@@ -51,9 +51,9 @@ def _summary(graph: ParameterGraph) -> str:
 
 def save_graph(graph: ParameterGraph, path: str | os.PathLike,
                metadata: dict[str, str] | None = None) -> Path:
-    """Write ``graph``'s tensors to a safetensors file atomically.
+    """Write `graph`'s tensors to a safetensors file atomically.
 
-    Only tensors are stored (nothing is pickled); :func:`load_graph` rebuilds the mapping back
+    Only tensors are stored (nothing is pickled); `load_graph` rebuilds the mapping back
     to weights from the architecture.
     """
     from safetensors.torch import save_file

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 
 class GraphspaceCLI(LightningCLI):
-    """LightningCLI that tests the best checkpoint after ``fit`` and reports results."""
+    """LightningCLI that tests the best checkpoint after `fit` and reports results."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.add_argument("--test_after_fit", type=bool, default=True,

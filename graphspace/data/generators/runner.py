@@ -2,13 +2,13 @@ r"""Resumable, shardable, parallel execution of zoo generators.
 
 A zoo is a deterministic *plan* of chunks (groups of networks) derived from its *recipe* (every
 setting, the seed and a fingerprint of the data). Running a zoo trains the chunks of one shard
-(``chunk.index % n == i`` for ``--shard i/n``) in worker processes, writes each finished chunk
-atomically (temporary file + ``os.replace``) to ``<out>/work/chunks/`` and records it in the
+(`chunk.index % n == i` for `--shard i/n`) in worker processes, writes each finished chunk
+atomically (temporary file + `os.replace`) to `<out>/work/chunks/` and records it in the
 shard's manifest; a killed run loses at most the chunks in flight and leaves no partial file
 under its final name. When every chunk of the plan is present (all shards wrote to one
-directory, or :func:`merge_zoo` gathered them) the zoo is *finalised*: its files are written, in
-the format of the zoo kind, to ``<out>/raw/`` so that the matching dataset class reads
-``root=<out>`` directly.
+directory, or `merge_zoo` gathered them) the zoo is *finalised*: its files are written, in
+the format of the zoo kind, to `<out>/raw/` so that the matching dataset class reads
+`root=<out>` directly.
 
 Chunks always run with one intra-op thread, so results do not depend on the number of workers
 or shards: a sharded and merged zoo is bit-identical to one built in a single run.
@@ -44,7 +44,7 @@ class ZooConfigError(RuntimeError):
 
 @dataclass
 class Chunk:
-    """Networks trained together: ``members`` are their indices in the zoo; ``payload`` holds
+    """Networks trained together: `members` are their indices in the zoo; `payload` holds
     what the worker needs (e.g. their hyper-parameters), JSON-able."""
 
     index: int
@@ -54,7 +54,7 @@ class Chunk:
 
 @dataclass
 class ZooStatus:
-    """Outcome of a run: ``complete`` when the zoo was finalised."""
+    """Outcome of a run: `complete` when the zoo was finalised."""
 
     out: Path
     complete: bool
@@ -95,7 +95,7 @@ class ZooJob:
     @classmethod
     def finalize(cls, out: Path, recipe: dict[str, Any], plan: Sequence[Chunk],
                  results: Sequence[dict[str, Any]]) -> None:
-        """Write the finished zoo to ``out / "raw"`` (results in plan order)."""
+        """Write the finished zoo to `out / "raw"` (results in plan order)."""
         raise NotImplementedError
 
     @classmethod
@@ -112,7 +112,7 @@ def register_job(cls: type[ZooJob]) -> type[ZooJob]:
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
-    """``"i/n"`` (or ``(i, n)``) -> ``(i, n)`` with ``0 <= i < n``."""
+    """`"i/n"` (or `(i, n)`) -> `(i, n)` with `0 <= i < n`."""
     if shard is None:
         return 0, 1
     if isinstance(shard, str):
@@ -273,14 +273,14 @@ def run_zoo(
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
 ) -> ZooStatus:
-    """Run (or resume) the chunks of one shard of ``job`` in ``out`` and finalise the zoo when
+    """Run (or resume) the chunks of one shard of `job` in `out` and finalise the zoo when
     every chunk exists.
 
     Args:
         job: the zoo to build.
         out: output directory.
-        shard: ``"i/n"``: run only chunks with ``index % n == i``.
-        workers: worker processes (default: all CPU cores; ``1`` runs in this process).
+        shard: `"i/n"`: run only chunks with `index % n == i`.
+        workers: worker processes (default: all CPU cores; `1` runs in this process).
         progress: show a tqdm progress bar.
         on_chunk: called with the index of every chunk after it was saved (e.g. logging).
     """
@@ -334,7 +334,7 @@ def run_zoo(
                 finished(c, _run_serial(job, c))
         else:
             # fork (as DataLoader workers: one thread each) also works from scripts without a
-            # ``__main__`` guard; spawn where fork is unavailable
+            # `__main__` guard; spawn where fork is unavailable
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             ex = cf.ProcessPoolExecutor(nw, mp_context=ctx, initializer=_init_worker,
@@ -392,10 +392,10 @@ def _maybe_finalize(cls: type[ZooJob], out: Path, recipe: dict[str, Any],
 
 
 def merge_zoo(out: str | os.PathLike, sources: Sequence[str | os.PathLike] = ()) -> ZooStatus:
-    """Gather the chunks of shards built in other directories into ``out`` and finalise the zoo.
+    """Gather the chunks of shards built in other directories into `out` and finalise the zoo.
 
-    With no ``sources`` (all shards wrote to ``out``) it only finalises. Raises
-    :class:`ZooConfigError` when recipes differ.
+    With no `sources` (all shards wrote to `out`) it only finalises. Raises
+    `ZooConfigError` when recipes differ.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -425,7 +425,7 @@ def merge_zoo(out: str | os.PathLike, sources: Sequence[str | os.PathLike] = ())
 
 
 def zoo_status(out: str | os.PathLike) -> ZooStatus:
-    """Progress of the zoo in ``out`` (from its recipe and finished chunks; nothing is run)."""
+    """Progress of the zoo in `out` (from its recipe and finished chunks; nothing is run)."""
     out = Path(out)
     if not (out / "work" / "zoo.json").is_file():
         raise FileNotFoundError(f"{out} holds no zoo (no work/zoo.json)")
