@@ -206,7 +206,7 @@ def test_old_entry_points_warn_and_work(capsys, tmp_path):
 def _fit_args(tmp_path, *extra):
     return ["fit", "--model", "graphspace.testing.tiny_task.TinyTask",
             "--data", "graphspace.testing.tiny_task.TinyData",
-            "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
             "--trainer.default_root_dir", str(tmp_path / "run"), "--seed_everything", "0",
             *extra]
