@@ -17,10 +17,12 @@ the process keeps its peak heap instead of returning it between steps.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -110,3 +112,21 @@ def empty_huge(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     except (OSError, AttributeError):
         pass
     return t
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """Put `models` in eval mode inside the block and give every submodule its own mode back.
+
+    `model.train(was)` on the root would set every submodule to the root's mode, so a model
+    whose parts are in different modes (a BatchNorm frozen in eval inside a training model, a
+    wrapper around a model in eval mode) would come back changed; this restores each module.
+    """
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was

@@ -24,6 +24,7 @@ from graphspace.merge.activations import ActivationTap, activation_statistics
 from graphspace.merge.assignment import LapSolver
 from graphspace.merge.spec import AlignmentSpec
 from graphspace.merge.weight_matching import MatchResult, solve_unit
+from graphspace.runtime import eval_mode
 
 
 def activation_matching(
@@ -55,15 +56,9 @@ def activation_matching(
     tap = ActivationTap(model_a, sorted({s for g in spec.groups for s in g.sets}), a,
                         skip_unreadable=True)
     sets = tap.sets  # sets whose activations can be read (RNN gates, e.g., cannot)
-    modes = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
-    try:
+    with eval_mode(model_a, model_b):
         stats = activation_statistics(model_a, loader, sets, model_b, num_batches,
                                       analysis=spec.analysis, analysis_b=spec.analysis)
-    finally:
-        model_a.train(modes[0])
-        model_b.train(modes[1])
     perms = {}
     for unit in spec.units:
         costs = []

@@ -41,6 +41,7 @@ from graphspace.graphs import ModelAnalysis, ParamRecord, analyze, permutation_g
 from graphspace.graphs.errors import ArchitectureMismatchError
 from graphspace.merge._utils import state_of, weighted_average
 from graphspace.merge.activations import activation_statistics
+from graphspace.runtime import eval_mode
 
 
 class UnsupportedFusionError(ValueError):
@@ -246,16 +247,10 @@ def ot_fusion(
             continue
         stats = None
         if cost == "activation":
-            was = (models[k].training, models[target].training)
-            models[k].eval()
-            models[target].eval()
-            try:
+            with eval_mode(models[k], models[target]):
                 sets = [tgt.producer[n].dst_sets[0] for n in tgt.order]
                 stats = activation_statistics(models[k], loader, sets, models[target],
                                               num_batches, ch.analysis, tgt.analysis)
-            finally:
-                models[k].train(was[0])
-                models[target].train(was[1])
         maps: dict[str, Tensor] = {}
         raw: dict[str, Tensor] = {}
         for name in tgt.order:

@@ -769,6 +769,24 @@ class RNNRegressor(nn.Module):
         return self.head(out[:, -1])  # (B, 1)
 
 
+class TransformerClassifier(nn.Module):
+    """`nn.TransformerEncoder` (torch's fused layers, packed q/k/v) over token embeddings,
+    mean-pooled into a linear head."""
+
+    def __init__(self, vocab: int = 23, dim: int = 16, heads: int = 4, layers: int = 2,
+                 classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.encoder(self.embed(tokens))  # (B, T, dim)
+        return self.head(h.mean(1))  # (B, classes)
+
+
 def modern_models() -> dict[str, tuple[nn.Module, Tensor]]:
     """Name -> (model in eval mode, example input with batch 2) for the modern reference models.
 
@@ -789,5 +807,51 @@ def modern_models() -> dict[str, tuple[nn.Module, Tensor]]:
         "lstm": (LSTMTagger(), torch.randint(0, 20, (2, 7), generator=g)),
         "gru": (GRUTagger(), torch.randint(0, 20, (2, 7), generator=g)),
         "rnn": (RNNRegressor(), torch.randn(2, 9, 4, generator=g)),
+        "transformer_encoder": (TransformerClassifier(),
+                                torch.randint(0, 23, (2, 6), generator=g)),
     }
     return {name: (model.eval(), x) for name, (model, x) in models.items()}
+
+
+def import_torchvision_models():
+    """Import `torchvision.models`, also where torchvision's compiled ops cannot load.
+
+    torchvision's wheels on the package index are built against the CUDA build of torch; over
+    the CPU build, loading its operator library fails and `import torchvision` dies while
+    registering fake kernels for those operators (`nms`, `roi_align`, ...). The model classes
+    are plain Python and use none of them, so this skips that registration when (and only
+    when) the operators are missing, and imports the models.
+
+    Installed into the environment, such a wheel also breaks `import torchmetrics` (and so
+    Lightning), which imports torchvision when it finds it. CI therefore installs it into a
+    separate folder named by the environment variable `GRAPHSPACE_TORCHVISION_PATH`, which
+    this function puts on `sys.path` before importing.
+
+    Returns:
+        The `torchvision.models` module.
+
+    Raises:
+        ImportError: torchvision is not installed (nor in `GRAPHSPACE_TORCHVISION_PATH`).
+    """
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    extra = os.environ.get("GRAPHSPACE_TORCHVISION_PATH")
+    if extra and extra not in sys.path and importlib.util.find_spec("torchvision") is None:
+        sys.path.append(extra)
+    if importlib.util.find_spec("torchvision") is None:
+        raise ImportError("torchvision is not installed (pip install torchvision, or set "
+                          "GRAPHSPACE_TORCHVISION_PATH to a folder that holds it)")
+    try:
+        return importlib.import_module("torchvision.models")
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType(
+        "torchvision._meta_registrations")
+    return importlib.import_module("torchvision.models")
