@@ -108,7 +108,10 @@ def _repeat_index(first: ParamRecord, r: ParamRecord) -> Tensor:
     idx = getattr(r, "_repeat_index", None)
     if idx is None:
         # lay the first use's edge positions out in the stored shape, read them as ``r`` does
-        pos = first.from_canonical(torch.arange(first.numel).view(first.canonical_shape))
+        if first.stored_transposed:  # its edges are listed in stored order already
+            pos = torch.arange(first.numel).view(first.shape)
+        else:
+            pos = first.from_canonical(torch.arange(first.numel).view(first.canonical_shape))
         idx = r.to_canonical(pos).reshape(-1)
         object.__setattr__(r, "_repeat_index", idx)
     return idx
@@ -252,7 +255,17 @@ class ParameterGraph(Data):
                 o, il = c.shape[0], c.shape[1]
                 sp = tuple(c.shape[2:])
                 s = math.prod(sp)
-                if kernel == "edge":
+                if r.stored_transposed:  # edges in the stored tensor's order: no transpose
+                    b = a + n
+                    assert r.dst is not None and r.src is not None and r.view_shape is not None
+                    col = 0 if kernel == "edge" else int(_pad_positions((), pad)[0])  # type: ignore
+                    if kernel == "channel":
+                        pad_index[r.key] = _pad_positions((), pad)  # type: ignore[arg-type]
+                    vs = r.view_shape  # (in, out): entry (i, j) is the edge src[i] -> dst[j]
+                    edge_index[1, a:b].view(vs).copy_(r.dst.view(1, o).expand(vs))
+                    edge_index[0, a:b].view(vs).copy_(r.src.view(il, 1).expand(vs))
+                    edge_attr[a:b, col].view(vs).copy_(t.reshape(vs))
+                elif kernel == "edge":
                     b = a + n
                     assert r.dst is not None
                     edge_index[1, a:b].view(o, il, s).copy_(r.dst.view(o, 1, 1).expand(o, il, s))

@@ -85,6 +85,27 @@ class ParamRecord:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def stored_transposed(self) -> bool:
+        """Whether a graph keeps this weight's edges in the state dict's own memory order.
+
+        True for a transposed 2-D weight (Hugging Face's `Conv1D`, stored `(in, out)`; an
+        embedding table, `(tokens, features)`). Its edges are the same as in the canonical
+        order, only listed row by row of the stored tensor, so converting either way is a
+        plain copy instead of a transpose. `read` and `write` still speak the canonical layout.
+        """
+        return (self.kind == "edge" and self.index is None and self.tied_to is None
+                and self.groups == 1
+                and not self.spatial and self.perm is not None and self.view_shape is not None
+                and len(self.perm) == 2 and tuple(self.perm) == (1, 0))
+
+    def _stored_view(self, flat: Tensor) -> Tensor:
+        """The canonical view of this record's edge values, listed in stored order."""
+        if self.stored_transposed:
+            assert self.view_shape is not None and self.perm is not None
+            return flat.view(self.view_shape).permute(self.perm)
+        return flat.reshape(self.canonical_shape)
+
     # -- layout --------------------------------------------------------------------------------
     def to_canonical(self, t: Tensor) -> Tensor:
         """``t`` (state-dict shape) in the canonical layout ``(out, in_per_group, *spatial)``."""
@@ -126,9 +147,11 @@ class ParamRecord:
         if self.kind == "edge":
             a, b = spec.ranges[self.key]
             if spec.kernel == "edge":
-                return graph.edge_attr[a:b, 0].reshape(self.canonical_shape)
-            return graph.edge_attr[a:b][:, spec.pad_index[self.key]].reshape(
-                self.canonical_shape)
+                return self._stored_view(graph.edge_attr[a:b, 0])
+            vals = graph.edge_attr[a:b][:, spec.pad_index[self.key]]
+            if self.stored_transposed:  # no spatial axes: one column
+                return self._stored_view(vals.reshape(-1))
+            return vals.reshape(self.canonical_shape)
         if self.kind == "diag":
             a, b = spec.ranges[self.key]
             return graph.edge_attr[a:b, spec.scalar_column]
@@ -143,7 +166,10 @@ class ParamRecord:
         if self.kind == "edge":
             a, b = spec.ranges[self.key]
             c = self.canonical_shape
-            if spec.kernel == "edge":
+            if self.stored_transposed:
+                col = 0 if spec.kernel == "edge" else int(spec.pad_index[self.key][0])
+                self._stored_view(graph.edge_attr[a:b, col]).copy_(values.reshape(c))
+            elif spec.kernel == "edge":
                 graph.edge_attr[a:b, 0] = values.reshape(-1).to(graph.edge_attr.dtype)
             else:
                 graph.edge_attr[a:b, spec.pad_index[self.key]] = values.reshape(
