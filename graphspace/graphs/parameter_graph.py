@@ -297,7 +297,8 @@ class ParameterGraph(Data):
             elif r.kind == "node":
                 b = a
                 assert r.nodes is not None
-                x[r.nodes, r.column] = t.reshape(-1).to(dt)
+                for nodes in [r.nodes, *r.repeat_nodes]:  # a bias used twice: on both uses
+                    x[nodes, r.column] = t.reshape(-1).to(dt)
             elif r.kind == "alias":
                 b = a
             else:

@@ -230,3 +230,30 @@ def test_transposed_weights_list_the_canonical_edges_in_stored_order(kernel):
     rebuilt = ParameterGraph.from_state_dict(back, g.spec.analysis, kernel=kernel)
     assert torch.equal(rebuilt.edge_attr, g.edge_attr)
     assert torch.equal(rebuilt.edge_index, g.edge_index)
+
+
+def test_a_module_called_twice_carries_its_bias_on_both_uses():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(3, 5)
+            self.mid = torch.nn.Linear(5, 5)
+            self.out = torch.nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = self.mid(torch.relu(self.inp(x)))
+            return self.out(self.mid(torch.relu(h)))  # self.mid used twice
+
+    torch.manual_seed(0)
+    m = Twice().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    g = ParameterGraph.from_module(m, x)
+    rec = next(r for r in g.spec.records if r.key == "mid.bias")
+    assert len(rec.repeat_nodes) == 1
+    bias = m.mid.bias.detach()
+    assert torch.equal(g.x[rec.nodes, rec.column], bias)
+    assert torch.equal(g.x[rec.repeat_nodes[0], rec.column], bias)  # not zero
+    rec.write(g, 2 * bias)
+    assert torch.equal(g.x[rec.repeat_nodes[0], rec.column], 2 * bias)
+    assert torch.equal(g.to_state_dict()["mid.bias"], 2 * bias)
+    assert_permutation_invariant(m, x, atol=1e-12, generator=torch.Generator().manual_seed(0))

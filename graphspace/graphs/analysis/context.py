@@ -449,7 +449,9 @@ class AnalysisContext:
             self.tie_nodes(first[0], nodes.reshape(-1))
             self.no_rescale.update(sets)
             self.no_rescale.update(self.sets_of(first[0]))
-            return next(r for r in self.records if r.key == key)
+            rec = next(r for r in self.records if r.key == key)
+            rec.repeat_nodes.append(nodes.reshape(-1))
+            return rec
         rec = ParamRecord(key=key, shape=tuple(t.shape), dtype=t.dtype, kind="node",
                           module=module, layer=layer, nodes=nodes, column=column,
                           dst_sets=list(sets))

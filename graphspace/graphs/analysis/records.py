@@ -66,6 +66,9 @@ class ParamRecord:
     groups: int = 1
     spatial: tuple[int, ...] = ()
     nodes: Tensor | None = None
+    #: for a bias used more than once (a module called twice): the nodes of its further uses,
+    #: which carry the same values
+    repeat_nodes: list[Tensor] = field(default_factory=list)
     column: int = 0
     dst_sets: list[int] = field(default_factory=list)
     src_sets: list[int] = field(default_factory=list)
@@ -182,7 +185,8 @@ class ParamRecord:
                 graph.edge_attr.dtype)
         elif self.kind == "node":
             assert self.nodes is not None
-            graph.x[self.nodes, self.column] = values.reshape(-1).to(graph.x.dtype)
+            for nodes in [self.nodes, *self.repeat_nodes]:
+                graph.x[nodes, self.column] = values.reshape(-1).to(graph.x.dtype)
         else:
             spec.extras[self.key] = values.clone()
 
