@@ -32,7 +32,12 @@ from graphspace.data.generators.runner import (
     run_zoo,
     zoo_status,
 )
-from graphspace.data.generators.sources import ImageSource, load_digits_source, load_source
+from graphspace.data.generators.sources import (
+    ImageSource,
+    load_digits_source,
+    load_mnist_source,
+    load_source,
+)
 
 __all__ = [
     "DEFAULT_CHECKPOINTS",
@@ -51,6 +56,7 @@ __all__ = [
     "generate_hetero_zoo",
     "generate_inr_zoo",
     "load_digits_source",
+    "load_mnist_source",
     "load_source",
     "merge_zoo",
     "parse_shard",
