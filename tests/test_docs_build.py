@@ -25,13 +25,16 @@ RAW_REST = re.compile(
 )
 # inline math that arithmatex did not pick up ("$x$" left as text)
 RAW_MATH = re.compile(r"(?<![\w$\\])\$(?![\s$])[^$<>\n]{1,200}(?<![\s\\])\$(?![\w$])")
-_CODE = re.compile(r"<(pre|code|script|style)\b[^>]*>.*?</\1>", re.S | re.I)
+_BLOCKS = re.compile(r"<(pre|script|style)\b[^>]*>.*?</\1>", re.S | re.I)
+_INLINE_CODE = re.compile(r"<code\b[^>]*>(.*?)</code>", re.S | re.I)
 _TAG = re.compile(r"<[^>]+>")
 
 
 def raw_markup(page_html: str) -> list[str]:
     """Snippets of unrendered reST / math in a page's text (code blocks are ignored)."""
-    text = _CODE.sub(" ", page_html)
+    text = _BLOCKS.sub(" ", page_html)
+    # inline code stays readable in the report, without the characters the checks look for
+    text = _INLINE_CODE.sub(lambda m: "‹" + re.sub(r"[`$:]", "", m.group(1)) + "›", text)
     # arithmatex output keeps its TeX between \( \) / \[ \]; it is rendered by MathJax
     text = re.sub(r'<(span|div) class="arithmatex">.*?</\1>', " ", text, flags=re.S)
     text = html.unescape(_TAG.sub("", text))
