@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RAW_REST = re.compile(
     r":(?:py:)?(?:math|class|func|meth|attr|mod|obj|data|exc):`?|\.\. math::|``"
 )
-# inline math that arithmatex did not pick up ("$x$" left as text)
-RAW_MATH = re.compile(r"(?<![\w$\\])\$(?![\s$])[^$<>\n]{1,200}(?<![\s\\])\$(?![\w$])")
+# math that arithmatex did not pick up ("$x$" or a "$$" block left as text)
+RAW_MATH = re.compile(r"(?<![\w$\\])\$(?![\s$])[^$<>\n]{1,200}(?<![\s\\])\$(?![\w$])|\$\$")
 _BLOCKS = re.compile(r"<(pre|script|style)\b[^>]*>.*?</\1>", re.S | re.I)
 _INLINE_CODE = re.compile(r"<code\b[^>]*>(.*?)</code>", re.S | re.I)
 _TAG = re.compile(r"<[^>]+>")
@@ -55,6 +55,7 @@ def test_raw_markup_detector():
         "<p>.. math::\n  a = b</p>",
         "<p>the ``edge_index`` tensor</p>",
         "<p>a raw $x_i$ left as text</p>",
+        "<p>$$\n  a = b\n  $$</p>",
     ):
         assert raw_markup(bad), bad
     # rendered markup, and reST-looking text inside code, pass
