@@ -9,9 +9,8 @@ tensors is faulted in and zeroed again: ~14,000 minor page faults per metanetwor
 on the Small-CNN-zoo batch, about a fifth of its run time.
 
 [`tune_cpu_allocator`][graphspace.runtime.tune_cpu_allocator] raises both thresholds so freed blocks
-stay in the process and
-are reused, the same reason Intel's PyTorch CPU tuning guide recommends preloading
-jemalloc/tcmalloc. The `graphspace` console script applies it on start-up (opt out with
+stay in the process and are reused, the same reason Intel's PyTorch CPU tuning guide recommends
+preloading jemalloc/tcmalloc. The `graphspace` console script applies it on start-up (opt out with
 `GRAPHSPACE_MALLOC_TUNING=0`); library imports never change the allocator. The cost is that
 the process keeps its peak heap instead of returning it between steps.
 """
@@ -74,8 +73,8 @@ def tune_cpu_allocator(mmap_threshold: int = MMAP_THRESHOLD,
 
 def tuning_enabled() -> bool:
     """Whether the console script should call
-    [`tune_cpu_allocator`][graphspace.runtime.tune_cpu_allocator] (the
-    `GRAPHSPACE_MALLOC_TUNING` environment variable is unset or not `0`/`false`/`no`)."""
+    [`tune_cpu_allocator`][graphspace.runtime.tune_cpu_allocator] (the `GRAPHSPACE_MALLOC_TUNING`
+    environment variable is unset or not `0`/`false`/`no`)."""
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
 
 

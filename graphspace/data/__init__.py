@@ -2,8 +2,8 @@
 
 * datasets (PyG `Dataset` pattern, processed cache in `root/processed`):
   [`SmallCNNZoo`][graphspace.data.SmallCNNZoo] (Unterthiner et al. 2020 format),
-  [`INRZoo`][graphspace.data.INRZoo] (DWSNets / Neural
-  Graphs INRs), [`NFNSirenZoo`][graphspace.data.NFNSirenZoo] (NFN's SIRENs),
+  [`INRZoo`][graphspace.data.INRZoo] (DWSNets / Neural Graphs INRs),
+  [`NFNSirenZoo`][graphspace.data.NFNSirenZoo] (NFN's SIRENs),
   [`CNNWildPark`][graphspace.data.CNNWildPark] (heterogeneous CNNs);
 * generators (offline, sharded, resumable): `graphspace.data.generators`;
 * augmentations on parameter graphs: `graphspace.data.augment`;

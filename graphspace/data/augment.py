@@ -9,26 +9,23 @@ Augmentations", ICML; "Data Augmentations in Deep Weight Spaces", 2023):
   [`RandomPositiveRescaling`][graphspace.data.augment.RandomPositiveRescaling]
   ($\sigma(sz) = s\sigma(z)$, $s>0$, e.g. ReLU),
   [`RandomSignFlip`][graphspace.data.augment.RandomSignFlip] (odd activations,
-  $\sin(-z) = -\sin(z)$) and
-  [`SirenBiasShift`][graphspace.data.augment.SirenBiasShift]
-  ($\sin(\omega_0(z + k\pi/\omega_0)) = (-1)^k \sin(\omega_0 z)$:
-  shift the bias by $k\pi/\omega_0$, multiply the outgoing weights by $(-1)^k$);
+  $\sin(-z) = -\sin(z)$) and [`SirenBiasShift`][graphspace.data.augment.SirenBiasShift]
+  ($\sin(\omega_0(z + k\pi/\omega_0)) = (-1)^k \sin(\omega_0 z)$: shift the bias by $k\pi/\omega_0$,
+  multiply the outgoing weights by $(-1)^k$);
 * **perturbations** -- [`GaussianWeightNoise`][graphspace.data.augment.GaussianWeightNoise] (noise
-  scaled by each tensor's standard
-  deviation), [`WeightDropout`][graphspace.data.augment.WeightDropout];
+  scaled by each tensor's standard deviation),
+  [`WeightDropout`][graphspace.data.augment.WeightDropout];
 * **weight-space MixUp** -- [`WeightMixUp`][graphspace.data.augment.WeightMixUp] /
   [`mixup_graphs`][graphspace.data.augment.mixup_graphs]:
   $\theta = \lambda \theta_1 + (1-\lambda)\,\pi(\theta_2)$,
-  $\lambda \sim \mathrm{Beta}(\alpha, \alpha)$, with $\pi$ the identity
-  (`"vanilla"`), a random hidden-neuron permutation (`"permute"`) or the permutation that
-  aligns $\theta_2$ to $\theta_1$ by weight matching (`"align"`, Git Re-Basin,
-  needs [`graphspace.merge`][graphspace.merge]).
+  $\lambda \sim \mathrm{Beta}(\alpha, \alpha)$, with $\pi$ the identity (`"vanilla"`), a random
+  hidden-neuron permutation (`"permute"`) or the permutation that aligns $\theta_2$ to $\theta_1$ by
+  weight matching (`"align"`, Git Re-Basin, needs [`graphspace.merge`][graphspace.merge]).
 
 Every transform returns a new graph (the input is not modified) whose
 [`to_state_dict`][graphspace.graphs.ParameterGraph.to_state_dict] is the augmented
-network. Randomness:
-pass `seed` for a reproducible stream (mixed with the DataLoader worker id), else the global
-RNG is used.
+network. Randomness: pass `seed` for a reproducible stream (mixed with the DataLoader worker id),
+else the global RNG is used.
 """
 
 from __future__ import annotations
@@ -111,8 +108,7 @@ class _Random(BaseTransform):
 class RandomNeuronPermutation(_Random):
     """Permute hidden neurons uniformly at random within every permutation group of the graph's
     architecture ([`permutation_groups`][graphspace.graphs.permutation_groups]; residual streams,
-    norms,
-    attention heads handled). Function preserving.
+    norms, attention heads handled). Function preserving.
 
     Args:
         seed: seed of this transform's random stream (`None`: global RNG).

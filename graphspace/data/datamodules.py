@@ -2,11 +2,9 @@
 
 Each module builds the three splits, computes per-layer normalisation statistics on the
 *training* split only ([`compute_statistics`][graphspace.data.compute_statistics]) and composes the
-transforms
-of every split as `augmentations` (training only) -> `transforms` (all splits, e.g.
+transforms of every split as `augmentations` (training only) -> `transforms` (all splits, e.g.
 [`graphspace.tasks.features.AttachWeightFeatures`][graphspace.tasks.features.AttachWeightFeatures])
-->
-[`NormalizeWeights`][graphspace.data.NormalizeWeights].
+-> [`NormalizeWeights`][graphspace.data.NormalizeWeights].
 Batches are PyG `Batch` objects of parameter graphs.
 
 With `generate=True` a missing zoo is generated offline in `prepare_data` (scikit-learn

@@ -6,10 +6,9 @@ Two published layouts:
   holding the state dict of `INR` -- `seq.{i}.weight` / `seq.{i}.bias`, layers
   $2 \to 32 \to 32 \to 1$, $h \mapsto \sin(30 (W h + b))$ for the hidden layers, a
   linear output layer and `+ 0.5` on the output ([`DWSNetsINR`][graphspace.data.inr_zoo.DWSNetsINR])
-  -- a splits JSON
-  `{"train": {"path": [...], "label": [...]}, "val": ..., "test": ...}` and a per-layer
-  statistics file `{"weights": {"mean": [...], "std": [...]}, "biases": {...}}`. MNIST paths
-  look like `mnist-inrs/mnist_png_training_2_23089/checkpoints/model_final.pth` (label 2,
+  -- a splits JSON `{"train": {"path": [...], "label": [...]}, "val": ..., "test": ...}` and a
+  per-layer statistics file `{"weights": {"mean": [...], "std": [...]}, "biases": {...}}`. MNIST
+  paths look like `mnist-inrs/mnist_png_training_2_23089/checkpoints/model_final.pth` (label 2,
   image 23089); the Fashion-MNIST files (`fmnist_inrs/train/model_938.pth`) also store
   `"label"`.
 * **NFN** (Zhou et al. 2023): `siren_mnist_wts/randinit_smaller_{d}s/net{idx}.pth` for digit

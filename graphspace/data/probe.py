@@ -18,10 +18,9 @@ $P$ points.
 The features are equivariant to every function-preserving hidden-neuron permutation (they move
 with their neuron). Under a sign flip of an odd activation
 ([`RandomSignFlip`][graphspace.data.RandomSignFlip]) the flipped neuron's features change sign, so
-apply
-this transform *after* the augmentations, as
-[`WeightSpaceDataModule`][graphspace.data.datamodules.WeightSpaceDataModule]
-does with its `transforms`.
+apply this transform *after* the augmentations, as
+[`WeightSpaceDataModule`][graphspace.data.datamodules.WeightSpaceDataModule] does with its
+`transforms`.
 """
 
 from __future__ import annotations
@@ -48,11 +47,11 @@ class ProbeFeatures(BaseTransform):
     probe features; see the module docstring for the definition).
 
     The graph is turned back into weights
-    ([`to_state_dict`][graphspace.graphs.ParameterGraph.to_state_dict])
-    and evaluated with `torch.func.functional_call` on `model`, the architecture
-    template (its own weights are not used and never modified). Forward hooks on the modules
-    that own an edge-weight record collect their outputs; spatial dimensions (convolutions) are
-    averaged. Nodes that no such module produces (e.g. residual sums) get zeros.
+    ([`to_state_dict`][graphspace.graphs.ParameterGraph.to_state_dict]) and evaluated with
+    `torch.func.functional_call` on `model`, the architecture template (its own weights are not used
+    and never modified). Forward hooks on the modules that own an edge-weight record collect their
+    outputs; spatial dimensions (convolutions) are averaged. Nodes that no such module produces
+    (e.g. residual sums) get zeros.
 
     Args:
         model: a module of the graphs' architecture (e.g.
@@ -64,12 +63,11 @@ class ProbeFeatures(BaseTransform):
         scale: multiply the features by this factor (default 1).
         normalize: divide each layer's features by their root mean square over a training
             set, set by [`fit`][graphspace.data.probe.ProbeFeatures.fit] (default `True`; before
-            [`fit`][graphspace.data.probe.ProbeFeatures.fit] is called the
-            features are only multiplied by `scale`). Probe values differ in magnitude by
-            an order of magnitude or more between layers (e.g. 0.05 to 0.5 in the digits
-            SIRENs), and small raw values are drowned by the encoder's embeddings. One
-            scalar per layer keeps the features equivariant to hidden-neuron permutations and
-            sign flips (no centring).
+            [`fit`][graphspace.data.probe.ProbeFeatures.fit] is called the features are only
+            multiplied by `scale`). Probe values differ in magnitude by an order of magnitude or
+            more between layers (e.g. 0.05 to 0.5 in the digits SIRENs), and small raw values are
+            drowned by the encoder's embeddings. One scalar per layer keeps the features equivariant
+            to hidden-neuron permutations and sign flips (no centring).
             [`WeightSpaceDataModule`][graphspace.data.datamodules.WeightSpaceDataModule] calls
             [`fit`][graphspace.data.probe.ProbeFeatures.fit] on its training split.
 

@@ -95,8 +95,8 @@ def make_sbm_graph(
 
 class SBMDataset(InMemoryDataset):
     r"""`num_graphs` stochastic-block-model graphs (see
-    [`make_sbm_graph`][graphspace.data.sbm.make_sbm_graph]), held in
-    memory; graph `g` is drawn with seed `seed + g`. Nothing is written to disk.
+    [`make_sbm_graph`][graphspace.data.sbm.make_sbm_graph]), held in memory; graph `g` is drawn with
+    seed `seed + g`. Nothing is written to disk.
 
     Args:
         num_graphs: number of graphs (default 1).

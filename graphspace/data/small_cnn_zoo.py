@@ -355,8 +355,8 @@ def small_cnn_protocol_split(num_units: int, test_fraction: float = 0.5,
 class SmallCNNZoo(WeightZooDataset):
     r"""The Small CNN Zoo, or a zoo in its file format (e.g. made by
     [`graphspace.data.generators.generate_cnn_zoo`][graphspace.data.generators.generate_cnn_zoo]),
-    as parameter graphs with target
-    `y` = a metrics column (default `test_accuracy`) and attribute `step` (the epoch).
+    as parameter graphs with target `y` = a metrics column (default `test_accuracy`) and attribute
+    `step` (the epoch).
 
     Raw files go to `root/raw` (`weights.npy`, `metrics.csv.gz`, `layout.csv` and
     optionally the permutation file). With `dataset` set to a public zoo (`"mnist"`,

@@ -1,19 +1,16 @@
 r"""Fast parameter graphs for model zoos, per-layer weight statistics and normalisation.
 
 A zoo holds thousands of checkpoints of a few architectures.
-[`GraphBuilder`][graphspace.data.weights.GraphBuilder] analyses an
-architecture once and then fills its [`ParameterGraph`][graphspace.graphs.ParameterGraph] from a
-flat
-parameter vector with two gathers (about 10x faster than
-[`ParameterGraph.from_state_dict`][graphspace.graphs.ParameterGraph.from_state_dict], with
-identical output; 0.15 ms instead of 2 ms for a Small CNN).
+[`GraphBuilder`][graphspace.data.weights.GraphBuilder] analyses an architecture once and then fills
+its [`ParameterGraph`][graphspace.graphs.ParameterGraph] from a flat parameter vector with two
+gathers (about 10x faster than
+[`ParameterGraph.from_state_dict`][graphspace.graphs.ParameterGraph.from_state_dict], with identical
+output; 0.15 ms instead of 2 ms for a Small CNN).
 
 [`map_records`][graphspace.data.weights.map_records] /
 [`set_state_dict`][graphspace.data.weights.set_state_dict] edit the weights that a graph carries,
-tensor by
-tensor (the inverse of [`to_state_dict`][graphspace.graphs.ParameterGraph.to_state_dict]);
-augmentations
-and [`NormalizeWeights`][graphspace.data.weights.NormalizeWeights] are built on them.
+tensor by tensor (the inverse of [`to_state_dict`][graphspace.graphs.ParameterGraph.to_state_dict]);
+augmentations and [`NormalizeWeights`][graphspace.data.weights.NormalizeWeights] are built on them.
 
 Weight normalisation (as in DWSNets, Navon et al. 2023, and Neural Graphs, Kofinas et al.
 2024) standardises every parameter tensor $W_\ell$ with statistics of the *training*
@@ -414,11 +411,10 @@ def map_records(
     """A shallow copy of `graph` whose parameter values are replaced by `fn`'s output.
 
     `fn(record, values)` receives a state-dict entry's current values
-    ([`ParamRecord.read`][graphspace.graphs.ParamRecord.read]:
-    the canonical layout `record.canonical_shape` for weights, `(out, in_per_group,
-    *spatial)`, a vector for per-neuron entries) and returns new values of the same shape, or
-    `None` to keep them. `graph` itself is not modified (new `x` / `edge_attr` tensors);
-    repeated edges of tied weights follow their parameter.
+    ([`ParamRecord.read`][graphspace.graphs.ParamRecord.read]: the canonical layout
+    `record.canonical_shape` for weights, `(out, in_per_group, *spatial)`, a vector for per-neuron
+    entries) and returns new values of the same shape, or `None` to keep them. `graph` itself is not
+    modified (new `x` / `edge_attr` tensors); repeated edges of tied weights follow their parameter.
     """
     if isinstance(graph.spec, list):
         raise ValueError("this is a batch: call batch.to_data_list() first")
@@ -526,8 +522,7 @@ def compute_statistics(
 
     Args:
         state_dicts: a [`WeightZooDataset`][graphspace.data.WeightZooDataset] (use the *training*
-            split) or
-            an iterable of `(records, state_dict)` pairs.
+            split) or an iterable of `(records, state_dict)` pairs.
         per_element: statistics per weight entry (tensors of the parameter's shape, as the
             DWSNets files) instead of one scalar per tensor. Entries whose shape varies across
             networks (heterogeneous zoos) always get scalars.

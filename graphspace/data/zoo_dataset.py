@@ -6,8 +6,7 @@ large heterogeneous networks, the path of its checkpoint), its architecture, tar
 metadata -- tensors, strings and numbers only, loaded back with `torch.load(...,
 weights_only=True)`. Parameter graphs are built on access with one
 [`GraphBuilder`][graphspace.data.weights.GraphBuilder] per architecture, which is far smaller on
-disk
-than collated graphs (the Small CNN Zoo's 15k training networks take 300 MB as vectors, 3 GB as
+disk than collated graphs (the Small CNN Zoo's 15k training networks take 300 MB as vectors, 3 GB as
 graphs) and as fast to read.
 """
 
@@ -138,13 +137,12 @@ class WeightZooDataset(Dataset):
     `[1]`).
 
     Subclasses define `raw_file_names`, `download`,
-    [`processing_params`][graphspace.data.zoo_dataset.WeightZooDataset.processing_params] (what
-    the processed content depends on),
+    [`processing_params`][graphspace.data.zoo_dataset.WeightZooDataset.processing_params] (what the
+    processed content depends on),
     [`read_splits`][graphspace.data.zoo_dataset.WeightZooDataset.read_splits] (the networks of every
-    split, written
-    once by `process`) and [`build_model`][graphspace.data.zoo_dataset.WeightZooDataset.build_model]
-    (an `nn.Module` of an architecture
-    description). Lazy zoos override
+    split, written once by `process`) and
+    [`build_model`][graphspace.data.zoo_dataset.WeightZooDataset.build_model] (an `nn.Module` of an
+    architecture description). Lazy zoos override
     [`load_state_dict`][graphspace.data.zoo_dataset.WeightZooDataset.load_state_dict].
 
     Args:

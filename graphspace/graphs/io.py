@@ -23,8 +23,7 @@ def save_graph(graph: ParameterGraph, path: str | os.PathLike,
     """Write `graph`'s tensors to a safetensors file atomically.
 
     Only tensors are stored (nothing is pickled); [`load_graph`][graphspace.graphs.io.load_graph]
-    rebuilds the mapping back
-    to weights from the architecture.
+    rebuilds the mapping back to weights from the architecture.
     """
     from safetensors.torch import save_file
 

@@ -146,12 +146,11 @@ class ParameterGraph(Data):
 
     Build one with [`from_module`][graphspace.graphs.parameter_graph.ParameterGraph.from_module] (or
     [`from_state_dict`][graphspace.graphs.parameter_graph.ParameterGraph.from_state_dict] to reuse
-    one analysis for
-    many checkpoints of an architecture), go back with
+    one analysis for many checkpoints of an architecture), go back with
     [`to_state_dict`][graphspace.graphs.parameter_graph.ParameterGraph.to_state_dict] or
     [`load_into`][graphspace.graphs.parameter_graph.ParameterGraph.load_into]. Works with
-    `torch_geometric.data.Batch`, including batches of
-    different architectures (`batch.to_data_list()` gives back graphs that convert back).
+    `torch_geometric.data.Batch`, including batches of different architectures
+    (`batch.to_data_list()` gives back graphs that convert back).
     """
 
     # -- construction -------------------------------------------------------------------------

@@ -4,10 +4,9 @@ r"""Symmetries of a network read off the shared model analysis.
 weights and the columns of the consuming weights, without changing the function. Neuron sets
 tied by residual adds, norms, depthwise convolutions and attention form one
 [`PermutationGroup`][graphspace.graphs.symmetry.PermutationGroup]; model inputs and outputs are
-never permuted. Attention sets are
-head-structured: a permutation of `Q`/`K` (shared) and of `V` must permute heads as blocks
-(the same head permutation for `Q`, `K` and `V`) and may permute coordinates inside each
-head.
+never permuted. Attention sets are head-structured: a permutation of `Q`/`K` (shared) and of `V`
+must permute heads as blocks (the same head permutation for `Q`, `K` and `V`) and may permute
+coordinates inside each head.
 
 **Rescaling and sign flips** (Godfrey et al. 2022 "On the symmetries of deep learning models
 and their internal representations"; Grigsby et al. 2023 "Hidden symmetries of ReLU networks";

@@ -2,13 +2,11 @@
 
 The permutation structure comes from the shared model analysis
 ([`graphspace.graphs.permutation_groups`][graphspace.graphs.permutation_groups]), so every
-architecture the analysis supports can
-be aligned without a hand-written specification.
+architecture the analysis supports can be aligned without a hand-written specification.
 
 * [`merge`][graphspace.merge.merge] -- align all models to the first (`weight_matching`,
-  `activation_matching`,
-  `ste`), fuse them (`ot_fusion`) or average them naively (`average`), then optionally
-  repair (`bn_reset`, `repair`);
+  `activation_matching`, `ste`), fuse them (`ot_fusion`) or average them naively (`average`), then
+  optionally repair (`bn_reset`, `repair`);
 * [`weight_matching`][graphspace.merge.weight_matching],
   [`activation_matching`][graphspace.merge.activation_matching],
   [`STEMatching`][graphspace.merge.ste.STEMatching] /

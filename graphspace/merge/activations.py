@@ -1,22 +1,20 @@
 r"""Activations of neuron sets, read from the exported program that the model analysis walked.
 
 [`ActivationTap`][graphspace.merge.activations.ActivationTap] runs a model through the
-`torch.export` program of
-[`graphspace.graphs.analyze`][graphspace.graphs.analyze] (exported again for each new input shape)
-and returns, for each
-requested neuron set of the analysis, its values as a `[samples, neurons]` matrix (the neuron
-axis moved last; batch, spatial positions and tokens all count as samples). The graph node that
-carries each set, and where its neurons lie, come from the analysis walk itself, so every set
-the analysis knows (`Linear`/`Conv` outputs, norms, residual sums, packed q/k/v, ...) is
-found without per-architecture code. A set that no traced value carries is computed from its
-single incoming dense parameter record, $z = x W^\top + b$; a set with none (RNN gates) cannot
-be read.
+`torch.export` program of [`graphspace.graphs.analyze`][graphspace.graphs.analyze] (exported again
+for each new input shape) and returns, for each requested neuron set of the analysis, its values as
+a `[samples, neurons]` matrix (the neuron axis moved last; batch, spatial positions and tokens all
+count as samples). The graph node that carries each set, and where its neurons lie, come from the
+analysis walk itself, so every set the analysis knows (`Linear`/`Conv` outputs, norms, residual
+sums, packed q/k/v, ...) is found without per-architecture code. A set that no traced value carries
+is computed from its single incoming dense parameter record, $z = x W^\top + b$; a set with none
+(RNN gates) cannot be read.
 
 Values are *pre-activations* (the output of the layer, before its nonlinearity).
 
 [`activation_statistics`][graphspace.merge.activations.activation_statistics] streams per-neuron
-means and (co)variances of one or two models
-over a loader; activation matching, activation-based OT fusion and REPAIR use them.
+means and (co)variances of one or two models over a loader; activation matching, activation-based OT
+fusion and REPAIR use them.
 """
 
 from __future__ import annotations

@@ -7,17 +7,15 @@ $$
 $$
 
 solved by [`linear_assignment`][graphspace.merge.assignment.linear_assignment]. The default backend
-is
-`scipy.optimize.linear_sum_assignment`; `"lap"` (the Jonker-Volgenant solver of the
+is `scipy.optimize.linear_sum_assignment`; `"lap"` (the Jonker-Volgenant solver of the
 `lap` package) is used by `backend="auto"` when that package is installed, and any solver can
 be plugged in with [`register_lap_backend`][graphspace.merge.assignment.register_lap_backend].
 
 Attention heads are matched with
 [`head_block_assignment`][graphspace.merge.assignment.head_block_assignment]: the best within-head
-matching of
-every (head of A, head of B) pair is found first; its value is the cost of pairing the two heads,
-and one assignment over heads picks the head permutation (Ainsworth et al. 2023 permute heads
-as blocks; within a head, coordinates may move).
+matching of every (head of A, head of B) pair is found first; its value is the cost of pairing the
+two heads, and one assignment over heads picks the head permutation (Ainsworth et al. 2023 permute
+heads as blocks; within a head, coordinates may move).
 """
 
 from __future__ import annotations

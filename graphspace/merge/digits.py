@@ -2,9 +2,8 @@
 
 The 1797 8x8 handwritten digits ship with scikit-learn, so experiments and tests run without
 network access. [`DigitsDataModule`][graphspace.merge.digits.DigitsDataModule] serves fixed
-train/val/test splits as flat
-64-feature vectors (`flat=True`) or `1x8x8` images; `train_classifier` trains an
-endpoint model (e.g. two MLPs from different seeds) in a few seconds on a CPU.
+train/val/test splits as flat 64-feature vectors (`flat=True`) or `1x8x8` images; `train_classifier`
+trains an endpoint model (e.g. two MLPs from different seeds) in a few seconds on a CPU.
 """
 
 from __future__ import annotations

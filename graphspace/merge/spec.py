@@ -3,9 +3,8 @@ r"""The permutation structure that matching needs, derived from the shared model
 [`AlignmentSpec`][graphspace.merge.spec.AlignmentSpec] reads
 [`graphspace.graphs.permutation_groups`][graphspace.graphs.permutation_groups] and the parameter
 records of [`graphspace.graphs.analyze`][graphspace.graphs.analyze] and lists, for every permutation
-group $P$,
-each axis of each state-dict entry that $P$ indexes (a *slot*): the rows of a weight whose
-output neurons are in $P$, the columns of a weight consuming $P$ (also after a
+group $P$, each axis of each state-dict entry that $P$ indexes (a *slot*): the rows of a weight
+whose output neurons are in $P$, the columns of a weight consuming $P$ (also after a
 flatten: the canonical layout `(out, in_per_group, *spatial)` keeps the channel axis), biases,
 norm scales and shifts. Nothing is written per architecture: a residual stream, a BatchNorm or
 an attention projection is whatever the analysis tied together.

@@ -17,8 +17,8 @@ permutation with the lowest validation (or, without validation, training) midpoi
 Defaults follow the authors' MNIST MLP setup (SGD, learning rate $10^{-2}$, momentum 0.9).
 
 [`STEMatching`][graphspace.merge.ste.STEMatching] is a `LightningModule`: run it with a `Trainer`,
-from a LightningCLI YAML
-(`experiments/merge_ste_digits.yaml`) or with [`ste_matching`][graphspace.merge.ste.ste_matching].
+from a LightningCLI YAML (`experiments/merge_ste_digits.yaml`) or with
+[`ste_matching`][graphspace.merge.ste.ste_matching].
 """
 
 from __future__ import annotations

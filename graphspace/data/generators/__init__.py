@@ -1,14 +1,12 @@
 """Offline zoo generators (Python API of `graphspace zoo ...`).
 
 * [`generate_cnn_zoo`][graphspace.data.generators.generate_cnn_zoo] -- Small CNNs in the Small CNN
-  Zoo's hyper-parameter space and file
-  format (read with [`SmallCNNZoo`][graphspace.data.SmallCNNZoo]);
+  Zoo's hyper-parameter space and file format (read with
+  [`SmallCNNZoo`][graphspace.data.SmallCNNZoo]);
 * [`generate_hetero_zoo`][graphspace.data.generators.generate_hetero_zoo] -- heterogeneous CNNs in
-  the CNN Wild Park format
-  ([`CNNWildPark`][graphspace.data.CNNWildPark]);
+  the CNN Wild Park format ([`CNNWildPark`][graphspace.data.CNNWildPark]);
 * [`generate_inr_zoo`][graphspace.data.generators.generate_inr_zoo] -- SIRENs fitted to images,
-  DWSNets layout
-  ([`INRZoo`][graphspace.data.INRZoo]);
+  DWSNets layout ([`INRZoo`][graphspace.data.INRZoo]);
 * [`merge_zoo`][graphspace.data.generators.merge_zoo] -- gather shards built in several directories.
 
 All run on scikit-learn's bundled digits by default (or any `ImageSource`), use all CPU

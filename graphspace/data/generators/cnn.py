@@ -5,17 +5,15 @@ convolutions of 16 channels, global average pooling, a dense layer; 4970 paramet
 1-channel inputs) trained with cross-entropy and the hyper-parameters of Unterthiner et al.
 (2020), each drawn independently per network:
 
-================  ====================================================================
-activation        relu, tanh
-w_init            glorot_normal, glorot_uniform, he_normal, orthogonal, RandomNormal,
-                  TruncatedNormal (Keras initialisers; biases start at zero)
-init_std          log-uniform [1e-3, 0.5] (std of RandomNormal / TruncatedNormal)
-optimizer         sgd, adam, rmsprop (Keras defaults: no momentum, eps 1e-7)
-learning_rate     log-uniform [5e-4, 5e-2]
-l2reg             log-uniform [1e-8, 1e-2] (`l2 * sum(W^2)` on kernels, as Keras)
-dropout           uniform [0, 0.7] (after every convolution's activation)
-train_fraction    0.1, 0.25, 0.5, 1.0 (a random subset of the training images)
-================  ====================================================================
+- activation: relu, tanh
+- w_init: glorot_normal, glorot_uniform, he_normal, orthogonal, RandomNormal, TruncatedNormal (Keras
+  initialisers; biases start at zero)
+- init_std: log-uniform [1e-3, 0.5] (std of RandomNormal / TruncatedNormal)
+- optimizer: sgd, adam, rmsprop (Keras defaults: no momentum, eps 1e-7)
+- learning_rate: log-uniform [5e-4, 5e-2]
+- l2reg: log-uniform [1e-8, 1e-2] (`l2 * sum(W^2)` on kernels, as Keras)
+- dropout: uniform [0, 0.7] (after every convolution's activation)
+- train_fraction: 0.1, 0.25, 0.5, 1.0 (a random subset of the training images)
 
 Inputs are grayscale in `[-1, 1]` (as the original training script); scikit-learn's 8x8 digits
 are resized to 16x16 so that three stride-2 convolutions fit. Checkpoints are taken after the

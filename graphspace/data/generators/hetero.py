@@ -1,19 +1,16 @@
 r"""A heterogeneous CNN zoo written in the CNN Wild Park format.
 
 Each network is a [`WildParkCNN`][graphspace.data.WildParkCNN] whose architecture is drawn per
-network
-(as the Neural Graphs CNN sampler: residual connections from any layer but the preceding one,
-`padding = kernel // 2`, stride 1) plus per-layer BatchNorm and a learning rate:
+network (as the Neural Graphs CNN sampler: residual connections from any layer but the preceding
+one, `padding = kernel // 2`, stride 1) plus per-layer BatchNorm and a learning rate:
 
-================  ==============================================================
-n_layers          2, 3, 4
-channels          4, 8, 16 (per layer)
-kernel_size       3, 5 (per layer)
-activation        relu, gelu, tanh, sigmoid, leaky_relu, none (per layer)
-residual          -1 or any layer before the preceding one (per layer)
-norm              none, batch (per layer)
-lr                log-uniform [1e-3, 1e-2] (AdamW, no weight decay)
-================  ==============================================================
+- n_layers: 2, 3, 4
+- channels: 4, 8, 16 (per layer)
+- kernel_size: 3, 5 (per layer)
+- activation: relu, gelu, tanh, sigmoid, leaky_relu, none (per layer)
+- residual: -1 or any layer before the preceding one (per layer)
+- norm: none, batch (per layer)
+- lr: log-uniform [1e-3, 1e-2] (AdamW, no weight decay)
 
 Networks train one after the other inside a chunk (different architectures cannot be batched)
 on the full training set; checkpoints after the listed epochs are evaluated on the test set.

@@ -1,9 +1,8 @@
 r"""A zoo of SIRENs fitted to images, written in the DWSNets / Neural Graphs INR layout.
 
 Every image of the source (train and test images) gets one
-[`DWSNetsINR`][graphspace.data.DWSNetsINR]
-(default $2 \to 32 \to 32 \to 1$, $\omega_0 = 30$, output offset 0.5) fitted to its
-pixels (grayscale in $[0, 1]$) at coordinates on the $[-1, 1]^2$ grid by
+[`DWSNetsINR`][graphspace.data.DWSNetsINR] (default $2 \to 32 \to 32 \to 1$, $\omega_0 = 30$, output
+offset 0.5) fitted to its pixels (grayscale in $[0, 1]$) at coordinates on the $[-1, 1]^2$ grid by
 full-batch Adam on the mean squared error. A chunk of images is fitted at once:
 `torch.func.vmap` over `torch.func.grad` of the module's `functional_call` gives every
 SIREN's gradient in one batched pass, and a batched Adam updates them.

@@ -1,13 +1,11 @@
 r"""One analysis of a PyTorch model, shared by parameter graphs, merging and augmentation.
 
 [`analyze`][graphspace.graphs.analysis.analyze] exports the model with `torch.export` (non-strict,
-eval mode, fake tensors)
-and walks the ATen graph once. Every value that carries neurons is an `Act` whose node
-ids follow the value through every layout operation; rules per ATen op
+eval mode, fake tensors) and walks the ATen graph once. Every value that carries neurons is an `Act`
+whose node ids follow the value through every layout operation; rules per ATen op
 (`ops`) record each state-dict entry
 ([`ParamRecord`][graphspace.graphs.analysis.ParamRecord]) and the constraints that permutations of
-hidden neurons must meet.
-`solve` turns those constraints into the permutation groups
+hidden neurons must meet. `solve` turns those constraints into the permutation groups
 the model provably has. From this one pass we read off
 
 * the nodes and edges of the parameter graph (`graphspace.graphs.parameter_graph`),

@@ -4,12 +4,10 @@ A [`ParamRecord`][graphspace.graphs.analysis.records.ParamRecord] is the one own
 entry's layout in a parameter graph:
 [`ParamRecord.to_canonical`][graphspace.graphs.analysis.records.ParamRecord.to_canonical] and
 [`ParamRecord.from_canonical`][graphspace.graphs.analysis.records.ParamRecord.from_canonical] move a
-tensor between
-its state-dict shape and the canonical layout `(out, in_per_group, *spatial)` whose entries
-are the graph's edges, and
+tensor between its state-dict shape and the canonical layout `(out, in_per_group, *spatial)` whose
+entries are the graph's edges, and
 [`ParamRecord.src_per_edge`][graphspace.graphs.analysis.records.ParamRecord.src_per_edge] names the
-source neuron of every
-canonical entry.
+source neuron of every canonical entry.
 """
 
 from __future__ import annotations
@@ -102,8 +100,7 @@ class ParamRecord:
 
     def from_canonical(self, c: Tensor, out: Tensor | None = None) -> Tensor:
         """Inverse of [`to_canonical`][graphspace.graphs.analysis.records.ParamRecord.to_canonical]:
-        a contiguous tensor of the state-dict shape (written
-        into `out` when given)."""
+        a contiguous tensor of the state-dict shape (written into `out` when given)."""
         if out is None:
             out = torch.empty(self.shape, dtype=c.dtype, device=c.device)
         if self.kind != "edge":
@@ -126,8 +123,7 @@ class ParamRecord:
     # -- values on a graph -----------------------------------------------------------------
     def read(self, graph: Any) -> Tensor:
         """This entry's values on `graph` (a [`ParameterGraph`][graphspace.graphs.ParameterGraph]):
-        the
-        canonical layout for `"edge"` records, a vector (one value per neuron) for `"diag"`
+        the canonical layout for `"edge"` records, a vector (one value per neuron) for `"diag"`
         and `"node"` records, the stored tensor for `"extra"`. A view where possible."""
         spec = graph.spec
         if self.kind == "edge":
