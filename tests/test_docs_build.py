@@ -1,8 +1,9 @@
-"""The docs site builds with ``mkdocs build --strict`` and shows no raw reStructuredText.
+"""The docs site builds with `mkdocs build --strict` and shows no raw reStructuredText.
 
 mkdocstrings renders docstrings as Markdown (Google style, arithmatex math), so a leftover
-reST role or directive (``:math:``, ``:class:``, ``.. math::``, double-backtick literals)
-appears on the page as text. The build takes about 10-20 s on a shared 2-core machine.
+reST role or directive (`:math:`, `:class:`, `.. math::`, double-backtick literals)
+appears on the page as text. The build takes about 10 s (20 s on a busy 2-core machine), so
+the module builds the site once for all its tests.
 """
 
 from __future__ import annotations
