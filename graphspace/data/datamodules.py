@@ -1,14 +1,14 @@
 """LightningDataModules for the zoo datasets.
 
 Each module builds the three splits, computes per-layer normalisation statistics on the
-*training* split only (:func:`~graphspace.data.compute_statistics`) and composes the transforms
-of every split as ``augmentations`` (training only) -> ``transforms`` (all splits, e.g.
-:class:`graphspace.tasks.features.AttachWeightFeatures`) ->
-:class:`~graphspace.data.NormalizeWeights`.
-Batches are PyG :class:`~torch_geometric.data.Batch` objects of parameter graphs.
+*training* split only ([`compute_statistics`][graphspace.data.compute_statistics]) and composes the
+transforms of every split as `augmentations` (training only) -> `transforms` (all splits, e.g.
+[`graphspace.tasks.features.AttachWeightFeatures`][graphspace.tasks.features.AttachWeightFeatures])
+-> [`NormalizeWeights`][graphspace.data.NormalizeWeights].
+Batches are PyG `Batch` objects of parameter graphs.
 
-With ``generate=True`` a missing zoo is generated offline in ``prepare_data`` (scikit-learn
-digits by default; ``generate_kwargs`` are passed to the generator).
+With `generate=True` a missing zoo is generated offline in `prepare_data` (scikit-learn
+digits by default; `generate_kwargs` are passed to the generator).
 """
 
 from __future__ import annotations
@@ -38,20 +38,20 @@ __all__ = [
 
 
 class WeightSpaceDataModule(pl.LightningDataModule):
-    """Base class: subclasses implement :meth:`make_dataset` (and :meth:`generate`).
+    """Base class: subclasses implement `make_dataset` (and `generate`).
 
     Args:
         batch_size: training batch size (32).
-        eval_batch_size: validation / test batch size (default: ``batch_size``).
+        eval_batch_size: validation / test batch size (default: `batch_size`).
         num_workers: DataLoader worker processes (0).
         normalize: standardise weights with training-split statistics.
         per_element_stats: one mean / std per weight entry instead of per tensor.
         augmentations: transforms applied to training graphs only (first).
         transforms: transforms applied to every split (after augmentations, before
             normalisation), e.g. feature extractors that need the raw weights; one with a
-            ``fit(dataset)`` method (:class:`~graphspace.data.ProbeFeatures`) is first fitted
+            `fit(dataset)` method ([`ProbeFeatures`][graphspace.data.ProbeFeatures]) is first fitted
             on the raw training split.
-        generate: generate the zoo in ``prepare_data`` when its raw files are missing.
+        generate: generate the zoo in `prepare_data` when its raw files are missing.
         generate_kwargs: keyword arguments of the generator.
         seed: seed of the training DataLoader's shuffling.
     """
@@ -137,16 +137,17 @@ class WeightSpaceDataModule(pl.LightningDataModule):
 
 
 class SmallCNNZooDataModule(WeightSpaceDataModule):
-    """:class:`~graphspace.data.SmallCNNZoo` splits (generalisation prediction).
+    """[`SmallCNNZoo`][graphspace.data.SmallCNNZoo] splits (generalisation prediction).
 
     Args:
-        root: zoo directory (``root/raw`` in the Small CNN Zoo format).
-        dataset: public zoo to download (``"mnist"``, ...); ``None`` for local zoos.
+        root: zoo directory (`root/raw` in the Small CNN Zoo format).
+        dataset: public zoo to download (`"mnist"`, ...); `None` for local zoos.
         epochs, split_file, test_fraction, val_fraction, split_seed, target, kernel: see
-            :class:`~graphspace.data.SmallCNNZoo` (the defaults are the standard protocol:
+            [`SmallCNNZoo`][graphspace.data.SmallCNNZoo] (the defaults are the standard protocol:
             half of the networks are the test set).
-        **kwargs: see :class:`WeightSpaceDataModule` (``generate=True`` runs
-            :func:`~graphspace.data.generators.generate_cnn_zoo`).
+        **kwargs: see [`WeightSpaceDataModule`][graphspace.data.datamodules.WeightSpaceDataModule]
+            (`generate=True` runs
+            [`generate_cnn_zoo`][graphspace.data.generators.generate_cnn_zoo]).
     """
 
     def __init__(self, root: str, dataset: str | None = None,
@@ -172,13 +173,14 @@ class SmallCNNZooDataModule(WeightSpaceDataModule):
 
 
 class INRZooDataModule(WeightSpaceDataModule):
-    """:class:`~graphspace.data.INRZoo` splits (INR classification).
+    """[`INRZoo`][graphspace.data.INRZoo] splits (INR classification).
 
     Args:
-        root: zoo directory (``root/raw/<splits_file>`` and the INR files).
-        splits_file, dataset, kernel: see :class:`~graphspace.data.INRZoo`.
-        **kwargs: see :class:`WeightSpaceDataModule` (``generate=True`` runs
-            :func:`~graphspace.data.generators.generate_inr_zoo`).
+        root: zoo directory (`root/raw/<splits_file>` and the INR files).
+        splits_file, dataset, kernel: see [`INRZoo`][graphspace.data.INRZoo].
+        **kwargs: see [`WeightSpaceDataModule`][graphspace.data.datamodules.WeightSpaceDataModule]
+            (`generate=True` runs
+            [`generate_inr_zoo`][graphspace.data.generators.generate_inr_zoo]).
     """
 
     def __init__(self, root: str, splits_file: str = "splits.json", dataset: str | None = None,
@@ -200,12 +202,12 @@ class INRZooDataModule(WeightSpaceDataModule):
 
 
 class NFNSirenZooDataModule(WeightSpaceDataModule):
-    """:class:`~graphspace.data.NFNSirenZoo` splits (NFN's SIREN layout).
+    """[`NFNSirenZoo`][graphspace.data.NFNSirenZoo] splits (NFN's SIREN layout).
 
     Args:
-        root: directory whose ``raw`` holds the ``<prefix>_<d>s`` folders.
-        prefix, split_points, kernel: see :class:`~graphspace.data.NFNSirenZoo`.
-        **kwargs: see :class:`WeightSpaceDataModule`.
+        root: directory whose `raw` holds the `<prefix>_<d>s` folders.
+        prefix, split_points, kernel: see [`NFNSirenZoo`][graphspace.data.NFNSirenZoo].
+        **kwargs: see [`WeightSpaceDataModule`][graphspace.data.datamodules.WeightSpaceDataModule].
     """
 
     def __init__(self, root: str, prefix: str = "randinit_smaller",
@@ -224,15 +226,17 @@ class NFNSirenZooDataModule(WeightSpaceDataModule):
 
 
 class CNNWildParkDataModule(WeightSpaceDataModule):
-    """:class:`~graphspace.data.CNNWildPark` splits (heterogeneous generalisation prediction).
+    """[`CNNWildPark`][graphspace.data.CNNWildPark] splits (heterogeneous generalisation
+    prediction).
 
     Args:
         root: zoo directory.
         splits_file, epochs, trusted, in_memory, kernel, kernel_pad: see
-            :class:`~graphspace.data.CNNWildPark`. ``kernel="channel"`` batches different
-            kernel sizes only with a fixed ``kernel_pad`` (e.g. ``[7, 7]``).
-        **kwargs: see :class:`WeightSpaceDataModule` (``generate=True`` runs
-            :func:`~graphspace.data.generators.generate_hetero_zoo`).
+            [`CNNWildPark`][graphspace.data.CNNWildPark]. `kernel="channel"` batches different
+            kernel sizes only with a fixed `kernel_pad` (e.g. `[7, 7]`).
+        **kwargs: see [`WeightSpaceDataModule`][graphspace.data.datamodules.WeightSpaceDataModule]
+            (`generate=True` runs
+            [`generate_hetero_zoo`][graphspace.data.generators.generate_hetero_zoo]).
     """
 
     def __init__(self, root: str, splits_file: str = "splits.json",

@@ -3,19 +3,20 @@ r"""Zoos of implicit neural representations (SIRENs fitted to images).
 Two published layouts:
 
 * **DWSNets / Neural Graphs** (Navon et al. 2023; Kofinas et al. 2024): one file per image
-  holding the state dict of ``INR`` -- ``seq.{i}.weight`` / ``seq.{i}.bias``, layers
-  :math:`2 \to 32 \to 32 \to 1`, :math:`h \mapsto \sin(30 (W h + b))` for the hidden layers, a
-  linear output layer and ``+ 0.5`` on the output (:class:`DWSNetsINR`) -- a splits JSON
-  ``{"train": {"path": [...], "label": [...]}, "val": ..., "test": ...}`` and a per-layer
-  statistics file ``{"weights": {"mean": [...], "std": [...]}, "biases": {...}}``. MNIST paths
-  look like ``mnist-inrs/mnist_png_training_2_23089/checkpoints/model_final.pth`` (label 2,
-  image 23089); the Fashion-MNIST files (``fmnist_inrs/train/model_938.pth``) also store
-  ``"label"``.
-* **NFN** (Zhou et al. 2023): ``siren_mnist_wts/randinit_smaller_{d}s/net{idx}.pth`` for digit
-  ``d`` and image index ``idx`` (MNIST train then test images); state dicts of NFN's ``Siren``
-  -- ``net.{i}.linear.weight``, ``net.{i}.linear.bias`` for the sine layers (:math:`\omega_0 =
-  30`) and ``net.{L}.weight`` / ``bias`` for the linear output (:class:`NFNSiren`); splits by
-  index: train ``< 45000``, val ``< 50000``, test the rest.
+  holding the state dict of `INR` -- `seq.{i}.weight` / `seq.{i}.bias`, layers
+  $2 \to 32 \to 32 \to 1$, $h \mapsto \sin(30 (W h + b))$ for the hidden layers, a
+  linear output layer and `+ 0.5` on the output ([`DWSNetsINR`][graphspace.data.inr_zoo.DWSNetsINR])
+  -- a splits JSON `{"train": {"path": [...], "label": [...]}, "val": ..., "test": ...}` and a
+  per-layer statistics file `{"weights": {"mean": [...], "std": [...]}, "biases": {...}}`. MNIST
+  paths look like `mnist-inrs/mnist_png_training_2_23089/checkpoints/model_final.pth` (label 2,
+  image 23089); the Fashion-MNIST files (`fmnist_inrs/train/model_938.pth`) also store
+  `"label"`.
+* **NFN** (Zhou et al. 2023): `siren_mnist_wts/randinit_smaller_{d}s/net{idx}.pth` for digit
+  `d` and image index `idx` (MNIST train then test images); state dicts of NFN's `Siren`
+  -- `net.{i}.linear.weight`, `net.{i}.linear.bias` for the sine layers ($\omega_0 =
+  30$) and `net.{L}.weight` / `bias` for the linear output
+  ([`NFNSiren`][graphspace.data.inr_zoo.NFNSiren]); splits by
+  index: train `< 45000`, val `< 50000`, test the rest.
 
 The architecture of every network is read from its tensors' shapes, so other widths and depths
 of these layouts load too.
@@ -49,13 +50,13 @@ NFN_SIREN_URL = "https://drive.google.com/drive/folders/15CdOTPWHqDcS4SwbIdm100r
 
 
 class DWSNetsINR(nn.Module):
-    r"""The INR of DWSNets / Neural Graphs: ``seq`` of linear layers,
-    :math:`h \mapsto \sin(\omega_0 (W h + b))` after every layer but the last, ``+ offset`` on
-    the output. State-dict keys ``seq.{i}.weight`` / ``seq.{i}.bias`` as in the published files.
+    r"""The INR of DWSNets / Neural Graphs: `seq` of linear layers,
+    $h \mapsto \sin(\omega_0 (W h + b))$ after every layer but the last, `+ offset` on
+    the output. State-dict keys `seq.{i}.weight` / `seq.{i}.bias` as in the published files.
 
     Args:
-        dims: layer widths, e.g. ``(2, 32, 32, 1)`` (the MNIST INRs).
-        w0: frequency :math:`\omega_0` (30).
+        dims: layer widths, e.g. `(2, 32, 32, 1)` (the MNIST INRs).
+        w0: frequency $\omega_0$ (30).
         offset: constant added to the output (0.5).
     """
 
@@ -86,8 +87,8 @@ class _SineLayer(nn.Module):
 
 
 class NFNSiren(nn.Module):
-    r"""The SIREN of NFN's INR datasets: sine layers ``net.{i}.linear`` (:math:`\omega_0 = 30`)
-    and a linear output ``net.{L}``; ``dims=(2, 32, 32, 1)`` is the MNIST / Fashion-MNIST one."""
+    r"""The SIREN of NFN's INR datasets: sine layers `net.{i}.linear` ($\omega_0 = 30$)
+    and a linear output `net.{L}`; `dims=(2, 32, 32, 1)` is the MNIST / Fashion-MNIST one."""
 
     def __init__(self, dims: Sequence[int] = (2, 32, 32, 1), w0: float = 30.0) -> None:
         super().__init__()
@@ -106,8 +107,8 @@ class NFNSiren(nn.Module):
 def siren_init_(linears: Sequence[nn.Linear], w0: float = 30.0, c: float = 6.0,
                 generator: torch.Generator | None = None) -> None:
     r"""SIREN initialisation (Sitzmann et al. 2020): first layer
-    :math:`U(-1/n, 1/n)`, later layers :math:`U(-\sqrt{c/n}/\omega_0, \sqrt{c/n}/\omega_0)`
-    (:math:`n` = fan-in), zero biases (as DWSNets)."""
+    $U(-1/n, 1/n)$, later layers $U(-\sqrt{c/n}/\omega_0, \sqrt{c/n}/\omega_0)$
+    ($n$ = fan-in), zero biases (as DWSNets)."""
     with torch.no_grad():
         for i, lin in enumerate(linears):
             n = lin.in_features
@@ -118,7 +119,7 @@ def siren_init_(linears: Sequence[nn.Linear], w0: float = 30.0, c: float = 6.0,
 
 
 def _pairs(sd: Mapping[str, Any]) -> list[tuple[Tensor, Tensor]]:
-    """(weight, bias) tensors in file order (NFN's ``state_dict_to_tensors`` convention)."""
+    """(weight, bias) tensors in file order (NFN's `state_dict_to_tensors` convention)."""
     items = [(k, v) for k, v in sd.items() if isinstance(v, Tensor)
              and (k.endswith("weight") or k.endswith("bias"))]
     pairs = []
@@ -162,22 +163,23 @@ class _INRBase(WeightZooDataset):
 
 class INRZoo(_INRBase):
     r"""INR classification data in the DWSNets / Neural Graphs layout: each SIREN (a
-    :class:`DWSNetsINR`) as a parameter graph with its image label as ``y``.
+    [`DWSNetsINR`][graphspace.data.inr_zoo.DWSNetsINR]) as a parameter graph with its image label as
+    `y`.
 
-    ``root/raw`` holds the splits JSON and the ``.pth`` files it lists. Paths in the JSON may be
-    absolute, relative to ``root/raw``, or carry a foreign prefix (the longest suffix that
-    exists under ``root/raw`` is used). Labels come from the JSON, else from the file's
-    ``"label"`` entry, else from an MNIST-style directory name ``..._<label>_<index>``.
+    `root/raw` holds the splits JSON and the `.pth` files it lists. Paths in the JSON may be
+    absolute, relative to `root/raw`, or carry a foreign prefix (the longest suffix that
+    exists under `root/raw` is used). Labels come from the JSON, else from the file's
+    `"label"` entry, else from an MNIST-style directory name `..._<label>_<index>`.
 
     Args:
         root: dataset directory.
-        split: ``"train"``, ``"val"`` or ``"test"``.
-        splits_file: the splits JSON inside ``root/raw`` (``splits.json``; the published ones
-            are ``mnist_splits.json`` / ``fmnist_splits.json``).
-        w0, offset: the INR's :math:`\omega_0` and output offset (30, 0.5).
-        dataset: ``"mnist"`` or ``"fmnist"`` to download the published INRs when missing.
+        split: `"train"`, `"val"` or `"test"`.
+        splits_file: the splits JSON inside `root/raw` (`splits.json`; the published ones
+            are `mnist_splits.json` / `fmnist_splits.json`).
+        w0, offset: the INR's $\omega_0$ and output offset (30, 0.5).
+        dataset: `"mnist"` or `"fmnist"` to download the published INRs when missing.
         kernel, kernel_pad, transform, force_reload, log: see
-            :class:`~graphspace.data.WeightZooDataset`.
+            [`WeightZooDataset`][graphspace.data.WeightZooDataset].
     """
 
     name = "inr_zoo"
@@ -293,8 +295,8 @@ class INRZoo(_INRBase):
 
     def published_statistics(self, path: str | os.PathLike, transposed: bool = True
                              ) -> WeightStatistics:
-        """Read a DWSNets statistics file (``mnist_statistics.pth``) as
-        :class:`~graphspace.data.WeightStatistics` for this zoo's keys."""
+        """Read a DWSNets statistics file (`mnist_statistics.pth`) as
+        [`WeightStatistics`][graphspace.data.WeightStatistics] for this zoo's keys."""
         arch = self.architectures[0]
         model = self.build_model(arch)
         sd = model.state_dict()
@@ -305,20 +307,20 @@ class INRZoo(_INRBase):
 
 
 class NFNSirenZoo(_INRBase):
-    r"""INR classification data in NFN's layout (``<prefix>_<digit>s/net<idx>.pth``), as
-    parameter graphs of :class:`NFNSiren` with the digit as ``y``.
+    r"""INR classification data in NFN's layout (`<prefix>_<digit>s/net<idx>.pth`), as
+    parameter graphs of [`NFNSiren`][graphspace.data.inr_zoo.NFNSiren] with the digit as `y`.
 
     Args:
-        root: dataset directory; ``root/raw`` holds the ``<prefix>_<d>s`` directories (e.g. the
-            content of ``siren_mnist_wts/``).
-        split: ``"train"``, ``"val"`` or ``"test"``.
-        prefix: directory prefix (``"randinit_smaller"``; NFN's augmented copies are
-            ``randinit_smaller_aug<i>``).
+        root: dataset directory; `root/raw` holds the `<prefix>_<d>s` directories (e.g. the
+            content of `siren_mnist_wts/`).
+        split: `"train"`, `"val"` or `"test"`.
+        prefix: directory prefix (`"randinit_smaller"`; NFN's augmented copies are
+            `randinit_smaller_aug<i>`).
         split_points: first validation and first test index (NFN's MNIST / Fashion-MNIST:
-            ``(45000, 50000)``); images are ordered by ``idx``.
-        w0: :math:`\omega_0` of the sine layers (30).
+            `(45000, 50000)`); images are ordered by `idx`.
+        w0: $\omega_0$ of the sine layers (30).
         kernel, kernel_pad, transform, force_reload, log: see
-            :class:`~graphspace.data.WeightZooDataset`.
+            [`WeightZooDataset`][graphspace.data.WeightZooDataset].
     """
 
     name = "nfn_siren_zoo"

@@ -1,23 +1,24 @@
 r"""Charged-particle N-body dataset (Kipf et al. 2018; Fuchs et al. 2020; Satorras et al. 2021).
 
-The system of the EGNN paper's N-body experiment: :math:`n = 5` particles in 3-D with
-charges :math:`q_i \in \{-1, +1\}` (uniform), unit masses and pairwise Coulomb-like forces
+The system of the EGNN paper's N-body experiment: $n = 5$ particles in 3-D with
+charges $q_i \in \{-1, +1\}$ (uniform), unit masses and pairwise Coulomb-like forces
 
-.. math::
-    \mathbf{F}_i = \kappa \sum_{j \ne i} q_i q_j
-        \frac{\mathbf{x}_i - \mathbf{x}_j}{\lVert \mathbf{x}_i - \mathbf{x}_j \rVert^3}
-    = -\nabla_{\mathbf{x}_i} U, \qquad
-    U = \kappa \sum_{i < j} \frac{q_i q_j}{\lVert \mathbf{x}_i - \mathbf{x}_j \rVert}
+$$
+\mathbf{F}_i = \kappa \sum_{j \ne i} q_i q_j
+    \frac{\mathbf{x}_i - \mathbf{x}_j}{\lVert \mathbf{x}_i - \mathbf{x}_j \rVert^3}
+= -\nabla_{\mathbf{x}_i} U, \qquad
+U = \kappa \sum_{i < j} \frac{q_i q_j}{\lVert \mathbf{x}_i - \mathbf{x}_j \rVert}
+$$
 
-(like charges repel). Initial positions are :math:`\mathcal{N}(0, \sigma_{loc}^2)` with
-:math:`\sigma_{loc} = 1`; initial velocities have a uniformly random direction and norm
-``vel_norm`` :math:`= 0.5`. The trajectory is integrated with the leapfrog scheme of the
-NRI simulator (a first kick, then drift :math:`\mathbf{x} \mathrel{+}= \Delta t\,
-\mathbf{v}` and kick :math:`\mathbf{v} \mathrel{+}= \Delta t\, \mathbf{F}(\mathbf{x})`
-per step, :math:`\Delta t = 0.001`), with every force component clipped to
-:math:`\pm 0.1/\Delta t` as in the reference simulator, and no bounding box (removed by
-Fuchs et al. for the 3-D version). A frame is saved every ``sample_freq = 100`` steps;
-frame :math:`k` is the state after step :math:`(k+1) \cdot 100`. The learning task of
+(like charges repel). Initial positions are $\mathcal{N}(0, \sigma_{loc}^2)$ with
+$\sigma_{loc} = 1$; initial velocities have a uniformly random direction and norm
+`vel_norm` $= 0.5$. The trajectory is integrated with the leapfrog scheme of the
+NRI simulator (a first kick, then drift $\mathbf{x} \mathrel{+}= \Delta t\,
+\mathbf{v}$ and kick $\mathbf{v} \mathrel{+}= \Delta t\, \mathbf{F}(\mathbf{x})$
+per step, $\Delta t = 0.001$), with every force component clipped to
+$\pm 0.1/\Delta t$ as in the reference simulator, and no bounding box (removed by
+Fuchs et al. for the 3-D version). A frame is saved every `sample_freq = 100` steps;
+frame $k$ is the state after step $(k+1) \cdot 100$. The learning task of
 Satorras et al. (2021) maps the positions/velocities at frame 30 to the positions at
 frame 40, i.e. 1000 integration steps later, with 3000 / 2000 / 2000 train / val / test
 trajectories.
@@ -53,15 +54,15 @@ _SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
 
 class ChargedSimulation(NamedTuple):
-    """Output of :func:`simulate_charged_particles`.
+    """Output of [`simulate_charged_particles`][graphspace.data.nbody.simulate_charged_particles].
 
     Attributes:
-        loc: saved positions, shape ``(S, F, n, d)`` (``F`` saved frames).
-        vel: saved velocities (the velocity of the drift that produced ``loc``; a
-            half step behind the positions in leapfrog terms), ``(S, F, n, d)``.
-        charges: particle charges, ``(S, n)``.
-        clamped: whether any force component was clipped in the trajectory, ``(S,)``.
-        min_dist: smallest pairwise distance seen over the integration, ``(S,)``.
+        loc: saved positions, shape `(S, F, n, d)` (`F` saved frames).
+        vel: saved velocities (the velocity of the drift that produced `loc`; a
+            half step behind the positions in leapfrog terms), `(S, F, n, d)`.
+        charges: particle charges, `(S, n)`.
+        clamped: whether any force component was clipped in the trajectory, `(S,)`.
+        min_dist: smallest pairwise distance seen over the integration, `(S,)`.
     """
 
     loc: Tensor
@@ -74,16 +75,16 @@ class ChargedSimulation(NamedTuple):
 def coulomb_forces(
     loc: Tensor, charges: Tensor, interaction_strength: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    r"""Pairwise Coulomb-like forces :math:`\mathbf{F}_i = \kappa \sum_{j\ne i} q_i q_j
-    (\mathbf{x}_i - \mathbf{x}_j)/\lVert \mathbf{x}_i - \mathbf{x}_j\rVert^3`.
+    r"""Pairwise Coulomb-like forces $\mathbf{F}_i = \kappa \sum_{j\ne i} q_i q_j
+    (\mathbf{x}_i - \mathbf{x}_j)/\lVert \mathbf{x}_i - \mathbf{x}_j\rVert^3$.
 
     Args:
-        loc: positions ``(..., n, d)``.
-        charges: charges ``(..., n)``.
-        interaction_strength: :math:`\kappa`.
+        loc: positions `(..., n, d)`.
+        charges: charges `(..., n)`.
+        interaction_strength: $\kappa$.
 
     Returns:
-        ``(forces (..., n, d), min pairwise distance (...))``.
+        `(forces (..., n, d), min pairwise distance (...))`.
     """
     n = loc.size(-2)
     diff = loc.unsqueeze(-2) - loc.unsqueeze(-3)  # (..., n, n, d): x_i - x_j
@@ -100,17 +101,17 @@ def coulomb_forces(
 def charged_energy(
     loc: Tensor, vel: Tensor, charges: Tensor, interaction_strength: float = 1.0
 ) -> Tensor:
-    r"""Total energy :math:`\tfrac12 \sum_i \lVert\mathbf{v}_i\rVert^2 + \kappa \sum_{i<j}
-    q_i q_j / \lVert \mathbf{x}_i - \mathbf{x}_j \rVert` (unit masses).
+    r"""Total energy $\tfrac12 \sum_i \lVert\mathbf{v}_i\rVert^2 + \kappa \sum_{i<j}
+    q_i q_j / \lVert \mathbf{x}_i - \mathbf{x}_j \rVert$ (unit masses).
 
     Args:
-        loc: positions ``(..., n, d)``.
-        vel: velocities ``(..., n, d)``.
-        charges: charges ``(..., n)``.
-        interaction_strength: :math:`\kappa`.
+        loc: positions `(..., n, d)`.
+        vel: velocities `(..., n, d)`.
+        charges: charges `(..., n)`.
+        interaction_strength: $\kappa$.
 
     Returns:
-        Energies of shape ``(...)``.
+        Energies of shape `(...)`.
     """
     n = loc.size(-2)
     kinetic = 0.5 * (vel * vel).sum((-1, -2))
@@ -137,28 +138,28 @@ def simulate_charged_particles(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> ChargedSimulation:
-    r"""Simulate ``num_samples`` independent charged-particle systems, vectorised.
+    r"""Simulate `num_samples` independent charged-particle systems, vectorised.
 
     Args:
-        num_samples: number of trajectories :math:`S`.
-        num_frames: number of saved frames :math:`F`; frame :math:`k` is the state after
-            step :math:`(k+1) \cdot` ``sample_freq``.
+        num_samples: number of trajectories $S$.
+        num_frames: number of saved frames $F$; frame $k$ is the state after
+            step $(k+1) \cdot$ `sample_freq`.
         num_particles: particles per system (5 in the paper).
         dim: spatial dimension (3 in the paper).
         sample_freq: integration steps between saved frames (100).
-        delta_t: integration step :math:`\Delta t` (0.001).
+        delta_t: integration step $\Delta t$ (0.001).
         loc_std: standard deviation of the initial positions (1.0).
         vel_norm: norm of every initial velocity (0.5).
-        interaction_strength: force constant :math:`\kappa` (1.0).
-        max_force: clip every force component to :math:`\pm` this value; ``"default"``
-            is the reference simulator's :math:`0.1/\Delta t`, ``None`` disables clipping
+        interaction_strength: force constant $\kappa$ (1.0).
+        max_force: clip every force component to $\pm$ this value; `"default"`
+            is the reference simulator's $0.1/\Delta t$, `None` disables clipping
             (then total momentum is conserved exactly).
         generator: random generator (determinism); the draw order is charges, positions,
             velocities.
         dtype: floating dtype of the integration (float64 by default).
 
     Returns:
-        A :class:`ChargedSimulation`.
+        A `ChargedSimulation`.
     """
     if max_force == "default":
         max_force = 0.1 / delta_t
@@ -199,27 +200,27 @@ def simulate_charged_particles(
 class NBodyCharged(InMemoryDataset):
     r"""The charged-particle N-body dataset of the EGNN paper, generated locally.
 
-    Each :class:`~torch_geometric.data.Data` is one system at frame ``frame_input`` with
+    Each `Data` is one system at frame `frame_input` with
 
-    * ``pos`` :math:`(n, d)`: positions, ``vel`` :math:`(n, d)`: velocities,
-    * ``charges`` :math:`(n, 1)`: charges :math:`\pm 1`,
-    * ``y`` :math:`(n, d)`: the target positions at frame ``frame_target``
-      (:math:`(40-30) \times 100 = 1000` steps later by default),
-    * ``edge_index`` :math:`(2, n(n-1))`: the fully connected graph without self loops,
-    * ``edge_attr`` :math:`(n(n-1), 1)`: the charge products :math:`q_i q_j`,
-    * ``clamped`` :math:`(1,)`: whether the simulator clipped a force in this trajectory
+    * `pos` $(n, d)$: positions, `vel` $(n, d)$: velocities,
+    * `charges` $(n, 1)$: charges $\pm 1$,
+    * `y` $(n, d)$: the target positions at frame `frame_target`
+      ($(40-30) \times 100 = 1000$ steps later by default),
+    * `edge_index` $(2, n(n-1))$: the fully connected graph without self loops,
+    * `edge_attr` $(n(n-1), 1)$: the charge products $q_i q_j$,
+    * `clamped` $(1,)$: whether the simulator clipped a force in this trajectory
       (a close encounter; about 45% of the default trajectories).
 
-    The EGNN baseline uses ``x = ||vel||`` as node feature and ``[q_i q_j, ||x_i-x_j||^2]``
-    as edge attributes (see ``benchmarks/nbody_egnn.py``).
+    The EGNN baseline uses `x = ||vel||` as node feature and `[q_i q_j, ||x_i-x_j||^2]`
+    as edge attributes (see `benchmarks/nbody_egnn.py`).
 
-    ``process()`` simulates the split with a seed derived from ``seed`` and the split
+    `process()` simulates the split with a seed derived from `seed` and the split
     name (so splits are distinct and reproducible) and saves it under
-    ``root/processed``; the file name encodes every simulation parameter.
+    `root/processed`; the file name encodes every simulation parameter.
 
     Args:
         root: dataset directory.
-        split: ``"train"``, ``"val"`` or ``"test"``.
+        split: `"train"`, `"val"` or `"test"`.
         num_samples: trajectories in this split (default 3000 / 2000 / 2000).
         seed: base random seed.
         num_particles: particles per system (5).
@@ -231,7 +232,8 @@ class NBodyCharged(InMemoryDataset):
         loc_std: initial position scale (1.0).
         vel_norm: initial speed (0.5).
         interaction_strength: force constant (1.0).
-        max_force: force clipping, see :func:`simulate_charged_particles`.
+        max_force: force clipping, see
+            [`simulate_charged_particles`][graphspace.data.nbody.simulate_charged_particles].
         transform: PyG transform applied on access.
         pre_transform: PyG transform applied before saving.
         pre_filter: PyG filter applied before saving.
@@ -298,7 +300,7 @@ class NBodyCharged(InMemoryDataset):
         return [f"nbody_charged_{self.split}_{digest}.pt"]
 
     def download(self) -> None:
-        """Nothing to download: the data are simulated in :meth:`process`."""
+        """Nothing to download: the data are simulated in `process`."""
 
     def split_seed(self) -> int:
         """The seed used for this split (distinct per split)."""

@@ -2,24 +2,25 @@ r"""Probe features: what each neuron computes on a few fixed inputs, as node fea
 
 Neural Graphs (Kofinas et al., "Graph Neural Networks for Learning Equivariant Representations
 of Neural Networks", ICLR 2024, Sec. 3) add *probe features* to the parameter graph: the
-network is evaluated on :math:`P` probe inputs :math:`p_1, \dots, p_P` and every neuron
-:math:`v` gets the values it takes on them,
+network is evaluated on $P$ probe inputs $p_1, \dots, p_P$ and every neuron
+$v$ gets the values it takes on them,
 
-.. math::
-
-    \mathbf{f}_v = \big(z_v(p_1), \dots, z_v(p_P)\big) \in \mathbb{R}^P,
+$$
+\mathbf{f}_v = \big(z_v(p_1), \dots, z_v(p_P)\big) \in \mathbb{R}^P,
+$$
 
 appended to its node features. Input neurons get the probe coordinates themselves. Here
-:math:`z_v` is the neuron's *pre-activation* (the output of the layer that produces it, before
+$z_v$ is the neuron's *pre-activation* (the output of the layer that produces it, before
 its nonlinearity), which is exact and architecture-independent. The output neurons' features
 are the network's outputs on the probes; for an INR that is the encoded image sampled at
-:math:`P` points.
+$P$ points.
 
 The features are equivariant to every function-preserving hidden-neuron permutation (they move
 with their neuron). Under a sign flip of an odd activation
-(:class:`~graphspace.data.RandomSignFlip`) the flipped neuron's features change sign, so apply
-this transform *after* the augmentations, as :class:`~graphspace.data.WeightSpaceDataModule`
-does with its ``transforms``.
+([`RandomSignFlip`][graphspace.data.RandomSignFlip]) the flipped neuron's features change sign, so
+apply this transform *after* the augmentations, as
+[`WeightSpaceDataModule`][graphspace.data.datamodules.WeightSpaceDataModule] does with its
+`transforms`.
 """
 
 from __future__ import annotations
@@ -37,39 +38,40 @@ __all__ = ["ProbeFeatures"]
 
 
 def _per_channel(t: Tensor) -> Tensor:
-    """``[P, C, *spatial]`` -> ``[P, C]`` (mean over space); ``[P, C]`` as it is."""
+    """`[P, C, *spatial]` -> `[P, C]` (mean over space); `[P, C]` as it is."""
     return t.flatten(2).mean(-1) if t.dim() > 2 else t.reshape(t.shape[0], -1)
 
 
 class ProbeFeatures(BaseTransform):
-    r"""Append each neuron's values on :math:`P` fixed probe inputs to ``x`` (Neural Graphs'
+    r"""Append each neuron's values on $P$ fixed probe inputs to `x` (Neural Graphs'
     probe features; see the module docstring for the definition).
 
-    The graph is turned back into weights (:meth:`~graphspace.graphs.ParameterGraph.to_state_dict`)
-    and evaluated with :func:`torch.func.functional_call` on ``model``, the architecture
-    template (its own weights are not used and never modified). Forward hooks on the modules
-    that own an edge-weight record collect their outputs; spatial dimensions (convolutions) are
-    averaged. Nodes that no such module produces (e.g. residual sums) get zeros.
+    The graph is turned back into weights
+    ([`to_state_dict`][graphspace.graphs.ParameterGraph.to_state_dict]) and evaluated with
+    `torch.func.functional_call` on `model`, the architecture template (its own weights are not used
+    and never modified). Forward hooks on the modules that own an edge-weight record collect their
+    outputs; spatial dimensions (convolutions) are averaged. Nodes that no such module produces
+    (e.g. residual sums) get zeros.
 
     Args:
         model: a module of the graphs' architecture (e.g.
-            :class:`~graphspace.data.DWSNetsINR`).
-        points: probe inputs ``[P, *input_shape]``; default: ``num_points`` points drawn
-            uniformly from ``[low, high]^d`` with ``seed``, where ``d`` is the number of input
+            [`DWSNetsINR`][graphspace.data.DWSNetsINR]).
+        points: probe inputs `[P, *input_shape]`; default: `num_points` points drawn
+            uniformly from `[low, high]^d` with `seed`, where `d` is the number of input
             neurons (2 for an image INR).
         num_points, low, high, seed: the default probes.
         scale: multiply the features by this factor (default 1).
         normalize: divide each layer's features by their root mean square over a training
-            set, set by :meth:`fit` (default ``True``; before :meth:`fit` is called the
-            features are only multiplied by ``scale``). Probe values differ in magnitude by
-            an order of magnitude or more between layers (e.g. 0.05 to 0.5 in the digits
-            SIRENs), and small raw values are drowned by the encoder's embeddings. One
-            scalar per layer keeps the features equivariant to hidden-neuron permutations and
-            sign flips (no centring). :class:`~graphspace.data.WeightSpaceDataModule` calls
-            :meth:`fit` on its training split.
+            set, set by [`fit`][graphspace.data.probe.ProbeFeatures.fit] (default `True`; before
+            [`fit`][graphspace.data.probe.ProbeFeatures.fit] is called the features are only
+            multiplied by `scale`). Probe values differ in magnitude by an order of magnitude or
+            more between layers (e.g. 0.05 to 0.5 in the digits SIRENs), and small raw values are
+            drowned by the encoder's embeddings. One scalar per layer keeps the features equivariant
+            to hidden-neuron permutations and sign flips (no centring).
+            [`WeightSpaceDataModule`][graphspace.data.datamodules.WeightSpaceDataModule] calls
+            [`fit`][graphspace.data.probe.ProbeFeatures.fit] on its training split.
 
-    Example::
-
+    Examples:
         >>> from graphspace.data import DWSNetsINR
         >>> from graphspace.graphs import ParameterGraph
         >>> inr = DWSNetsINR()
@@ -95,7 +97,7 @@ class ProbeFeatures(BaseTransform):
 
     @property
     def out_channels(self) -> int:
-        """Number of feature channels appended to ``x`` (``P``)."""
+        """Number of feature channels appended to `x` (`P`)."""
         return self.num_points
 
     def _probes(self, d: int) -> Tensor:
@@ -127,7 +129,7 @@ class ProbeFeatures(BaseTransform):
         return hooked, inputs[0]
 
     def features(self, data: Any) -> Tensor:
-        """The raw probe features ``[num_nodes, P]`` of one graph (no scaling)."""
+        """The raw probe features `[num_nodes, P]` of one graph (no scaling)."""
         if not isinstance(data, ParameterGraph) or isinstance(getattr(data, "spec", None), list):
             raise TypeError("ProbeFeatures is applied to single parameter graphs, not batches")
         hooked, input_nodes = self._plan(data)
@@ -152,9 +154,9 @@ class ProbeFeatures(BaseTransform):
         return feats
 
     def fit(self, dataset: Sequence[Any], max_graphs: int = 512) -> ProbeFeatures:
-        r"""Set the per-layer scales :math:`1 / \sqrt{\mathbb E[f^2]}` from (the first
-        ``max_graphs``) graphs of ``dataset`` (the training split: statistics never come from
-        evaluation data). Returns ``self``."""
+        r"""Set the per-layer scales $1 / \sqrt{\mathbb E[f^2]}$ from (the first
+        `max_graphs`) graphs of `dataset` (the training split: statistics never come from
+        evaluation data). Returns `self`."""
         if not self.normalize:
             return self
         sq: dict[int, float] = {}

@@ -1,22 +1,23 @@
 r"""Stochastic-block-model graphs, generated locally and deterministically under a seed.
 
 Each graph is drawn from a stochastic block model (Holland et al. 1983) with
-:func:`torch_geometric.utils.stochastic_blockmodel_graph`: nodes in blocks :math:`b(i)`, an
-undirected edge :math:`\{i, j\}` present with probability :math:`p_{in}` if
-:math:`b(i) = b(j)` and :math:`p_{out}` otherwise. Node features are a noisy one-hot code of the
+`torch_geometric.utils.stochastic_blockmodel_graph`: nodes in blocks $b(i)$, an
+undirected edge $\{i, j\}$ present with probability $p_{in}$ if
+$b(i) = b(j)$ and $p_{out}$ otherwise. Node features are a noisy one-hot code of the
 block,
 
-.. math::
-    \mathbf{x}_i = s\,\mathbf{e}_{b(i)} + \sigma\,\boldsymbol{\epsilon}_i,
-    \qquad \boldsymbol{\epsilon}_i \sim \mathcal{N}(0, I_F),
+$$
+\mathbf{x}_i = s\,\mathbf{e}_{b(i)} + \sigma\,\boldsymbol{\epsilon}_i,
+\qquad \boldsymbol{\epsilon}_i \sim \mathcal{N}(0, I_F),
+$$
 
-(:math:`\mathbf{e}_{b}` is the :math:`b`-th unit vector of :math:`\mathbb{R}^F`, :math:`F \ge`
-the number of blocks), and the node label is the block. With :math:`s / \sigma` small the
+($\mathbf{e}_{b}$ is the $b$-th unit vector of $\mathbb{R}^F$, $F \ge$
+the number of blocks), and the node label is the block. With $s / \sigma$ small the
 features alone are ambiguous and a GNN has to use the community structure, which makes SBM a
 controlled benchmark for node-level graph contrastive learning (linear-probe accuracy on frozen
 embeddings, as in GRACE, Zhu et al. 2020).
 
-Every graph carries ``train_mask`` / ``val_mask`` / ``test_mask`` (a random split of its nodes,
+Every graph carries `train_mask` / `val_mask` / `test_mask` (a random split of its nodes,
 by default 10 % / 10 % / 80 % as in GRACE's evaluation protocol).
 """
 
@@ -46,21 +47,21 @@ def make_sbm_graph(
     r"""One SBM graph with noisy one-hot block features, labels and a node split.
 
     The global random state is left untouched (the graph is drawn inside
-    :func:`torch.random.fork_rng`), so the same arguments always give the same graph.
+    `torch.random.fork_rng`), so the same arguments always give the same graph.
 
     Args:
         block_sizes: nodes per block.
         p_in, p_out: edge probabilities within and between blocks.
-        num_features: feature size :math:`F` (at least the number of blocks).
-        feature_signal: :math:`s`, the weight of the one-hot block code (default 1).
-        feature_noise: :math:`\sigma`, the standard deviation of the Gaussian noise (default 1).
+        num_features: feature size $F$ (at least the number of blocks).
+        feature_signal: $s$, the weight of the one-hot block code (default 1).
+        feature_noise: $\sigma$, the standard deviation of the Gaussian noise (default 1).
         train_ratio, val_ratio: fractions of nodes in the train / validation masks; the rest
             is the test mask.
         seed: random seed.
 
     Returns:
-        ``Data(x [N, F], edge_index [2, E] (undirected, no self-loops), y [N],
-        train_mask, val_mask, test_mask [N])``.
+        `Data(x [N, F], edge_index [2, E] (undirected, no self-loops), y [N],
+        train_mask, val_mask, test_mask [N])`.
     """
     k = len(block_sizes)
     if k == 0 or min(block_sizes) <= 0:
@@ -93,8 +94,9 @@ def make_sbm_graph(
 
 
 class SBMDataset(InMemoryDataset):
-    r"""``num_graphs`` stochastic-block-model graphs (see :func:`make_sbm_graph`), held in
-    memory; graph ``g`` is drawn with seed ``seed + g``. Nothing is written to disk.
+    r"""`num_graphs` stochastic-block-model graphs (see
+    [`make_sbm_graph`][graphspace.data.sbm.make_sbm_graph]), held in memory; graph `g` is drawn with
+    seed `seed + g`. Nothing is written to disk.
 
     Args:
         num_graphs: number of graphs (default 1).
@@ -134,20 +136,20 @@ class SBMDataset(InMemoryDataset):
 
 
 class SBMDataModule(pl.LightningDataModule):
-    r"""A ``LightningDataModule`` of SBM graphs for node-level contrastive learning.
+    r"""A `LightningDataModule` of SBM graphs for node-level contrastive learning.
 
     Training iterates over the graphs (unsupervised: labels are not used by the contrastive
-    loss); validation and test iterate over the same graphs, whose ``train_mask`` nodes train a
-    linear probe that is scored on ``val_mask`` / ``test_mask`` nodes. Deterministic under
-    ``seed``.
+    loss); validation and test iterate over the same graphs, whose `train_mask` nodes train a
+    linear probe that is scored on `val_mask` / `test_mask` nodes. Deterministic under
+    `seed`.
 
     Args:
         num_graphs: graphs in the dataset (default 1).
-        num_blocks, block_size: ``num_blocks`` blocks of ``block_size`` nodes, unless
-            ``block_sizes`` is given (default 4 x 100).
-        block_sizes: explicit block sizes (overrides ``num_blocks`` / ``block_size``).
+        num_blocks, block_size: `num_blocks` blocks of `block_size` nodes, unless
+            `block_sizes` is given (default 4 x 100).
+        block_sizes: explicit block sizes (overrides `num_blocks` / `block_size`).
         p_in, p_out, num_features, feature_signal, feature_noise, train_ratio, val_ratio, seed:
-            see :func:`make_sbm_graph`.
+            see [`make_sbm_graph`][graphspace.data.sbm.make_sbm_graph].
         batch_size: graphs per batch (default 1).
     """
 

@@ -1,27 +1,27 @@
 r"""The Small CNN Zoo (Unterthiner et al. 2020, "Predicting Neural Network Accuracy from Weights").
 
 30k CNNs per image dataset (MNIST, Fashion-MNIST, CIFAR-10 and SVHN in grayscale), each three
-3x3 stride-2 convolutions of 16 channels (``valid`` padding), global average pooling and a
+3x3 stride-2 convolutions of 16 channels (`valid` padding), global average pooling and a
 dense layer of 10 outputs: 4970 parameters for 1-channel inputs
-(:class:`graphspace.testing.models.SmallCNN`). Every run was checkpointed at epochs 0, 1, 2, 3,
+(`graphspace.testing.models.SmallCNN`). Every run was checkpointed at epochs 0, 1, 2, 3,
 20, 40, 60, 80 and 86. The published files are
 
-* ``weights.npy``: one row per checkpoint, the TensorFlow variables concatenated; convolution
-  kernels in ``HWIO`` layout and dense kernels ``(in, out)``, converted here to PyTorch's
-  ``OIHW`` / ``(out, in)``;
-* ``metrics.csv.gz``: one row per checkpoint: ``config.*`` hyper-parameter columns
-  (``config.activation``, ``config.w_init``, ``config.init_std``, ``config.learning_rate``,
-  ``config.optimizer``, ``config.l2reg``, ``config.dropout``, ``config.train_fraction``,
-  ``config.epochs``, ...), ``modeldir``, ``step`` (the epoch), ``test_accuracy``,
-  ``test_loss``, ``train_accuracy``, ``train_loss``;
-* ``layout.csv``: ``varname,start_idx,end_idx,shape`` -- the column range and shape of every
+* `weights.npy`: one row per checkpoint, the TensorFlow variables concatenated; convolution
+  kernels in `HWIO` layout and dense kernels `(in, out)`, converted here to PyTorch's
+  `OIHW` / `(out, in)`;
+* `metrics.csv.gz`: one row per checkpoint: `config.*` hyper-parameter columns
+  (`config.activation`, `config.w_init`, `config.init_std`, `config.learning_rate`,
+  `config.optimizer`, `config.l2reg`, `config.dropout`, `config.train_fraction`,
+  `config.epochs`, ...), `modeldir`, `step` (the epoch), `test_accuracy`,
+  `test_loss`, `train_accuracy`, `train_loss`;
+* `layout.csv`: `varname,start_idx,end_idx,shape` -- the column range and shape of every
   variable in a row.
 
 **Standard protocol** (NFN, Zhou et al. 2023; Neural Graphs, Kofinas et al. 2024): the rows are
-reordered by the published permutation file (``{mnist,fashion_mnist,cifar10,svhn}_split.csv``
-of the NFN repository, read without a header: its first line, ``0``, is the header pandas wrote
-and becomes a leading row index ``0``), the final checkpoints (``step == 86``) are kept, the
-second half is the test set and the first half is shuffled with ``random.Random(0)`` and split
+reordered by the published permutation file (`{mnist,fashion_mnist,cifar10,svhn}_split.csv`
+of the NFN repository, read without a header: its first line, `0`, is the header pandas wrote
+and becomes a leading row index `0`), the final checkpoints (`step == 86`) are kept, the
+second half is the test set and the first half is shuffled with `random.Random(0)` and split
 80/20 into train/val. With other epochs, each run stays in one split.
 """
 
@@ -81,7 +81,7 @@ METRIC_COLUMNS = ("test_accuracy", "test_loss", "train_accuracy", "train_loss")
 
 @dataclass
 class LayoutRow:
-    """One line of ``layout.csv``: variable ``varname`` occupies columns ``[start, end)``."""
+    """One line of `layout.csv`: variable `varname` occupies columns `[start, end)`."""
 
     varname: str
     start: int
@@ -95,7 +95,7 @@ class LayoutRow:
 
 
 def read_layout(path: str | os.PathLike) -> list[LayoutRow]:
-    """Read ``layout.csv`` (``varname,start_idx,end_idx,shape``; shape like ``(3, 3, 1, 16)``)."""
+    """Read `layout.csv` (`varname,start_idx,end_idx,shape`; shape like `(3, 3, 1, 16)`)."""
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
@@ -110,7 +110,7 @@ def read_layout(path: str | os.PathLike) -> list[LayoutRow]:
 
 
 def read_metrics(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Read ``metrics.csv.gz`` (or an uncompressed CSV) into columns of strings. A leading
+    """Read `metrics.csv.gz` (or an uncompressed CSV) into columns of strings. A leading
     unnamed index column is dropped."""
     opener: Callable[..., Any] = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", newline="") as f:
@@ -129,9 +129,9 @@ def read_metrics(path: str | os.PathLike) -> dict[str, list[str]]:
 def read_split_file(path: str | os.PathLike, keep_leading_zero: bool = True) -> list[int]:
     """Read a permutation file of row indices, one per line.
 
-    The NFN files start with a line ``0`` that pandas wrote as the column name; NFN reads them
-    with ``header=None`` so that ``0`` is a (duplicated) leading index. ``keep_leading_zero``
-    reproduces that; ``False`` drops the first line when it is ``0`` and the rest is a full
+    The NFN files start with a line `0` that pandas wrote as the column name; NFN reads them
+    with `header=None` so that `0` is a (duplicated) leading index. `keep_leading_zero`
+    reproduces that; `False` drops the first line when it is `0` and the rest is a full
     permutation.
     """
     with open(path) as f:
@@ -144,9 +144,9 @@ def read_split_file(path: str | os.PathLike, keep_leading_zero: bool = True) -> 
 
 def small_cnn_layout(in_channels: int = 1, channels: int = 16, num_classes: int = 10,
                      num_layers: int = 3, prefix: str = "sequential") -> list[LayoutRow]:
-    """The ``layout.csv`` rows of the Small CNN Zoo architecture (bias before kernel per layer,
-    as in the published files: ``conv2d/bias`` = columns 0..16, ``conv2d/kernel`` 16..160, ...,
-    ``dense/kernel`` 4810..4970)."""
+    """The `layout.csv` rows of the Small CNN Zoo architecture (bias before kernel per layer,
+    as in the published files: `conv2d/bias` = columns 0..16, `conv2d/kernel` 16..160, ...,
+    `dense/kernel` 4810..4970)."""
     rows: list[LayoutRow] = []
     off = 0
     cin = in_channels
@@ -166,8 +166,8 @@ def small_cnn_layout(in_channels: int = 1, channels: int = 16, num_classes: int 
 
 
 def tf_to_torch(arr: np.ndarray | Tensor, batched: bool = True) -> np.ndarray | Tensor:
-    """TensorFlow kernel layout -> PyTorch: ``HWIO -> OIHW`` (conv), ``(in, out) -> (out, in)``
-    (dense). With ``batched`` the first axis indexes networks."""
+    """TensorFlow kernel layout -> PyTorch: `HWIO -> OIHW` (conv), `(in, out) -> (out, in)`
+    (dense). With `batched` the first axis indexes networks."""
     b = 1 if batched else 0
     nd = arr.ndim - b
     if nd == 4:
@@ -181,7 +181,7 @@ def tf_to_torch(arr: np.ndarray | Tensor, batched: bool = True) -> np.ndarray | 
 
 
 def torch_to_tf(arr: np.ndarray | Tensor, batched: bool = True) -> np.ndarray | Tensor:
-    """PyTorch kernel layout -> TensorFlow: ``OIHW -> HWIO``, ``(out, in) -> (in, out)``."""
+    """PyTorch kernel layout -> TensorFlow: `OIHW -> HWIO`, `(out, in) -> (in, out)`."""
     b = 1 if batched else 0
     nd = arr.ndim - b
     if nd == 4:
@@ -225,8 +225,8 @@ def _arch_from_layout(layout: Sequence[LayoutRow]) -> dict[str, int]:
 
 
 def rows_to_state_dicts(rows: np.ndarray, layout: Sequence[LayoutRow]) -> dict[str, Tensor]:
-    """Batched PyTorch state dict (every tensor ``[n, *shape]``) of TF-layout rows ``[n, P]``
-    for :class:`~graphspace.testing.models.SmallCNN`."""
+    """Batched PyTorch state dict (every tensor `[n, *shape]`) of TF-layout rows `[n, P]`
+    for `SmallCNN`."""
     layers = _layers(layout)
     names = ["conv1", "conv2", "conv3", "fc"]
     n = rows.shape[0]
@@ -244,7 +244,7 @@ def rows_to_state_dicts(rows: np.ndarray, layout: Sequence[LayoutRow]) -> dict[s
 
 
 def state_dicts_to_rows(sd: Mapping[str, Tensor], layout: Sequence[LayoutRow]) -> np.ndarray:
-    """Inverse of :func:`rows_to_state_dicts`: ``[n, P]`` float32 TF-layout rows."""
+    """Inverse of `rows_to_state_dicts`: `[n, P]` float32 TF-layout rows."""
     layers = _layers(layout)
     names = ["conv1", "conv2", "conv3", "fc"]
     n = next(iter(sd.values())).shape[0]
@@ -272,11 +272,11 @@ def write_small_cnn_zoo(
 
     Args:
         directory: output directory (created).
-        rows: ``[checkpoints, P]`` TensorFlow-layout weights.
+        rows: `[checkpoints, P]` TensorFlow-layout weights.
         metrics: column name -> one value per row (written in the given column order).
-        layout: :func:`small_cnn_layout` rows.
-        permutation: row permutation written as ``split_name`` in the NFN style (a first line
-            ``0`` -- the header pandas writes -- then one index per line).
+        layout: [`small_cnn_layout`][graphspace.data.small_cnn_zoo.small_cnn_layout] rows.
+        permutation: row permutation written as `split_name` in the NFN style (a first line
+            `0` -- the header pandas writes -- then one index per line).
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -337,9 +337,9 @@ def _num(v: str) -> float:
 
 def small_cnn_protocol_split(num_units: int, test_fraction: float = 0.5,
                              val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[int]]:
-    """NFN's split of ``num_units`` (already permuted) items: the last ``test_fraction`` is the
-    test set; the rest is shuffled with ``random.Random(seed)`` and its last ``val_fraction``
-    is the validation set (``test_fraction=0.5, val_fraction=0.2, seed=0`` is NFN's)."""
+    """NFN's split of `num_units` (already permuted) items: the last `test_fraction` is the
+    test set; the rest is shuffled with `random.Random(seed)` and its last `val_fraction`
+    is the validation set (`test_fraction=0.5, val_fraction=0.2, seed=0` is NFN's)."""
     tp = int((1 - test_fraction) * num_units)
     trainval = list(range(tp))
     vp = int((1 - val_fraction) * len(trainval))
@@ -354,30 +354,32 @@ def small_cnn_protocol_split(num_units: int, test_fraction: float = 0.5,
 
 class SmallCNNZoo(WeightZooDataset):
     r"""The Small CNN Zoo, or a zoo in its file format (e.g. made by
-    :func:`graphspace.data.generators.generate_cnn_zoo`), as parameter graphs with target
-    ``y`` = a metrics column (default ``test_accuracy``) and attribute ``step`` (the epoch).
+    [`graphspace.data.generators.generate_cnn_zoo`][graphspace.data.generators.generate_cnn_zoo]),
+    as parameter graphs with target `y` = a metrics column (default `test_accuracy`) and attribute
+    `step` (the epoch).
 
-    Raw files go to ``root/raw`` (``weights.npy``, ``metrics.csv.gz``, ``layout.csv`` and
-    optionally the permutation file). With ``dataset`` set to a public zoo (``"mnist"``,
-    ``"fashion_mnist"``, ``"cifar10"``, ``"svhn_cropped"``) missing files are downloaded.
+    Raw files go to `root/raw` (`weights.npy`, `metrics.csv.gz`, `layout.csv` and
+    optionally the permutation file). With `dataset` set to a public zoo (`"mnist"`,
+    `"fashion_mnist"`, `"cifar10"`, `"svhn_cropped"`) missing files are downloaded.
 
     Args:
         root: dataset directory.
-        split: ``"train"``, ``"val"`` or ``"test"``.
-        epochs: which checkpoints: ``"final"`` (``step == config.epochs``, i.e. 86 for the
-            published zoo -- the standard protocol), an epoch, a list of epochs, or ``"all"``.
-        split_file: the row permutation: ``"auto"`` (``raw/split.csv``, else
-            ``raw/<name>_split.csv`` of the public zoo, else a seeded permutation), a path, or
-            ``None`` (a permutation drawn with ``split_seed``).
-        keep_leading_zero: keep the split file's leading ``0`` as NFN does (see
-            :func:`read_split_file`).
+        split: `"train"`, `"val"` or `"test"`.
+        epochs: which checkpoints: `"final"` (`step == config.epochs`, i.e. 86 for the
+            published zoo -- the standard protocol), an epoch, a list of epochs, or `"all"`.
+        split_file: the row permutation: `"auto"` (`raw/split.csv`, else
+            `raw/<name>_split.csv` of the public zoo, else a seeded permutation), a path, or
+            `None` (a permutation drawn with `split_seed`).
+        keep_leading_zero: keep the split file's leading `0` as NFN does (see
+            [`read_split_file`][graphspace.data.small_cnn_zoo.read_split_file]).
         test_fraction, val_fraction, split_seed: the protocol (0.5, 0.2, 0: NFN's).
-        target: the metrics column used as ``y``.
+        target: the metrics column used as `y`.
         dataset: public zoo to download when raw files are missing.
         kernel, kernel_pad, transform, force_reload, log: see
-            :class:`~graphspace.data.WeightZooDataset`.
+            [`WeightZooDataset`][graphspace.data.WeightZooDataset].
 
-    Per-network hyper-parameters and metrics: :meth:`info` (e.g. ``info("config.optimizer")``).
+    Per-network hyper-parameters and metrics:
+    [`info`][graphspace.data.small_cnn_zoo.SmallCNNZoo.info] (e.g. `info("config.optimizer")`).
     """
 
     name = "small_cnn_zoo"
@@ -418,13 +420,13 @@ class SmallCNNZoo(WeightZooDataset):
         return idx
 
     def _fields(self, idx: Tensor) -> dict[str, Tensor]:
-        """``y`` and the per-graph numeric fields of networks ``idx`` (``[n]`` each)."""
+        """`y` and the per-graph numeric fields of networks `idx` (`[n]` each)."""
         s = self._store
         return {"y": s["y"][idx], **{k: t[idx] for k, t in s["fields"].items()}}
 
     def get(self, idx: int) -> Any:
-        """Network ``idx`` as a parameter graph. Structure tensors (``edge_index``, ...) are
-        shared by the graphs of this dataset, as in PyG's ``InMemoryDataset``: do not modify
+        """Network `idx` as a parameter graph. Structure tensors (`edge_index`, ...) are
+        shared by the graphs of this dataset, as in PyG's `InMemoryDataset`: do not modify
         them in place (transforms that change them should assign new tensors)."""
         s = self._store
         if "flat" not in s:
@@ -438,8 +440,8 @@ class SmallCNNZoo(WeightZooDataset):
                                              share_structure=True)
 
     def _groups(self, indices: Sequence[int]) -> list[tuple[int, Tensor, Tensor, Tensor]]:
-        """``(architecture, positions in indices, stored rows, flat vectors)`` per architecture
-        of the networks ``indices`` (dataset indices, mapped through :meth:`indices`)."""
+        """`(architecture, positions in indices, stored rows, flat vectors)` per architecture
+        of the networks `indices` (dataset indices, mapped through `indices`)."""
         s = self._store
         all_idx = self.indices()
         rows = torch.as_tensor([all_idx[i] for i in indices], dtype=torch.long)
@@ -458,8 +460,8 @@ class SmallCNNZoo(WeightZooDataset):
         return out
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        """``[self[i] for i in indices]``, built in one vectorised pass per architecture (what
-        ``torch.utils.data.DataLoader`` calls to fetch a batch)."""
+        """`[self[i] for i in indices]`, built in one vectorised pass per architecture (what
+        `torch.utils.data.DataLoader` calls to fetch a batch)."""
         if "flat" not in self._store or len(indices) == 0:
             return [self[i] for i in indices]
         out: list[Any] = [None] * len(indices)
@@ -472,13 +474,15 @@ class SmallCNNZoo(WeightZooDataset):
         return out
 
     def batch(self, indices: Sequence[int]) -> Batch:
-        """``Batch.from_data_list([self[i] for i in indices])``, built in one vectorised pass
-        (:meth:`GraphBuilder.build_batch <graphspace.data.GraphBuilder.build_batch>`; ReLU and
+        """`Batch.from_data_list([self[i] for i in indices])`, built in one vectorised pass
+        ([`GraphBuilder.build_batch`][graphspace.data.GraphBuilder.build_batch]; ReLU and
         tanh networks mix) unless there is a transform. Use it as the collate function of a
-        loader over indices::
+        loader over indices:
 
-            loader = torch.utils.data.DataLoader(range(len(ds)), batch_size=32,
-                                                 shuffle=True, collate_fn=ds.batch)
+        ```python
+        loader = torch.utils.data.DataLoader(range(len(ds)), batch_size=32,
+                                             shuffle=True, collate_fn=ds.batch)
+        ```
         """
         indices = [int(i) for i in indices]
         s = self._store

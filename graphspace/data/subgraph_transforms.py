@@ -7,7 +7,7 @@ References:
   https://arxiv.org/abs/2110.02910 (selection policies: node-deleted, edge-deleted,
   ego-networks, ego-networks with root identification "EGO+").
 * J. Mitton, R. Murray-Smith, "Subgraph Permutation Equivariant Networks", TMLR 2023,
-  https://arxiv.org/abs/2111.11840 (bags of :math:`k`-hop ego-networks).
+  https://arxiv.org/abs/2111.11840 (bags of $k$-hop ego-networks).
 """
 
 from __future__ import annotations
@@ -27,21 +27,21 @@ Policy = Literal["ego", "node_deleted", "edge_deleted"]
 class SubgraphBagData(Data):
     r"""A bag of subgraphs of one graph, stored as one disjoint-union graph.
 
-    Attributes (``n`` original nodes, ``m`` subgraphs, ``N`` bag nodes):
+    Attributes (`n` original nodes, `m` subgraphs, `N` bag nodes):
 
-    * ``x`` :math:`(N, F)`, ``edge_index`` :math:`(2, E_{bag})`, ``edge_attr``: the bag.
-    * ``node_map`` :math:`(N,)`: the original node of every bag node.
-    * ``subgraph_id`` :math:`(N,)`: the subgraph of every bag node (``0..m-1``).
-    * ``subgraph_batch`` :math:`(m,)`: the graph of every subgraph (zeros here).
-    * ``num_subgraphs``, ``orig_num_nodes``: :math:`(1,)` tensors ``[m]`` and ``[n]``.
-    * ``orig_edge_index``, ``orig_edge_attr``: the original graph.
-    * ``agg_edge_weight`` :math:`(E,)`: how many subgraphs contain each original edge, i.e.
-      the original edges weighted as in :math:`\sum_i A_i`.
+    * `x` $(N, F)$, `edge_index` $(2, E_{bag})$, `edge_attr`: the bag.
+    * `node_map` $(N,)$: the original node of every bag node.
+    * `subgraph_id` $(N,)$: the subgraph of every bag node (`0..m-1`).
+    * `subgraph_batch` $(m,)$: the graph of every subgraph (zeros here).
+    * `num_subgraphs`, `orig_num_nodes`: $(1,)$ tensors `[m]` and `[n]`.
+    * `orig_edge_index`, `orig_edge_attr`: the original graph.
+    * `agg_edge_weight` $(E,)$: how many subgraphs contain each original edge, i.e.
+      the original edges weighted as in $\sum_i A_i$.
 
-    Batching several bags (PyG ``Batch``/``DataLoader``) offsets ``node_map`` and
-    ``orig_edge_index`` by the original node counts, ``subgraph_id`` by the subgraph
-    counts and ``subgraph_batch`` by one per graph, so the batched attributes index the
-    batch's original nodes, subgraphs and graphs; ``batch`` maps bag nodes to graphs.
+    Batching several bags (PyG `Batch`/`DataLoader`) offsets `node_map` and
+    `orig_edge_index` by the original node counts, `subgraph_id` by the subgraph
+    counts and `subgraph_batch` by one per graph, so the batched attributes index the
+    batch's original nodes, subgraphs and graphs; `batch` maps bag nodes to graphs.
     """
 
     def __inc__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
@@ -59,32 +59,33 @@ torch.serialization.add_safe_globals([SubgraphBagData])
 
 
 class ToSubgraphBag(BaseTransform):
-    r"""Turn a graph into a bag of subgraphs (a :class:`SubgraphBagData`).
+    r"""Turn a graph into a bag of subgraphs (a
+    [`SubgraphBagData`][graphspace.data.subgraph_transforms.SubgraphBagData]).
 
     Selection policies (ESAN, Sec. 3 / App.):
 
-    * ``"ego"``: one :math:`k`-hop ego-network per node (the subgraph induced by the nodes
-      within ``num_hops`` of the root); ``root_marking=True`` gives ESAN's EGO+: two
-      features are prepended to ``x``, :math:`[1, 0]` on the root and :math:`[0, 1]`
+    * `"ego"`: one $k$-hop ego-network per node (the subgraph induced by the nodes
+      within `num_hops` of the root); `root_marking=True` gives ESAN's EGO+: two
+      features are prepended to `x`, $[1, 0]$ on the root and $[0, 1]$
       elsewhere.
-    * ``"node_deleted"``: one subgraph per node, with that node's edges removed.
-    * ``"edge_deleted"``: one subgraph per undirected edge, with the edge (both directions)
+    * `"node_deleted"`: one subgraph per node, with that node's edges removed.
+    * `"edge_deleted"`: one subgraph per undirected edge, with the edge (both directions)
       removed. A graph without edges gives a bag holding the graph itself.
 
-    With ``keep_all_nodes=True`` (ESAN's convention) every subgraph keeps all :math:`n`
+    With `keep_all_nodes=True` (ESAN's convention) every subgraph keeps all $n$
     nodes, nodes outside the ego-network or the deleted node staying as isolated nodes, so
-    the bag is an :math:`m \times n` tensor of node features; with ``False`` a subgraph holds
+    the bag is an $m \times n$ tensor of node features; with `False` a subgraph holds
     only its own nodes (compact ego-networks as in SPEN; a deleted node is dropped).
 
-    Node-level ``x`` and ``pos`` are copied to every subgraph, ``edge_attr`` to every kept
-    edge; ``y`` is kept as is. The transform works for directed and undirected graphs (the
-    ego-network of ``r`` is the set of nodes reaching ``r`` within ``num_hops`` steps along
-    ``edge_index``, PyG's ``k_hop_subgraph`` convention).
+    Node-level `x` and `pos` are copied to every subgraph, `edge_attr` to every kept
+    edge; `y` is kept as is. The transform works for directed and undirected graphs (the
+    ego-network of `r` is the set of nodes reaching `r` within `num_hops` steps along
+    `edge_index`, PyG's `k_hop_subgraph` convention).
 
     Args:
-        policy: ``"ego"``, ``"node_deleted"`` or ``"edge_deleted"``.
-        num_hops: :math:`k` of the ego-networks.
-        root_marking: EGO+ root identification (``policy="ego"`` only).
+        policy: `"ego"`, `"node_deleted"` or `"edge_deleted"`.
+        num_hops: $k$ of the ego-networks.
+        root_marking: EGO+ root identification (`policy="ego"` only).
         keep_all_nodes: keep every node in every subgraph (see above).
     """
 
@@ -107,7 +108,7 @@ class ToSubgraphBag(BaseTransform):
         self.keep_all_nodes = keep_all_nodes
 
     def _masks(self, edge_index: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(m, n)`` node masks, ``(m, E)`` edge masks and the roots (ego/node-deleted)."""
+        """`(m, n)` node masks, `(m, E)` edge masks and the roots (ego/node-deleted)."""
         row, col = edge_index[0], edge_index[1]
         dev = edge_index.device
         e = edge_index.size(1)

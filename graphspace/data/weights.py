@@ -1,24 +1,27 @@
 r"""Fast parameter graphs for model zoos, per-layer weight statistics and normalisation.
 
-A zoo holds thousands of checkpoints of a few architectures. :class:`GraphBuilder` analyses an
-architecture once and then fills its :class:`~graphspace.graphs.ParameterGraph` from a flat
-parameter vector with two gathers (about 10x faster than
-:meth:`ParameterGraph.from_state_dict <graphspace.graphs.ParameterGraph.from_state_dict>`, with
-identical output; 0.15 ms instead of 2 ms for a Small CNN).
+A zoo holds thousands of checkpoints of a few architectures.
+[`GraphBuilder`][graphspace.data.weights.GraphBuilder] analyses an architecture once and then fills
+its [`ParameterGraph`][graphspace.graphs.ParameterGraph] from a flat parameter vector with two
+gathers (about 10x faster than
+[`ParameterGraph.from_state_dict`][graphspace.graphs.ParameterGraph.from_state_dict], with identical
+output; 0.15 ms instead of 2 ms for a Small CNN).
 
-:func:`map_records` / :func:`set_state_dict` edit the weights that a graph carries, tensor by
-tensor (the inverse of :meth:`~graphspace.graphs.ParameterGraph.to_state_dict`); augmentations
-and :class:`NormalizeWeights` are built on them.
+[`map_records`][graphspace.data.weights.map_records] /
+[`set_state_dict`][graphspace.data.weights.set_state_dict] edit the weights that a graph carries,
+tensor by tensor (the inverse of [`to_state_dict`][graphspace.graphs.ParameterGraph.to_state_dict]);
+augmentations and [`NormalizeWeights`][graphspace.data.weights.NormalizeWeights] are built on them.
 
 Weight normalisation (as in DWSNets, Navon et al. 2023, and Neural Graphs, Kofinas et al.
-2024) standardises every parameter tensor :math:`W_\ell` with statistics of the *training*
+2024) standardises every parameter tensor $W_\ell$ with statistics of the *training*
 split,
 
-.. math::
-    \hat W_\ell = (W_\ell - \mu_\ell) / \sigma_\ell ,
+$$
+\hat W_\ell = (W_\ell - \mu_\ell) / \sigma_\ell ,
+$$
 
-where :math:`\mu_\ell, \sigma_\ell` are scalars pooled over all entries and networks
-(``per_element=False``) or tensors of :math:`W_\ell`'s shape (``per_element=True``, the DWSNets
+where $\mu_\ell, \sigma_\ell$ are scalars pooled over all entries and networks
+(`per_element=False`) or tensors of $W_\ell$'s shape (`per_element=True`, the DWSNets
 statistics files).
 """
 
@@ -51,22 +54,22 @@ __all__ = [
 
 def is_weight_record(r: ParamRecord) -> bool:
     """Whether a state-dict entry is a trainable weight (weights, biases, norm scales/shifts) and
-    not a buffer (BatchNorm running statistics, ``num_batches_tracked``)."""
+    not a buffer (BatchNorm running statistics, `num_batches_tracked`)."""
     return r.kind in ("edge", "diag") or (r.kind == "node" and r.column == 0)
 
 
 class GraphBuilder:
     """Build parameter graphs of one architecture from flat parameter vectors.
 
-    The flat layout is the model's ``state_dict()`` order, every tensor flattened row-major in
-    PyTorch layout (buffers included). ``build(flatten(sd))`` equals
-    ``ParameterGraph.from_state_dict(sd, analyze(model), kernel=..., dtype=...)``.
+    The flat layout is the model's `state_dict()` order, every tensor flattened row-major in
+    PyTorch layout (buffers included). `build(flatten(sd))` equals
+    `ParameterGraph.from_state_dict(sd, analyze(model), kernel=..., dtype=...)`.
 
     Args:
-        model: the architecture (a module or its :class:`~graphspace.graphs.ModelAnalysis`).
-        kernel: ``"edge"`` or ``"channel"`` (see :class:`~graphspace.graphs.ParameterGraph`).
-        kernel_pad: spatial padding of kernels with ``kernel="channel"``.
-        dtype: float dtype of the graphs (default ``float32``).
+        model: the architecture (a module or its `ModelAnalysis`).
+        kernel: `"edge"` or `"channel"` (see [`ParameterGraph`][graphspace.graphs.ParameterGraph]).
+        kernel_pad: spatial padding of kernels with `kernel="channel"`.
+        dtype: float dtype of the graphs (default `float32`).
     """
 
     def __init__(self, model: nn.Module | ModelAnalysis, kernel: str = "edge",
@@ -121,7 +124,7 @@ class GraphBuilder:
     # -- flat <-> state dict --------------------------------------------------------------------
     def flatten(self, state_dict: Mapping[str, Tensor], dtype: torch.dtype = torch.float32
                 ) -> Tensor:
-        """The flat vector of ``state_dict`` (keys and shapes must match the architecture)."""
+        """The flat vector of `state_dict` (keys and shapes must match the architecture)."""
         parts = []
         for r in self.records:
             t = state_dict[r.key]
@@ -139,7 +142,7 @@ class GraphBuilder:
 
     # -- graphs ---------------------------------------------------------------------------------
     def _values(self, flats: Tensor) -> Tensor:
-        """Edge weights then node features of ``flats`` (``[n, numel]``): ``[n, gathered]``."""
+        """Edge weights then node features of `flats` (`[n, numel]`): `[n, gathered]`."""
         n = flats.shape[0]
         if self._padded:
             v = flats.new_zeros((n, self.numel + 1), dtype=self.dtype)
@@ -160,7 +163,7 @@ class GraphBuilder:
 
     def _assemble(self, vals: Tensor, spec: Any, fields: Mapping[str, Any] | None,
                   share_structure: bool) -> ParameterGraph:
-        """A graph holding the gathered values ``vals`` (one network; owned by the graph)."""
+        """A graph holding the gathered values `vals` (one network; owned by the graph)."""
         ne = self._n_edge_vals
         p, c = self._edge_map.shape
         ea = vals[:ne].view(p, c)
@@ -194,16 +197,16 @@ class GraphBuilder:
 
     def build(self, flat: Tensor, fields: Mapping[str, Any] | None = None,
               share_structure: bool = False) -> ParameterGraph:
-        """The parameter graph of the network whose flat parameter vector is ``flat``.
+        """The parameter graph of the network whose flat parameter vector is `flat`.
 
         Args:
             flat: the flat parameter vector.
-            fields: extra graph attributes (e.g. ``{"y": tensor([0.9])}``) set on the graph.
-            share_structure: give the graph the builder's structure tensors (``edge_index``,
-                ``edge_type``, ``node_*``, ...) instead of copies, as PyG's
-                ``InMemoryDataset`` hands out views of its storage: about twice as fast for
+            fields: extra graph attributes (e.g. `{"y": tensor([0.9])}`) set on the graph.
+            share_structure: give the graph the builder's structure tensors (`edge_index`,
+                `edge_type`, `node_*`, ...) instead of copies, as PyG's
+                `InMemoryDataset` hands out views of its storage: about twice as fast for
                 small networks, but those tensors must then not be modified in place. The
-                weights (``x``, ``edge_attr``) are always the graph's own.
+                weights (`x`, `edge_attr`) are always the graph's own.
         """
         if flat.numel() != self.numel:
             raise ValueError(f"flat vector has {flat.numel()} entries, expected {self.numel}")
@@ -216,13 +219,13 @@ class GraphBuilder:
 
     def build_many(self, flats: Tensor, fields: Mapping[str, Tensor] | None = None,
                    share_structure: bool = False) -> list[ParameterGraph]:
-        """The graphs of many networks of this architecture, ``flats`` of shape ``[n, numel]``,
-        gathered in one vectorised pass (equal to ``[build(f) for f in flats]``).
+        """The graphs of many networks of this architecture, `flats` of shape `[n, numel]`,
+        gathered in one vectorised pass (equal to `[build(f) for f in flats]`).
 
-        ``fields`` maps attribute names to tensors whose first dimension indexes the networks;
-        graph ``i`` gets ``t[i:i + 1]`` (e.g. ``{"y": y}`` gives ``y`` of shape ``[1]``).
+        `fields` maps attribute names to tensors whose first dimension indexes the networks;
+        graph `i` gets `t[i:i + 1]` (e.g. `{"y": y}` gives `y` of shape `[1]`).
         Every graph owns its weights; structure tensors are copies unless
-        ``share_structure`` (see :meth:`build`).
+        `share_structure` (see [`build`][graphspace.data.weights.GraphBuilder.build]).
         """
         if flats.dim() != 2 or flats.shape[1] != self.numel:
             raise ValueError(f"flats must have shape [n, {self.numel}], got {tuple(flats.shape)}")
@@ -239,18 +242,18 @@ class GraphBuilder:
 
     def build_batch(self, flats: Tensor, fields: Mapping[str, Tensor] | None = None, *,
                     others: Sequence[GraphBuilder] = (), which: Tensor | None = None) -> Batch:
-        """``Batch.from_data_list(build_many(flats, fields))``, assembled directly.
+        """`Batch.from_data_list(build_many(flats, fields))`, assembled directly.
 
         The weights of all networks come from one gather; the structure tensors of a batch of
-        ``n`` graphs (repeated and shifted by PyG's increments) are computed once per ``n`` and
+        `n` graphs (repeated and shifted by PyG's increments) are computed once per `n` and
         copied. Several times faster than collating graph by graph for batches of small
-        networks; the result equals PyG's collation, ``to_data_list()`` included.
+        networks; the result equals PyG's collation, `to_data_list()` included.
 
         Args:
-            flats: ``[n, numel]`` flat parameter vectors.
-            fields: as in :meth:`build_many`.
-            others, which: graph ``i`` is a network of architecture
-                ``[self, *others][which[i]]``. Architectures that differ only in the values of
+            flats: `[n, numel]` flat parameter vectors.
+            fields: as in [`build_many`][graphspace.data.weights.GraphBuilder.build_many].
+            others, which: graph `i` is a network of architecture
+                `[self, *others][which[i]]`. Architectures that differ only in the values of
                 structure tensors (e.g. activation functions: the Small CNN Zoo's ReLU and tanh
                 networks) stay on the vectorised path; others are collated by PyG.
         """
@@ -311,8 +314,8 @@ class GraphBuilder:
         return out
 
     def _mixed_keys(self, others: tuple[GraphBuilder, ...]) -> dict[str, Tensor] | None:
-        """Structure keys whose values differ between this builder and ``others``, each with
-        the stacked values of ``[self, *others]``; ``None`` if the graphs differ in more than
+        """Structure keys whose values differ between this builder and `others`, each with
+        the stacked values of `[self, *others]`; `None` if the graphs differ in more than
         structure values (weights layout, shapes, dtypes, extras)."""
         key = tuple(id(o) for o in others)
         hit = self._mixed_cache.get(key)
@@ -342,8 +345,8 @@ class GraphBuilder:
         return res
 
     def _batch_plan(self, n: int, fields: Mapping[str, Tensor], vals0: Tensor) -> Any:
-        """(template batch, repeated structure tensors, slices, increments) of batches of ``n``
-        graphs with these fields, cached; ``None`` if an attribute needs PyG's collation."""
+        """(template batch, repeated structure tensors, slices, increments) of batches of `n`
+        graphs with these fields, cached; `None` if an attribute needs PyG's collation."""
         key = (n, tuple((k, t.dtype, tuple(t.shape[1:])) for k, t in fields.items()))
         cache = self._batch_plans
         if key in cache:
@@ -405,13 +408,13 @@ def map_records(
     fn: Callable[[ParamRecord, Tensor], Tensor | None],
     records: Iterable[ParamRecord] | None = None,
 ) -> ParameterGraph:
-    """A shallow copy of ``graph`` whose parameter values are replaced by ``fn``'s output.
+    """A shallow copy of `graph` whose parameter values are replaced by `fn`'s output.
 
-    ``fn(record, values)`` receives a state-dict entry's current values (:meth:`ParamRecord.read`:
-    the canonical layout ``record.canonical_shape`` for weights, ``(out, in_per_group,
-    *spatial)``, a vector for per-neuron entries) and returns new values of the same shape, or
-    ``None`` to keep them. ``graph`` itself is not modified (new ``x`` / ``edge_attr`` tensors);
-    repeated edges of tied weights follow their parameter.
+    `fn(record, values)` receives a state-dict entry's current values
+    ([`ParamRecord.read`][graphspace.graphs.ParamRecord.read]: the canonical layout
+    `record.canonical_shape` for weights, `(out, in_per_group, *spatial)`, a vector for per-neuron
+    entries) and returns new values of the same shape, or `None` to keep them. `graph` itself is not
+    modified (new `x` / `edge_attr` tensors); repeated edges of tied weights follow their parameter.
     """
     if isinstance(graph.spec, list):
         raise ValueError("this is a batch: call batch.to_data_list() first")
@@ -427,7 +430,7 @@ def map_records(
 
 
 def set_state_dict(graph: ParameterGraph, state_dict: Mapping[str, Tensor]) -> ParameterGraph:
-    """A copy of ``graph`` carrying ``state_dict``'s weights (the inverse of ``to_state_dict``;
+    """A copy of `graph` carrying `state_dict`'s weights (the inverse of `to_state_dict`;
     the architecture must be the graph's). Non-parameter entries go to the graph's spec."""
     spec = graph.spec
 
@@ -453,7 +456,7 @@ def set_state_dict(graph: ParameterGraph, state_dict: Mapping[str, Tensor]) -> P
 class WeightStatistics:
     """Per-tensor normalisation statistics, keyed by state-dict name (PyTorch layout).
 
-    ``mean[k]`` / ``std[k]`` are scalars (0-dim) or tensors of the parameter's shape.
+    `mean[k]` / `std[k]` are scalars (0-dim) or tensors of the parameter's shape.
     """
 
     mean: dict[str, Tensor]
@@ -467,7 +470,7 @@ class WeightStatistics:
         return cls(dict(d["mean"]), dict(d["std"]))
 
     def save(self, path: str | Path) -> Path:
-        """Write the statistics (tensors only, loadable with ``weights_only=True``) atomically."""
+        """Write the statistics (tensors only, loadable with `weights_only=True`) atomically."""
         from graphspace.data._io import save_torch
 
         return save_torch(path, self.to_dict())
@@ -483,11 +486,11 @@ class WeightStatistics:
                      transposed: bool = True) -> WeightStatistics:
         """Convert a DWSNets / Neural Graphs statistics file.
 
-        Those files hold ``{"weights": {"mean": [...], "std": [...]}, "biases": {...}}`` with
-        one entry per layer: weights of shape ``(in, out, 1)`` (DWSNets transposes weights;
-        ``transposed=False`` for files that keep ``(out, in, 1)``, e.g. Neural Graphs'
-        ``nfn_mnist_statistics.pth``), biases ``(out, 1)``, or scalars. ``keys`` lists this
-        architecture's ``(weight_key, bias_key)`` per layer; with ``shapes`` (key -> parameter
+        Those files hold `{"weights": {"mean": [...], "std": [...]}, "biases": {...}}` with
+        one entry per layer: weights of shape `(in, out, 1)` (DWSNets transposes weights;
+        `transposed=False` for files that keep `(out, in, 1)`, e.g. Neural Graphs'
+        `nfn_mnist_statistics.pth`), biases `(out, 1)`, or scalars. `keys` lists this
+        architecture's `(weight_key, bias_key)` per layer; with `shapes` (key -> parameter
         shape) the orientation of non-square weights is checked and fixed automatically.
         """
         if not isinstance(stats, Mapping):
@@ -518,8 +521,8 @@ def compute_statistics(
     r"""Mean and standard deviation of every weight tensor over a collection of networks.
 
     Args:
-        state_dicts: a :class:`~graphspace.data.WeightZooDataset` (use the *training* split) or
-            an iterable of ``(records, state_dict)`` pairs.
+        state_dicts: a [`WeightZooDataset`][graphspace.data.WeightZooDataset] (use the *training*
+            split) or an iterable of `(records, state_dict)` pairs.
         per_element: statistics per weight entry (tensors of the parameter's shape, as the
             DWSNets files) instead of one scalar per tensor. Entries whose shape varies across
             networks (heterogeneous zoos) always get scalars.
@@ -571,17 +574,18 @@ def compute_statistics(
 
 
 class NormalizeWeights(BaseTransform):
-    r"""Standardise every weight tensor of a parameter graph: :math:`(W - \mu) / \sigma`.
+    r"""Standardise every weight tensor of a parameter graph: $(W - \mu) / \sigma$.
 
     Args:
-        stats: :class:`WeightStatistics` (compute them on the training split only, e.g. with
-            :func:`compute_statistics`).
-        eps: standard deviations below ``eps`` are replaced by 1 (constant tensors, e.g. zero
+        stats: [`WeightStatistics`][graphspace.data.weights.WeightStatistics] (compute them on the
+            training split only, e.g. with
+            [`compute_statistics`][graphspace.data.weights.compute_statistics]).
+        eps: standard deviations below `eps` are replaced by 1 (constant tensors, e.g. zero
             biases at initialisation, are only centred).
-        inverse: undo the normalisation instead (:math:`W = \sigma \hat W + \mu`).
+        inverse: undo the normalisation instead ($W = \sigma \hat W + \mu$).
 
     Tensors without statistics and buffers are left unchanged. Works on graphs of any kernel
-    mode; for ``kernel="channel"`` the zero padding of kernels stays zero.
+    mode; for `kernel="channel"` the zero padding of kernels stays zero.
     """
 
     def __init__(self, stats: WeightStatistics, eps: float = 1e-8, inverse: bool = False

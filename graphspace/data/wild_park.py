@@ -1,24 +1,24 @@
 r"""The CNN Wild Park format (Kofinas et al. 2024, "Graph Neural Networks for Learning Equivariant
 Representations of Neural Networks"): heterogeneous CNNs.
 
-Every checkpoint is a ``torch.save`` dict with ``"model"`` (the state dict: ``layers.{i}.weight``
-/ ``bias`` convolutions, ``fc.weight`` / ``bias``) and ``"config"``, the architecture:
+Every checkpoint is a `torch.save` dict with `"model"` (the state dict: `layers.{i}.weight`
+/ `bias` convolutions, `fc.weight` / `bias`) and `"config"`, the architecture:
 
-.. code-block:: python
+```python
+{"n_layers": 3, "n_classes": 10, "channels": [3, 16, 8, 32], "kernel_size": [3, 5, 7],
+ "stride": [1, 1, 1], "padding": [1, 2, 3], "residual": [-1, -1, 0],
+ "activation": ["relu", "gelu", "none"]}
+```
 
-    {"n_layers": 3, "n_classes": 10, "channels": [3, 16, 8, 32], "kernel_size": [3, 5, 7],
-     "stride": [1, 1, 1], "padding": [1, 2, 3], "residual": [-1, -1, 0],
-     "activation": ["relu", "gelu", "none"]}
-
-Layer :math:`i` computes :math:`h_i = \sigma_i(\mathrm{conv}_i(h_{i-1}) + r_i)` where, when
-``residual[i] = j >= 0``, :math:`r_i` adds layer :math:`j`'s output to the first
-:math:`\min(c_j, c_i)` channels; the head is global average pooling and ``fc``. The splits JSON
-holds ``{"train": {"path": [...], "score": [...], "step": [...]}, ...}`` (paths relative to the
-dataset directory, ``score`` = test accuracy, ``step`` = epoch).
+Layer $i$ computes $h_i = \sigma_i(\mathrm{conv}_i(h_{i-1}) + r_i)$ where, when
+`residual[i] = j >= 0`, $r_i$ adds layer $j$'s output to the first
+$\min(c_j, c_i)$ channels; the head is global average pooling and `fc`. The splits JSON
+holds `{"train": {"path": [...], "score": [...], "step": [...]}, ...}` (paths relative to the
+dataset directory, `score` = test accuracy, `step` = epoch).
 
 graphspace's heterogeneous zoo generator writes this format and may add an optional
-``"norm"`` entry (per layer ``"none"`` or ``"batch"``; BatchNorm after the convolution, keys
-``norms.{i}.*``) and ``"in_channels"``.
+`"norm"` entry (per layer `"none"` or `"batch"`; BatchNorm after the convolution, keys
+`norms.{i}.*`) and `"in_channels"`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ WILD_PARK_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 class ChannelResidual(nn.Module):
-    """``x`` with ``res`` added to its first ``channels`` channels (``x[:, :c] += res[:, :c]``).
+    """`x` with `res` added to its first `channels` channels (`x[:, :c] += res[:, :c]`).
 
     The analysis reads its ops (slice, add, cat): the added channels are tied to the residual
     and permute only among themselves, the other channels separately.
@@ -71,7 +71,7 @@ class ChannelResidual(nn.Module):
 class WildParkCNN(nn.Module):
     """A CNN of the Wild Park family built from its config (see the module docstring).
 
-    State-dict keys match the published checkpoints (``layers.{i}``, ``fc``; ``norms.{i}`` for
+    State-dict keys match the published checkpoints (`layers.{i}`, `fc`; `norms.{i}` for
     the optional BatchNorm layers).
     """
 
@@ -138,7 +138,7 @@ class WildParkCNN(nn.Module):
 def reference_wild_park_forward(state: Mapping[str, Tensor], config: Mapping[str, Any],
                                 x: Tensor) -> Tensor:
     """The Wild Park forward pass written as in the original sampler (in-place channel slices;
-    no BatchNorm), used to check :class:`WildParkCNN`."""
+    no BatchNorm), used to check [`WildParkCNN`][graphspace.data.wild_park.WildParkCNN]."""
     res = [int(r) for r in config["residual"]]
     fns = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
            "leaky_relu": F.leaky_relu, "none": lambda t: t}
@@ -170,25 +170,25 @@ def _plain(obj: Any) -> Any:
 
 
 class CNNWildPark(WeightZooDataset):
-    r"""Heterogeneous CNNs in the CNN Wild Park format, as parameter graphs with ``y`` = score
-    (test accuracy) and attribute ``step``.
+    r"""Heterogeneous CNNs in the CNN Wild Park format, as parameter graphs with `y` = score
+    (test accuracy) and attribute `step`.
 
     Networks are loaded lazily from their checkpoints (the published park is large); only paths,
-    architectures and targets are cached in ``root/processed``.
+    architectures and targets are cached in `root/processed`.
 
     Args:
-        root: dataset directory; ``root/raw`` holds the splits JSON and the checkpoints.
-        split: ``"train"``, ``"val"`` or ``"test"``.
-        splits_file: splits JSON inside ``root/raw`` (``"splits.json"``; the published one is
-            ``cnn_park_splits.json``).
-        epochs: ``"all"`` checkpoints (as Neural Graphs), ``"final"`` (the largest ``step``
+        root: dataset directory; `root/raw` holds the splits JSON and the checkpoints.
+        split: `"train"`, `"val"` or `"test"`.
+        splits_file: splits JSON inside `root/raw` (`"splits.json"`; the published one is
+            `cnn_park_splits.json`).
+        epochs: `"all"` checkpoints (as Neural Graphs), `"final"` (the largest `step`
             of each run), an epoch or a list of epochs.
         trusted: allow full unpickling of checkpoints (the published ones store OmegaConf
             configs and need it; graphspace's generator writes plain dicts).
         in_memory: keep all weights in the processed file instead (fast for small zoos).
         download: fetch the published park from Zenodo when raw files are missing.
         kernel, kernel_pad, transform, force_reload, log: see
-            :class:`~graphspace.data.WeightZooDataset`.
+            [`WeightZooDataset`][graphspace.data.WeightZooDataset].
     """
 
     name = "cnn_wild_park"

@@ -1,12 +1,12 @@
-r"""Common machinery of the model-zoo datasets (PyG ``Dataset`` pattern, processed cache).
+r"""Common machinery of the model-zoo datasets (PyG `Dataset` pattern, processed cache).
 
-``process()`` reads a zoo's raw files once and writes one compact file per split under
-``root/processed``: every network as a flat float32 parameter vector (or, for lazy zoos of
+`process()` reads a zoo's raw files once and writes one compact file per split under
+`root/processed`: every network as a flat float32 parameter vector (or, for lazy zoos of
 large heterogeneous networks, the path of its checkpoint), its architecture, target and
-metadata -- tensors, strings and numbers only, loaded back with ``torch.load(...,
-weights_only=True)``. Parameter graphs are built on access with one
-:class:`~graphspace.data.weights.GraphBuilder` per architecture, which is far smaller on disk
-than collated graphs (the Small CNN Zoo's 15k training networks take 300 MB as vectors, 3 GB as
+metadata -- tensors, strings and numbers only, loaded back with `torch.load(...,
+weights_only=True)`. Parameter graphs are built on access with one
+[`GraphBuilder`][graphspace.data.weights.GraphBuilder] per architecture, which is far smaller on
+disk than collated graphs (the Small CNN Zoo's 15k training networks take 300 MB as vectors, 3 GB as
 graphs) and as fast to read.
 """
 
@@ -38,9 +38,9 @@ def arch_key(arch: Mapping[str, Any]) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, trusted: bool = False) -> Any:
-    """``torch.load`` a checkpoint on the CPU with ``weights_only=True``.
+    """`torch.load` a checkpoint on the CPU with `weights_only=True`.
 
-    ``trusted=True`` allows full unpickling (arbitrary code!) for files from a source you trust
+    `trusted=True` allows full unpickling (arbitrary code!) for files from a source you trust
     that store non-tensor Python objects (e.g. OmegaConf configs).
     """
     import pickle
@@ -74,7 +74,7 @@ class StoreWriter:
             path: str | None = None, fields: Mapping[str, float] | None = None,
             info: Mapping[str, Any] | None = None) -> None:
         """Add one network: its flat parameters (or checkpoint path), target, per-graph numeric
-        ``fields`` (become ``[1]`` graph attributes) and non-tensor ``info`` (kept per split)."""
+        `fields` (become `[1]` graph attributes) and non-tensor `info` (kept per split)."""
         k = arch_key(arch)
         if k not in self._arch_index:
             self._arch_index[k] = len(self.archs)
@@ -125,7 +125,7 @@ class StoreWriter:
 
 
 def _field_tensor(vals: Sequence[Any]) -> Tensor:
-    """Integer fields (epochs, indices) as ``long`` (-1 where missing), others as float."""
+    """Integer fields (epochs, indices) as `long` (-1 where missing), others as float."""
     if all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in vals):
         return torch.tensor([-1 if v is None else v for v in vals], dtype=torch.long)
     return torch.tensor([float("nan") if v is None else float(v) for v in vals])
@@ -133,19 +133,24 @@ def _field_tensor(vals: Sequence[Any]) -> Tensor:
 
 class WeightZooDataset(Dataset):
     r"""Base class of the zoo datasets: one split of a collection of trained networks, each
-    returned as a :class:`~graphspace.graphs.ParameterGraph` with target ``y`` (shape ``[1]``).
+    returned as a [`ParameterGraph`][graphspace.graphs.ParameterGraph] with target `y` (shape
+    `[1]`).
 
-    Subclasses define :attr:`raw_file_names`, :meth:`download`, :meth:`processing_params` (what
-    the processed content depends on), :meth:`read_splits` (the networks of every split, written
-    once by :meth:`process`) and :meth:`build_model` (an ``nn.Module`` of an architecture
-    description). Lazy zoos override :meth:`load_state_dict`.
+    Subclasses define `raw_file_names`, `download`,
+    [`processing_params`][graphspace.data.zoo_dataset.WeightZooDataset.processing_params] (what the
+    processed content depends on),
+    [`read_splits`][graphspace.data.zoo_dataset.WeightZooDataset.read_splits] (the networks of every
+    split, written once by `process`) and
+    [`build_model`][graphspace.data.zoo_dataset.WeightZooDataset.build_model] (an `nn.Module` of an
+    architecture description). Lazy zoos override
+    [`load_state_dict`][graphspace.data.zoo_dataset.WeightZooDataset.load_state_dict].
 
     Args:
-        root: dataset directory (``root/raw``, ``root/processed``).
-        split: ``"train"``, ``"val"`` or ``"test"``.
-        kernel: parameter-graph kernel mode, ``"edge"`` (Graph Metanetworks) or ``"channel"``
+        root: dataset directory (`root/raw`, `root/processed`).
+        split: `"train"`, `"val"` or `"test"`.
+        kernel: parameter-graph kernel mode, `"edge"` (Graph Metanetworks) or `"channel"`
             (Neural Graphs).
-        kernel_pad: spatial size kernels are padded to with ``kernel="channel"`` (default: the
+        kernel_pad: spatial size kernels are padded to with `kernel="channel"` (default: the
             largest kernel of each architecture; fix it to batch architectures together).
         transform: transform applied to every graph on access (augmentations, normalisation).
         force_reload: re-process the raw files.
@@ -175,11 +180,12 @@ class WeightZooDataset(Dataset):
         return {}
 
     def read_splits(self) -> dict[str, StoreWriter]:
-        """Read the raw files: one :class:`StoreWriter` per split."""
+        """Read the raw files: one [`StoreWriter`][graphspace.data.zoo_dataset.StoreWriter] per
+        split."""
         raise NotImplementedError
 
     def build_model(self, arch: Mapping[str, Any]) -> nn.Module:
-        """A module of the architecture described by ``arch`` (any initial weights)."""
+        """A module of the architecture described by `arch` (any initial weights)."""
         raise NotImplementedError
 
     def load_state_dict(self, path: str, arch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -211,11 +217,12 @@ class WeightZooDataset(Dataset):
         return list(self._archs)
 
     def arch(self, idx: int) -> dict[str, Any]:
-        """The architecture description of network ``idx``."""
+        """The architecture description of network `idx`."""
         return self._archs[int(self._store["arch"][idx])]
 
     def builder(self, arch_index: int) -> GraphBuilder:
-        """The (cached) :class:`GraphBuilder` of architecture ``arch_index``."""
+        """The (cached) [`GraphBuilder`][graphspace.data.zoo_dataset.GraphBuilder] of
+        architecture `arch_index`."""
         b = self._builders.get(arch_index)
         if b is None:
             b = GraphBuilder(self.build_model(self._archs[arch_index]), kernel=self.kernel,
@@ -224,7 +231,7 @@ class WeightZooDataset(Dataset):
         return b
 
     def flat(self, idx: int) -> Tensor:
-        """The flat parameter vector of network ``idx`` (state-dict order, PyTorch layout)."""
+        """The flat parameter vector of network `idx` (state-dict order, PyTorch layout)."""
         s = self._store
         if "flat" in s:
             return s["flat"][int(s["offset"][idx]):int(s["offset"][idx + 1])]
@@ -232,11 +239,11 @@ class WeightZooDataset(Dataset):
         return self.builder(a).flatten(self.load_state_dict(s["path"][idx], self._archs[a]))
 
     def state_dict(self, idx: int) -> dict[str, Tensor]:
-        """The weights of network ``idx``."""
+        """The weights of network `idx`."""
         return self.builder(int(self._store["arch"][idx])).unflatten(self.flat(idx))
 
     def model(self, idx: int) -> nn.Module:
-        """Network ``idx`` as a module (in eval mode)."""
+        """Network `idx` as a module (in eval mode)."""
         m = self.build_model(self.arch(idx))
         m.load_state_dict(self.state_dict(idx))
         return m.eval()
@@ -259,8 +266,8 @@ class WeightZooDataset(Dataset):
         return g
 
     def iter_state_dicts(self) -> Iterator[tuple[list[ParamRecord], dict[str, Tensor]]]:
-        """``(records, state_dict)`` for every network (used by
-        :func:`~graphspace.data.compute_statistics`)."""
+        """`(records, state_dict)` for every network (used by
+        [`compute_statistics`][graphspace.data.compute_statistics])."""
         for i in range(self.len()):
             b = self.builder(int(self._store["arch"][i]))
             yield b.records, b.unflatten(self.flat(i))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class GraphConversionError(Exception):
-    """Base class of every error raised by :mod:`graphspace.graphs`."""
+    """Base class of every error raised by `graphspace.graphs`."""
 
 
 class UnsupportedModuleError(GraphConversionError):

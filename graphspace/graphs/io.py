@@ -53,8 +53,10 @@ def save_graph(graph: ParameterGraph, path: str | os.PathLike,
                metadata: dict[str, str] | None = None) -> Path:
     """Write `graph`'s tensors to a safetensors file atomically.
 
-    Only tensors are stored (nothing is pickled); `load_graph` rebuilds the mapping back
-    to weights from the architecture.
+    Only tensors are stored (nothing is pickled); [`load_graph`][graphspace.graphs.io.load_graph]
+    rebuilds the mapping back to weights from the architecture. The file's metadata holds the
+    architecture fingerprint
+    ([`architecture_fingerprint`][graphspace.graphs.io.architecture_fingerprint]).
     """
     from safetensors.torch import save_file
 
@@ -71,7 +73,8 @@ def save_graph(graph: ParameterGraph, path: str | os.PathLike,
 
 def load_graph(path: str | os.PathLike, model: nn.Module, example_input: Any = None
                ) -> ParameterGraph:
-    """Read a graph written by `save_graph` for an architecture like `model`.
+    """Read a graph written by [`save_graph`][graphspace.graphs.io.save_graph] for an
+    architecture like `model`.
 
     The file's architecture fingerprint (`architecture_fingerprint`, stored by `save_graph`)
     must be `model`'s; files without one (older files) are checked tensor by tensor.

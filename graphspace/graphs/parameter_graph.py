@@ -1,27 +1,27 @@
-r"""``ParameterGraph``: a neural network as a PyG graph whose edges are its parameters.
+r"""`ParameterGraph`: a neural network as a PyG graph whose edges are its parameters.
 
-Nodes are neurons (model inputs, every output of a ``Linear``/``Conv``, normalised copies of
-channels, residual sums, attention ``Q``/``K``/``V`` neurons); edges are parameters. The graph
+Nodes are neurons (model inputs, every output of a `Linear`/`Conv`, normalised copies of
+channels, residual sums, attention `Q`/`K`/`V` neurons); edges are parameters. The graph
 converts back to the exact same state dict (bit for bit), so a graph can be edited and loaded
 into a model again.
 
-Node features (``x``, float, ``[num_nodes, 3]``): bias (or norm shift ``beta``), BatchNorm
+Node features (`x`, float, `[num_nodes, 3]`): bias (or norm shift `beta`), BatchNorm
 running mean, BatchNorm running variance (zero where absent). Integer node attributes:
-``node_type`` (:data:`~graphspace.graphs.analysis.NODE_TYPES`), ``node_layer`` (depth),
-``node_role`` (0 hidden, 1 input, 2 output), ``node_pos`` (input/output position, -1 hidden),
-``node_act`` (activation applied to the neuron, :data:`~graphspace.graphs.analysis.ACTIVATIONS`),
-``node_head`` (attention head, -1 otherwise).
+`node_type` (`NODE_TYPES`), `node_layer` (depth),
+`node_role` (0 hidden, 1 input, 2 output), `node_pos` (input/output position, -1 hidden),
+`node_act` (activation applied to the neuron, `ACTIVATIONS`),
+`node_head` (attention head, -1 otherwise).
 
-Edge features: ``edge_attr`` holds weights. With ``kernel="edge"`` (Graph Metanetworks,
-Lim et al. 2024) every kernel entry is its own edge, ``edge_attr`` is ``[E, 1]`` and
-``edge_pos`` ``[E, 3]`` gives the entry's spatial offset (for a ``Linear`` after a flatten:
-the flattened spatial position). ``edge_pos`` is stored as ``int16`` (``int32`` for offsets
-beyond 32767) to keep an 11M-edge graph small: call ``.long()`` before an embedding lookup.
-With ``kernel="channel"`` (Neural Graphs, Kofinas et al. 2024) there is one edge per channel
-pair and ``edge_attr`` is ``[E, prod(kernel_pad)]``: the kernel zero-padded (centred) to
-``kernel_pad``. ``edge_type`` (:data:`~graphspace.graphs.analysis.EDGE_TYPES`) and
-``edge_layer`` are integer edge attributes. Non-parameter edges (residual sums, products,
-attention ``q -> k`` links) come after all parameter edges.
+Edge features: `edge_attr` holds weights. With `kernel="edge"` (Graph Metanetworks,
+Lim et al. 2024) every kernel entry is its own edge, `edge_attr` is `[E, 1]` and
+`edge_pos` `[E, 3]` gives the entry's spatial offset (for a `Linear` after a flatten:
+the flattened spatial position). `edge_pos` is stored as `int16` (`int32` for offsets
+beyond 32767) to keep an 11M-edge graph small: call `.long()` before an embedding lookup.
+With `kernel="channel"` (Neural Graphs, Kofinas et al. 2024) there is one edge per channel
+pair and `edge_attr` is `[E, prod(kernel_pad)]`: the kernel zero-padded (centred) to
+`kernel_pad`. `edge_type` (`EDGE_TYPES`) and
+`edge_layer` are integer edge attributes. Non-parameter edges (residual sums, products,
+attention `q -> k` links) come after all parameter edges.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class GraphSpec:
 
     @property
     def scalar_column(self) -> int:
-        """Column of ``edge_attr`` holding per-edge scalars (norm scales, struct weights)."""
+        """Column of `edge_attr` holding per-edge scalars (norm scales, struct weights)."""
         if self.kernel == "edge":
             return 0
         return int(_pad_positions((), self.kernel_pad)[0])  # type: ignore[arg-type]
@@ -85,7 +85,7 @@ def _spatial_pad(records: Sequence[ParamRecord]) -> tuple[int, ...]:
 
 
 def _pad_positions(spatial: Sequence[int], pad: Sequence[int]) -> Tensor:
-    """Flat indices, in a ``pad`` grid, of a centred kernel of shape ``spatial``."""
+    """Flat indices, in a `pad` grid, of a centred kernel of shape `spatial`."""
     nd = len(pad)
     sp = (1,) * (nd - len(spatial)) + tuple(spatial)
     if any(s > p for s, p in zip(sp, pad)):
@@ -102,25 +102,28 @@ def _pad_positions(spatial: Sequence[int], pad: Sequence[int]) -> Tensor:
 
 
 def _repeat_index(first: ParamRecord, r: ParamRecord) -> Tensor:
-    """For each canonical entry of ``r`` (a repeated use of a tied tensor), its position among
-    the edges of the tensor's first use ``first`` (cached on ``r``: it depends on the
+    """For each canonical entry of `r` (a repeated use of a tied tensor), its position among
+    the edges of the tensor's first use `first` (cached on `r`: it depends on the
     architecture only)."""
     idx = getattr(r, "_repeat_index", None)
     if idx is None:
         # lay the first use's edge positions out in the stored shape, read them as ``r`` does
-        pos = first.from_canonical(torch.arange(first.numel).view(first.canonical_shape))
+        if first.stored_transposed:  # its edges are listed in stored order already
+            pos = torch.arange(first.numel).view(first.shape)
+        else:
+            pos = first.from_canonical(torch.arange(first.numel).view(first.canonical_shape))
         idx = r.to_canonical(pos).reshape(-1)
         object.__setattr__(r, "_repeat_index", idx)
     return idx
 
 
 def non_finite_keys(state_dict: dict[str, Tensor]) -> list[str]:
-    """Keys of ``state_dict`` whose floating-point tensors hold NaN or Inf."""
+    """Keys of `state_dict` whose floating-point tensors hold NaN or Inf."""
     return [k for k, v in state_dict.items() if not _all_finite(v)]
 
 
 def _all_finite(t: Tensor) -> bool:
-    """No NaN or Inf in ``t``. A finite sum proves it in one pass without a temporary (NaN and
+    """No NaN or Inf in `t`. A finite sum proves it in one pass without a temporary (NaN and
     Inf propagate through a sum); only a non-finite sum, which may be overflow, is checked
     element by element."""
     if not t.is_floating_point():
@@ -144,10 +147,13 @@ def _float_dtype(state: dict[str, Tensor], records: Sequence[ParamRecord]) -> to
 class ParameterGraph(Data):
     """A PyG graph of a network's parameters that converts back to the exact weights.
 
-    Build one with :meth:`from_module` (or :meth:`from_state_dict` to reuse one analysis for
-    many checkpoints of an architecture), go back with :meth:`to_state_dict` or
-    :meth:`load_into`. Works with :class:`torch_geometric.data.Batch`, including batches of
-    different architectures (``batch.to_data_list()`` gives back graphs that convert back).
+    Build one with [`from_module`][graphspace.graphs.parameter_graph.ParameterGraph.from_module] (or
+    [`from_state_dict`][graphspace.graphs.parameter_graph.ParameterGraph.from_state_dict] to reuse
+    one analysis for many checkpoints of an architecture), go back with
+    [`to_state_dict`][graphspace.graphs.parameter_graph.ParameterGraph.to_state_dict] or
+    [`load_into`][graphspace.graphs.parameter_graph.ParameterGraph.load_into]. Works with
+    `torch_geometric.data.Batch`, including batches of different architectures
+    (`batch.to_data_list()` gives back graphs that convert back).
     """
 
     # -- construction -------------------------------------------------------------------------
@@ -163,20 +169,20 @@ class ParameterGraph(Data):
         check_finite: bool = True,
         dtype: torch.dtype | None = None,
     ) -> ParameterGraph:
-        """Convert ``model`` (not modified) into a parameter graph.
+        """Convert `model` (not modified) into a parameter graph.
 
         Args:
-            model: a module that ``torch.export`` can trace.
+            model: a module that `torch.export` can trace.
             example_input: an example input (a tensor or tuple); optional when the first layer
-                is ``Linear``, ``Conv*``, ``Embedding`` or recurrent (an input is inferred).
-            kernel: ``"edge"`` (one edge per kernel entry, Graph Metanetworks) or
-                ``"channel"`` (one edge per channel pair with the padded kernel, Neural
+                is `Linear`, `Conv*`, `Embedding` or recurrent (an input is inferred).
+            kernel: `"edge"` (one edge per kernel entry, Graph Metanetworks) or
+                `"channel"` (one edge per channel pair with the padded kernel, Neural
                 Graphs).
-            kernel_pad: with ``kernel="channel"``, the spatial shape kernels are padded to
+            kernel_pad: with `kernel="channel"`, the spatial shape kernels are padded to
                 (default: the largest kernel of this model; fix it to batch models).
             leaf_modules: ignored (kept for backward compatibility; see
-                :func:`~graphspace.graphs.register_rule`).
-            check_finite: raise :class:`NonFiniteWeightError` on NaN/Inf weights.
+                [`register_rule`][graphspace.graphs.register_rule]).
+            check_finite: raise `NonFiniteWeightError` on NaN/Inf weights.
             dtype: float dtype of the graph (default: the widest parameter dtype, at least
                 float32, so the round trip is exact).
         """
@@ -196,8 +202,8 @@ class ParameterGraph(Data):
         check_finite: bool = True,
         dtype: torch.dtype | None = None,
     ) -> ParameterGraph:
-        """Build the graph of ``state_dict`` for an architecture analysed once with
-        :func:`graphspace.graphs.analyze`."""
+        """Build the graph of `state_dict` for an architecture analysed once with
+        [`graphspace.graphs.analyze`][graphspace.graphs.analyze]."""
         if kernel not in KERNEL_MODES:
             raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {kernel!r}")
         check_state_dict(state_dict, analysis)
@@ -252,7 +258,17 @@ class ParameterGraph(Data):
                 o, il = c.shape[0], c.shape[1]
                 sp = tuple(c.shape[2:])
                 s = math.prod(sp)
-                if kernel == "edge":
+                if r.stored_transposed:  # edges in the stored tensor's order: no transpose
+                    b = a + n
+                    assert r.dst is not None and r.src is not None and r.view_shape is not None
+                    col = 0 if kernel == "edge" else int(_pad_positions((), pad)[0])  # type: ignore
+                    if kernel == "channel":
+                        pad_index[r.key] = _pad_positions((), pad)  # type: ignore[arg-type]
+                    vs = r.view_shape  # (in, out): entry (i, j) is the edge src[i] -> dst[j]
+                    edge_index[1, a:b].view(vs).copy_(r.dst.view(1, o).expand(vs))
+                    edge_index[0, a:b].view(vs).copy_(r.src.view(il, 1).expand(vs))
+                    edge_attr[a:b, col].view(vs).copy_(t.reshape(vs))
+                elif kernel == "edge":
                     b = a + n
                     assert r.dst is not None
                     edge_index[1, a:b].view(o, il, s).copy_(r.dst.view(o, 1, 1).expand(o, il, s))
@@ -284,7 +300,8 @@ class ParameterGraph(Data):
             elif r.kind == "node":
                 b = a
                 assert r.nodes is not None
-                x[r.nodes, r.column] = t.reshape(-1).to(dt)
+                for nodes in [r.nodes, *r.repeat_nodes]:  # a bias used twice: on both uses
+                    x[nodes, r.column] = t.reshape(-1).to(dt)
             elif r.kind == "alias":
                 b = a
             else:
@@ -375,9 +392,9 @@ class ParameterGraph(Data):
         return {k: out[k] for k in keys}
 
     def load_into(self, model: nn.Module, strict: bool = True) -> nn.Module:
-        """Load this graph's weights into ``model`` (in place) and return it.
+        """Load this graph's weights into `model` (in place) and return it.
 
-        Raises :class:`ArchitectureMismatchError` naming the first differing tensor.
+        Raises `ArchitectureMismatchError` naming the first differing tensor.
         """
         sd = self.to_state_dict()
         target = model.state_dict()
@@ -398,7 +415,7 @@ class ParameterGraph(Data):
         return model
 
     def to_module(self, model: nn.Module) -> nn.Module:
-        """A deep copy of ``model`` holding this graph's weights (``model`` is untouched)."""
+        """A deep copy of `model` holding this graph's weights (`model` is untouched)."""
         return self.load_into(copy.deepcopy(model))
 
     @property
@@ -411,7 +428,7 @@ class ParameterGraph(Data):
 
 
 def check_state_dict(state_dict: dict[str, Tensor], analysis: ModelAnalysis) -> None:
-    """Raise :class:`ArchitectureMismatchError` naming the first tensor that differs."""
+    """Raise `ArchitectureMismatchError` naming the first tensor that differs."""
     for r in analysis.records:
         if r.key not in state_dict:
             raise ArchitectureMismatchError(f"missing tensor '{r.key}'")

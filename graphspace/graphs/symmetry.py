@@ -3,19 +3,19 @@ r"""Symmetries of a network read off the shared model analysis.
 **Permutations.** Hidden neurons of a layer can be reordered, with the rows of the producing
 weights and the columns of the consuming weights, without changing the function. Neuron sets
 tied by residual adds, norms, depthwise convolutions and attention form one
-:class:`PermutationGroup`; model inputs and outputs are never permuted. Attention sets are
-head-structured: a permutation of ``Q``/``K`` (shared) and of ``V`` must permute heads as blocks
-(the same head permutation for ``Q``, ``K`` and ``V``) and may permute coordinates inside each
-head.
+[`PermutationGroup`][graphspace.graphs.symmetry.PermutationGroup]; model inputs and outputs are
+never permuted. Attention sets are head-structured: a permutation of `Q`/`K` (shared) and of `V`
+must permute heads as blocks (the same head permutation for `Q`, `K` and `V`) and may permute
+coordinates inside each head.
 
 **Rescaling and sign flips** (Godfrey et al. 2022 "On the symmetries of deep learning models
 and their internal representations"; Grigsby et al. 2023 "Hidden symmetries of ReLU networks";
 Kalogeropoulos et al. 2024 "Scale Equivariant Graph Metanetworks"): for a hidden neuron whose
-pre-activation :math:`z = w^\top x + b` only feeds positively homogeneous activations
-(:math:`\sigma(sz) = s\sigma(z)` for :math:`s > 0`, e.g. ReLU) and then linear consumers, scaling
-its incoming weights and bias by :math:`s` and its outgoing weights by :math:`1/s` keeps the
-function; for odd activations (:math:`\sigma(-z) = -\sigma(z)`, e.g. tanh, sin) the same holds
-with :math:`s = \pm 1`.
+pre-activation $z = w^\top x + b$ only feeds positively homogeneous activations
+($\sigma(sz) = s\sigma(z)$ for $s > 0$, e.g. ReLU) and then linear consumers, scaling
+its incoming weights and bias by $s$ and its outgoing weights by $1/s$ keeps the
+function; for odd activations ($\sigma(-z) = -\sigma(z)$, e.g. tanh, sin) the same holds
+with $s = \pm 1$.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def _analysis(obj: Any, example_input: Any = None) -> ModelAnalysis:
 
 
 def permutation_groups(model: Any, example_input: Any = None) -> list[PermutationGroup]:
-    """The permutation symmetry groups of ``model`` (a module, analysis or parameter graph).
+    """The permutation symmetry groups of `model` (a module, analysis or parameter graph).
 
     Only groups that the analysis proved are returned: permuting every member block of a group
-    by one permutation (heads as blocks where ``num_heads > 0``) leaves the function unchanged.
+    by one permutation (heads as blocks where `num_heads > 0`) leaves the function unchanged.
     """
     a = _analysis(model, example_input)
     return [dataclasses.replace(g, sets=list(g.sets), members=list(g.members))
@@ -104,7 +104,7 @@ def _node_map(a: ModelAnalysis, groups: Sequence[PermutationGroup],
 
 
 def _positions(nodes: Tensor, node_map: Tensor, n: int, device: torch.device) -> Tensor:
-    """Index (on ``device``) that gathers a parameter's entries into the permuted order."""
+    """Index (on `device`) that gathers a parameter's entries into the permuted order."""
     nodes, node_map = nodes.cpu(), node_map.cpu()
     tmp = torch.full((n,), -1, dtype=torch.long)
     tmp[nodes] = torch.arange(nodes.numel())
@@ -136,10 +136,10 @@ def _transform(
 def apply_permutation(
     model_or_analysis: Any, state_dict: dict[str, Tensor], perms: dict[str, Tensor]
 ) -> dict[str, Tensor]:
-    """Permute the neurons of ``state_dict`` (a new dict; the input is not modified).
+    """Permute the neurons of `state_dict` (a new dict; the input is not modified).
 
-    ``perms[name]`` is a permutation ``p`` of group ``name``: new neuron ``j`` of each of the
-    group's sets is old neuron ``p[j]``.
+    `perms[name]` is a permutation `p` of group `name`: new neuron `j` of each of the
+    group's sets is old neuron `p[j]`.
     """
     a = _analysis(model_or_analysis)
     groups = permutation_groups(a)
@@ -167,9 +167,10 @@ def permute_model(
     generator: torch.Generator | None = None,
     example_input: Any = None,
 ) -> tuple[nn.Module, dict[str, Tensor]]:
-    """A functionally identical copy of ``model`` with permuted hidden neurons.
+    """A functionally identical copy of `model` with permuted hidden neurons.
 
-    Returns ``(permuted_copy, perms)``; ``perms`` defaults to :func:`random_permutation`.
+    Returns `(permuted_copy, perms)`; `perms` defaults to
+    [`random_permutation`][graphspace.graphs.symmetry.random_permutation].
     """
     a = analyze(model, example_input)
     if perms is None:
@@ -184,7 +185,7 @@ _CHAIN_OK = {"identity", "dropout", "avgpool", "sumpool", "flatten", "scale", "l
 
 
 def scaling_symmetries(model: Any, example_input: Any = None) -> dict[int, str]:
-    """Neuron sets with a rescaling symmetry: ``{set_id: "positive" | "sign"}``."""
+    """Neuron sets with a rescaling symmetry: `{set_id: "positive" | "sign"}`."""
     a = _analysis(model, example_input)
     out: dict[int, str] = {}
     outputs = set(a.output_sets)
@@ -219,7 +220,7 @@ def scaling_symmetries(model: Any, example_input: Any = None) -> dict[int, str]:
 def apply_scaling(
     model_or_analysis: Any, state_dict: dict[str, Tensor], scales: dict[int, Tensor]
 ) -> dict[str, Tensor]:
-    """Scale hidden neurons: ``scales[set_id]`` multiplies the incoming weights and bias of each
+    """Scale hidden neurons: `scales[set_id]` multiplies the incoming weights and bias of each
     neuron of that set and divides its outgoing weights (a new dict is returned)."""
     a = _analysis(model_or_analysis)
     allowed = scaling_symmetries(a)
@@ -253,7 +254,7 @@ def apply_scaling(
 def random_scaling(
     model: Any, generator: torch.Generator | None = None, low: float = 0.5, high: float = 2.0
 ) -> dict[int, Tensor]:
-    """Random scales for every rescalable set: log-uniform in ``[low, high]`` for positively
+    """Random scales for every rescalable set: log-uniform in `[low, high]` for positively
     homogeneous activations, random signs for odd ones."""
     a = _analysis(model)
     out: dict[int, Tensor] = {}

@@ -1,16 +1,21 @@
 """Model merging: Git Re-Basin alignment, OT fusion, repair and interpolation curves.
 
 The permutation structure comes from the shared model analysis
-(:func:`graphspace.graphs.permutation_groups`), so every architecture the analysis supports can
-be aligned without a hand-written specification.
+([`graphspace.graphs.permutation_groups`][graphspace.graphs.permutation_groups]), so every
+architecture the analysis supports can be aligned without a hand-written specification.
 
-* :func:`merge` -- align all models to the first (``weight_matching``, ``activation_matching``,
-  ``ste``), fuse them (``ot_fusion``) or average them naively (``average``), then optionally
-  repair (``bn_reset``, ``repair``);
-* :func:`weight_matching`, :func:`activation_matching`, :class:`STEMatching` /
-  :func:`ste_matching` (Ainsworth et al. 2023), :func:`ot_fusion` (Singh & Jaggi 2020);
-* :func:`reset_bn_stats`, :func:`repair` (Jordan et al. 2022);
-* :func:`interpolation_curve`, :func:`loss_barrier`, :func:`plot_curves`.
+* [`merge`][graphspace.merge.merge] -- align all models to the first (`weight_matching`,
+  `activation_matching`, `ste`), fuse them (`ot_fusion`) or average them naively (`average`), then
+  optionally repair (`bn_reset`, `repair`);
+* [`weight_matching`][graphspace.merge.weight_matching],
+  [`activation_matching`][graphspace.merge.activation_matching],
+  [`STEMatching`][graphspace.merge.ste.STEMatching] /
+  [`ste_matching`][graphspace.merge.ste.ste_matching] (Ainsworth et al. 2023),
+  [`ot_fusion`][graphspace.merge.ot_fusion] (Singh & Jaggi 2020);
+* [`reset_bn_stats`][graphspace.merge.reset_bn_stats], [`repair`][graphspace.merge.repair] (Jordan
+  et al. 2022);
+* [`interpolation_curve`][graphspace.merge.interpolation_curve],
+  [`loss_barrier`][graphspace.merge.loss_barrier], [`plot_curves`][graphspace.merge.plot_curves].
 """
 
 from typing import Any

@@ -12,14 +12,14 @@ from torch import Tensor, nn
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU."""
+    """`"auto"`/`None` -> CUDA when available, else CPU."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def batch_input(batch: Any) -> Any:
-    """The model input of a batch: a tensor, the first item of a tuple/list, or ``batch["x"]``."""
+    """The model input of a batch: a tensor, the first item of a tuple/list, or `batch["x"]`."""
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (tuple, list)):
@@ -33,7 +33,7 @@ def batch_input(batch: Any) -> Any:
 
 
 def batch_target(batch: Any) -> Tensor | None:
-    """The target of a batch (second item of a tuple/list or ``batch["y"]``), if any."""
+    """The target of a batch (second item of a tuple/list or `batch["y"]`), if any."""
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
         return batch[1]
     if isinstance(batch, Mapping):
@@ -54,7 +54,7 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 
 def iterate(loader: Iterable, num_batches: int | None) -> Iterator:
-    """The first ``num_batches`` batches of ``loader`` (all when ``None``)."""
+    """The first `num_batches` batches of `loader` (all when `None`)."""
     if loader is None:
         raise ValueError("this merging step needs data: pass a loader of input batches")
     return iter(loader) if num_batches is None else itertools.islice(loader, num_batches)
@@ -75,8 +75,8 @@ def state_of(model_or_sd: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]
 
 def weighted_average(states: Sequence[Mapping[str, Tensor]],
                      weights: Sequence[float] | None = None) -> dict[str, Tensor]:
-    r""":math:`\sum_k w_k \theta_k` for floating-point entries; integer entries (e.g.
-    ``num_batches_tracked``) are taken from the first state dict."""
+    r"""$\sum_k w_k \theta_k$ for floating-point entries; integer entries (e.g.
+    `num_batches_tracked`) are taken from the first state dict."""
     k = len(states)
     w = [1.0 / k] * k if weights is None else [float(x) for x in weights]
     if len(w) != k:
@@ -94,7 +94,7 @@ def weighted_average(states: Sequence[Mapping[str, Tensor]],
 
 
 def with_state(template: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
-    """A deep copy of ``template`` holding ``state`` (``template`` is not modified)."""
+    """A deep copy of `template` holding `state` (`template` is not modified)."""
     new = copy.deepcopy(template)
     new.load_state_dict(dict(state))
     return new

@@ -1,13 +1,14 @@
 r"""Activation matching (Ainsworth et al. 2023, "Git Re-Basin", sec. 3.1).
 
-For every permutation group :math:`P`, B's neurons are assigned to A's by maximising the
+For every permutation group $P$, B's neurons are assigned to A's by maximising the
 summed cross-correlation of their activations on data,
 
-.. math::
-    \pi_P = \arg\max_{\pi} \sum_i \sum_{s \in P}
-            \mathrm{corr}\big(a^{(s)}_i,\; b^{(s)}_{\pi(i)}\big),
+$$
+\pi_P = \arg\max_{\pi} \sum_i \sum_{s \in P}
+        \mathrm{corr}\big(a^{(s)}_i,\; b^{(s)}_{\pi(i)}\big),
+$$
 
-where :math:`s` runs over the neuron sets tied in :math:`P` (a residual stream sums the
+where $s$ runs over the neuron sets tied in $P$ (a residual stream sums the
 correlations of all its members) and activations are taken over every sample, spatial position
 and token. Activations do not depend on the permutations of other groups, so each group is one
 assignment; groups sharing attention heads use the head-aware block assignment.
@@ -24,6 +25,7 @@ from graphspace.merge.activations import ActivationTap, activation_statistics
 from graphspace.merge.assignment import LapSolver
 from graphspace.merge.spec import AlignmentSpec
 from graphspace.merge.weight_matching import MatchResult, solve_unit
+from graphspace.runtime import eval_mode
 
 
 def activation_matching(
@@ -41,9 +43,11 @@ def activation_matching(
     Args:
         model_a: reference model.
         model_b: model to align (same architecture).
-        loader: iterable of batches (tensors, ``(x, y)`` pairs or dicts with ``"x"``).
-        spec: the architecture's :class:`AlignmentSpec` (built if omitted).
-        num_batches: use only the first ``num_batches`` batches.
+        loader: iterable of batches (tensors, `(x, y)` pairs or dicts with `"x"`).
+        spec: the architecture's
+            [`AlignmentSpec`][graphspace.merge.activation_matching.AlignmentSpec] (built if
+            omitted).
+        num_batches: use only the first `num_batches` batches.
         backend: linear-assignment backend.
         eps: added to the standard deviations in the correlation.
 
@@ -55,15 +59,9 @@ def activation_matching(
     tap = ActivationTap(model_a, sorted({s for g in spec.groups for s in g.sets}), a,
                         skip_unreadable=True)
     sets = tap.sets  # sets whose activations can be read (RNN gates, e.g., cannot)
-    modes = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
-    try:
+    with eval_mode(model_a, model_b):
         stats = activation_statistics(model_a, loader, sets, model_b, num_batches,
                                       analysis=spec.analysis, analysis_b=spec.analysis)
-    finally:
-        model_a.train(modes[0])
-        model_b.train(modes[1])
     perms = {}
     for unit in spec.units:
         costs = []

@@ -1,19 +1,20 @@
 r"""Activations of neuron sets, read from the exported program that the model analysis walked.
 
-:class:`ActivationTap` runs a model through the ``torch.export`` program of
-:func:`graphspace.graphs.analyze` (exported again for each new input shape) and returns, for each
-requested neuron set of the analysis, its values as a ``[samples, neurons]`` matrix (the neuron
-axis moved last; batch, spatial positions and tokens all count as samples). The graph node that
-carries each set, and where its neurons lie, come from the analysis walk itself, so every set
-the analysis knows (``Linear``/``Conv`` outputs, norms, residual sums, packed q/k/v, ...) is
-found without per-architecture code. A set that no traced value carries is computed from its
-single incoming dense parameter record, $z = x W^\top + b$; a set with none (RNN gates) cannot
-be read.
+[`ActivationTap`][graphspace.merge.activations.ActivationTap] runs a model through the
+`torch.export` program of [`graphspace.graphs.analyze`][graphspace.graphs.analyze] (exported again
+for each new input shape) and returns, for each requested neuron set of the analysis, its values as
+a `[samples, neurons]` matrix (the neuron axis moved last; batch, spatial positions and tokens all
+count as samples). The graph node that carries each set, and where its neurons lie, come from the
+analysis walk itself, so every set the analysis knows (`Linear`/`Conv` outputs, norms, residual
+sums, packed q/k/v, ...) is found without per-architecture code. A set that no traced value carries
+is computed from its single incoming dense parameter record, $z = x W^\top + b$; a set with none
+(RNN gates) cannot be read.
 
 Values are *pre-activations* (the output of the layer, before its nonlinearity).
 
-:func:`activation_statistics` streams per-neuron means and (co)variances of one or two models
-over a loader; activation matching, activation-based OT fusion and REPAIR use them.
+[`activation_statistics`][graphspace.merge.activations.activation_statistics] streams per-neuron
+means and (co)variances of one or two models over a loader; activation matching, activation-based OT
+fusion and REPAIR use them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from graphspace.merge.spec import node_lookup
 
 
 def _program_args(model: nn.Module, ep: Any, user: tuple) -> list[Any]:
-    """Flat inputs of an exported program: the model's current tensors, then ``user``."""
+    """Flat inputs of an exported program: the model's current tensors, then `user`."""
     live: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
     live.update(dict(model.named_buffers(remove_duplicate=False)))
     it = iter(user)
@@ -61,7 +62,7 @@ class _Recorder(fx.Interpreter):
 
 
 class ActivationTap:
-    """Pre-activations of neuron sets of ``model`` on an input batch.
+    """Pre-activations of neuron sets of `model` on an input batch.
 
     Args:
         model: the model (used as is: its current weights and train/eval mode).
@@ -96,8 +97,8 @@ class ActivationTap:
         self._need = need
 
     def _plan(self, s0: int) -> set[int]:
-        """The sets read to compute set ``s0`` (deriving it from its dense producer if no traced
-        value carries it); raises ``ValueError`` when it cannot be read."""
+        """The sets read to compute set `s0` (deriving it from its dense producer if no traced
+        value carries it); raises `ValueError` when it cannot be read."""
         need = {s0}
         todo = [s0] if s0 not in self.producers else []
         derived: dict[int, tuple[str, Tensor, str | None, Tensor | None]] = {}
@@ -115,7 +116,7 @@ class ActivationTap:
         return need
 
     def _program(self, args: tuple) -> tuple[Any, dict[int, tuple[str, Tensor, Tensor]]]:
-        """The exported program for inputs shaped like ``args`` (export specialises shapes)."""
+        """The exported program for inputs shaped like `args` (export specialises shapes)."""
         key = tuple((tuple(x.shape), x.dtype) if isinstance(x, Tensor) else repr(x)
                     for x in args)
         if key not in self._programs:
@@ -128,7 +129,7 @@ class ActivationTap:
         return self._programs[key]
 
     def _map_producers(self, a: ModelAnalysis) -> dict[int, tuple[str, Tensor, Tensor]]:
-        """Producers of this tap's sets read off analysis ``a`` of the same model (node ids
+        """Producers of this tap's sets read off analysis `a` of the same model (node ids
         agree; the split of nodes into sets may differ with the input's rank)."""
         where: dict[int, tuple[str, int, int]] = {}
         for sid, (name, dim, pos) in a.producers.items():
@@ -206,8 +207,8 @@ class ActivationTap:
 
 @dataclass
 class SetStatistics:
-    """Streaming statistics of one neuron set: per-neuron means and variances of model A (and
-    B), and the cross moment :math:`E[a b^\\top]` when two models are tapped."""
+    r"""Streaming statistics of one neuron set: per-neuron means and variances of model A (and
+    B), and the cross moment $E[a b^\top]$ when two models are tapped."""
 
     count: int
     mean_a: Tensor
@@ -226,13 +227,13 @@ class SetStatistics:
         return self.var_b.clamp_min(0).sqrt()
 
     def correlation(self, eps: float = 1e-8) -> Tensor:
-        r"""Pearson correlation :math:`\mathrm{corr}(a_i, b_j)` (``[n_A, n_B]``)."""
+        r"""Pearson correlation $\mathrm{corr}(a_i, b_j)$ (`[n_A, n_B]`)."""
         assert self.cross is not None and self.mean_b is not None
         cov = self.cross - self.mean_a[:, None] * self.mean_b[None, :]
         return cov / (self.std_a[:, None] * self.std_b[None, :] + eps)
 
     def squared_distance(self) -> Tensor:
-        r""":math:`E[(a_i - b_j)^2]` (``[n_A, n_B]``), the activation ground cost of OT fusion."""
+        r"""$E[(a_i - b_j)^2]$ (`[n_A, n_B]`), the activation ground cost of OT fusion."""
         assert self.cross is not None and self.mean_b is not None and self.var_b is not None
         ea2 = self.var_a + self.mean_a ** 2
         eb2 = self.var_b + self.mean_b ** 2
@@ -249,8 +250,8 @@ def activation_statistics(
     analysis: ModelAnalysis | None = None,
     analysis_b: ModelAnalysis | None = None,
 ) -> dict[int, SetStatistics]:
-    """Per-set activation statistics of ``model_a`` (and ``model_b``, paired sample by sample)
-    over the first ``num_batches`` batches of ``loader``. Models are run in their current mode.
+    """Per-set activation statistics of `model_a` (and `model_b`, paired sample by sample)
+    over the first `num_batches` batches of `loader`. Models are run in their current mode.
     """
     tap_a = ActivationTap(model_a, sets, analysis)
     tap_b = ActivationTap(model_b, tap_a.sets, analysis_b) if model_b is not None else None

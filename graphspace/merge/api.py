@@ -1,4 +1,4 @@
-"""``merge(models, method=...)``: align every model to the first, average, optionally repair."""
+"""`merge(models, method=...)`: align every model to the first, average, optionally repair."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def align(
     seed: int = 0,
     **kwargs: Any,
 ) -> tuple[nn.Module, MatchResult]:
-    """Permute ``model_b``'s neurons towards ``model_a``; returns ``(aligned copy, result)``.
+    """Permute `model_b`'s neurons towards `model_a`; returns `(aligned copy, result)`.
 
-    ``method`` is ``"weight_matching"``, ``"activation_matching"`` or ``"ste"`` (the last two
-    need ``loader``). Extra keyword arguments go to the matching function.
+    `method` is `"weight_matching"`, `"activation_matching"` or `"ste"` (the last two
+    need `loader`). Extra keyword arguments go to the matching function.
     """
     spec = spec or AlignmentSpec(model_a)
     spec.check(state_of(model_b), "model B")
@@ -80,21 +80,21 @@ def merge(
     """Merge two or more models into a new one (the inputs are never modified).
 
     Args:
-        models: models of one architecture (for ``"ot_fusion"`` widths may differ; the result
+        models: models of one architecture (for `"ot_fusion"` widths may differ; the result
             has the shape of the first model).
-        method: ``"weight_matching"`` (Git Re-Basin weight matching), ``"activation_matching"``,
-            ``"ste"`` (straight-through estimator), ``"ot_fusion"`` (Singh & Jaggi 2020) or
-            ``"average"`` (naive weight averaging, no alignment).
+        method: `"weight_matching"` (Git Re-Basin weight matching), `"activation_matching"`,
+            `"ste"` (straight-through estimator), `"ot_fusion"` (Singh & Jaggi 2020) or
+            `"average"` (naive weight averaging, no alignment).
         weights: averaging weights (uniform by default).
         loader: data for activation matching, STE, activation-based OT and repair.
-        repair: ``None``, ``"bn_reset"`` (recompute BatchNorm statistics) or ``"repair"``
+        repair: `None`, `"bn_reset"` (recompute BatchNorm statistics) or `"repair"`
             (REPAIR, Jordan et al. 2022, for networks without BatchNorm).
-        num_batches: limit the batches used from ``loader``.
+        num_batches: limit the batches used from `loader`.
         seed: seed of randomised steps (weight-matching group order).
         allow_nonfinite: skip the NaN/Inf check of the inputs (a method that cannot handle
             them, such as weight matching, still refuses them).
-        **kwargs: passed to the method (e.g. ``max_passes``, ``backend``, ``solver``, ``reg``,
-            ``marginals``, ``cost``, ``epochs``, ``lr``).
+        **kwargs: passed to the method (e.g. `max_passes`, `backend`, `solver`, `reg`,
+            `marginals`, `cost`, `epochs`, `lr`).
 
     Returns:
         the merged model.

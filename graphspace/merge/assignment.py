@@ -2,18 +2,20 @@ r"""Linear assignment: pluggable solvers and the head-aware block assignment.
 
 Every matching method reduces to linear assignment problems
 
-.. math::
-    \pi^\star = \arg\max_{\pi \in S_n} \sum_i C_{i, \pi(i)},
+$$
+\pi^\star = \arg\max_{\pi \in S_n} \sum_i C_{i, \pi(i)},
+$$
 
-solved by :func:`linear_assignment`. The default backend is
-:func:`scipy.optimize.linear_sum_assignment`; ``"lap"`` (the Jonker-Volgenant solver of the
-``lap`` package) is used by ``backend="auto"`` when that package is installed, and any solver can
-be plugged in with :func:`register_lap_backend`.
+solved by [`linear_assignment`][graphspace.merge.assignment.linear_assignment]. The default backend
+is `scipy.optimize.linear_sum_assignment`; `"lap"` (the Jonker-Volgenant solver of the
+`lap` package) is used by `backend="auto"` when that package is installed, and any solver can
+be plugged in with [`register_lap_backend`][graphspace.merge.assignment.register_lap_backend].
 
-Attention heads are matched with :func:`head_block_assignment`: the best within-head matching of
-every (head of A, head of B) pair is found first; its value is the cost of pairing the two heads,
-and one assignment over heads picks the head permutation (Ainsworth et al. 2023 permute heads
-as blocks; within a head, coordinates may move).
+Attention heads are matched with
+[`head_block_assignment`][graphspace.merge.assignment.head_block_assignment]: the best within-head
+matching of every (head of A, head of B) pair is found first; its value is the cost of pairing the
+two heads, and one assignment over heads picks the head permutation (Ainsworth et al. 2023 permute
+heads as blocks; within a head, coordinates may move).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _BACKENDS: dict[str, LapSolver] = {}
 
 
 def register_lap_backend(name: str, solver: LapSolver) -> None:
-    """Register ``solver(cost) -> cols`` (maximising ``sum(cost[i, cols[i]])``) as ``name``."""
+    """Register `solver(cost) -> cols` (maximising `sum(cost[i, cols[i]])`) as `name`."""
     _BACKENDS[name] = solver
 
 
@@ -75,15 +77,15 @@ def available_backends() -> list[str]:
 
 
 def linear_assignment(cost: np.ndarray, backend: str | LapSolver = "auto") -> np.ndarray:
-    r"""Solve :math:`\max_\pi \sum_i C_{i\pi(i)}` for a square cost matrix.
+    r"""Solve $\max_\pi \sum_i C_{i\pi(i)}$ for a square cost matrix.
 
     Args:
-        cost: ``[n, n]`` array (converted to float64).
-        backend: ``"auto"`` (``lap`` when installed, else SciPy), a registered name
-            (``"scipy"``, ``"lap"``, ...) or a callable ``cost -> cols``.
+        cost: `[n, n]` array (converted to float64).
+        backend: `"auto"` (`lap` when installed, else SciPy), a registered name
+            (`"scipy"`, `"lap"`, ...) or a callable `cost -> cols`.
 
     Returns:
-        ``cols`` (int64 ``[n]``): row ``i`` is assigned column ``cols[i]``.
+        `cols` (int64 `[n]`): row `i` is assigned column `cols[i]`.
     """
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
@@ -108,15 +110,15 @@ def linear_assignment(cost: np.ndarray, backend: str | LapSolver = "auto") -> np
 def head_block_assignment(
     costs: Sequence[np.ndarray], num_heads: int, backend: str | LapSolver = "auto"
 ) -> list[np.ndarray]:
-    r"""Assign ``num_heads`` heads as blocks, shared by several cost matrices, then within heads.
+    r"""Assign `num_heads` heads as blocks, shared by several cost matrices, then within heads.
 
-    For heads :math:`a` (of A) and :math:`b` (of B) and every cost :math:`C^{(g)}` (one per
-    permutation group sharing the head permutation, e.g. ``Q/K`` and ``V``) the within-head
-    value :math:`v_g(a, b) = \max_\sigma \sum_t C^{(g)}_{ad + t,\, bd + \sigma(t)}` is computed;
-    the head permutation maximises :math:`\sum_a \sum_g v_g(a, \pi(a))`.
+    For heads $a$ (of A) and $b$ (of B) and every cost $C^{(g)}$ (one per
+    permutation group sharing the head permutation, e.g. `Q/K` and `V`) the within-head
+    value $v_g(a, b) = \max_\sigma \sum_t C^{(g)}_{ad + t,\, bd + \sigma(t)}$ is computed;
+    the head permutation maximises $\sum_a \sum_g v_g(a, \pi(a))$.
 
     Returns:
-        one permutation per cost, ``p[a d + t] = \pi(a) d + \sigma^{(g)}_{a}(t)``.
+        one permutation per cost, `p[a d + t] = \pi(a) d + \sigma^{(g)}_{a}(t)`.
     """
     n = costs[0].shape[0]
     if n % num_heads:

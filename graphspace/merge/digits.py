@@ -1,9 +1,9 @@
-"""Offline data and endpoint models for merging experiments: scikit-learn's ``load_digits``.
+"""Offline data and endpoint models for merging experiments: scikit-learn's `load_digits`.
 
 The 1797 8x8 handwritten digits ship with scikit-learn, so experiments and tests run without
-network access. :class:`DigitsDataModule` serves fixed train/val/test splits as flat
-64-feature vectors (``flat=True``) or ``1x8x8`` images; :func:`train_classifier` trains an
-endpoint model (e.g. two MLPs from different seeds) in a few seconds on a CPU.
+network access. [`DigitsDataModule`][graphspace.merge.digits.DigitsDataModule] serves fixed
+train/val/test splits as flat 64-feature vectors (`flat=True`) or `1x8x8` images; `train_classifier`
+trains an endpoint model (e.g. two MLPs from different seeds) in a few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from graphspace.merge._utils import model_device
 
 
 def load_digits_tensors(flat: bool = True) -> tuple[Tensor, Tensor]:
-    """All digits as float features in ``[0, 1]`` (``[N, 64]`` or ``[N, 1, 8, 8]``) and labels."""
+    """All digits as float features in `[0, 1]` (`[N, 64]` or `[N, 1, 8, 8]`) and labels."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - scikit-learn is in the [data]/[dev] extras
@@ -37,7 +37,7 @@ class DigitsDataModule(pl.LightningDataModule):
 
     Args:
         batch_size: batch size of every loader (default 128).
-        flat: 64-feature vectors (MLPs) instead of ``1x8x8`` images.
+        flat: 64-feature vectors (MLPs) instead of `1x8x8` images.
         val_fraction: share of the data used for validation (default 0.15).
         test_fraction: share used for testing (default 0.25).
         seed: seed of the split and of the training-loader shuffling.
@@ -90,9 +90,9 @@ def train_classifier(
     weight_decay: float = 0.0,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
 ) -> nn.Module:
-    """Train ``model`` in place with Adam (cross-entropy); returns it in eval mode.
+    """Train `model` in place with Adam (cross-entropy); returns it in eval mode.
 
-    ``seed`` fixes the data order (the model's initialisation is the caller's).
+    `seed` fixes the data order (the model's initialisation is the caller's).
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     dev = model_device(model)

@@ -1,30 +1,31 @@
 r"""OT fusion (Singh & Jaggi 2020, "Model Fusion via Optimal Transport").
 
-Layer by layer, from the input to the output, the neurons of a model :math:`k` are softly
+Layer by layer, from the input to the output, the neurons of a model $k$ are softly
 aligned to the neurons of the target model by optimal transport. For a layer with incoming
-weights :math:`W^{(k)}_\ell` (``[n_k, m_k, *spatial]``) and the previous layer's transport
-:math:`\hat T_{\ell-1}` (``[m_k, m]``),
+weights $W^{(k)}_\ell$ (`[n_k, m_k, *spatial]`) and the previous layer's transport
+$\hat T_{\ell-1}$ (`[m_k, m]`),
 
-1. align the incoming edges: :math:`\hat W^{(k)}_\ell = W^{(k)}_\ell\, \hat T_{\ell-1}`;
-2. ground cost between neuron :math:`i` of model :math:`k` and neuron :math:`j` of the target:
-   weight-based :math:`C_{ij} = \lVert [\hat W^{(k)}_{\ell, i}, b^{(k)}_i] -
-   [W_{\ell, j}, b_j] \rVert^2`, or activation-based :math:`C_{ij} = E[(a^{(k)}_i - a_j)^2]`
+1. align the incoming edges: $\hat W^{(k)}_\ell = W^{(k)}_\ell\, \hat T_{\ell-1}$;
+2. ground cost between neuron $i$ of model $k$ and neuron $j$ of the target:
+   weight-based $C_{ij} = \lVert [\hat W^{(k)}_{\ell, i}, b^{(k)}_i] -
+   [W_{\ell, j}, b_j] \rVert^2$, or activation-based $C_{ij} = E[(a^{(k)}_i - a_j)^2]$
    over the data;
-3. transport :math:`T_\ell = \arg\min_{T \in \Pi(\alpha, \beta)} \langle T, C\rangle` (exact EMD
-   or entropic Sinkhorn) between the marginals :math:`\alpha` (model :math:`k`) and
-   :math:`\beta` (target), uniform or proportional to neuron importance (the :math:`\ell_1` norm
+3. transport $T_\ell = \arg\min_{T \in \Pi(\alpha, \beta)} \langle T, C\rangle$ (exact EMD
+   or entropic Sinkhorn) between the marginals $\alpha$ (model $k$) and
+   $\beta$ (target), uniform or proportional to neuron importance (the $\ell_1$ norm
    of incoming weights);
-4. normalise by the target marginal, :math:`\hat T_\ell = T_\ell\, \mathrm{diag}(1/\beta)`, and
-   map the layer onto the target's neurons: :math:`\tilde W^{(k)}_\ell = \hat T_\ell^\top \hat
-   W^{(k)}_\ell` (biases and norm parameters the same way).
+4. normalise by the target marginal, $\hat T_\ell = T_\ell\, \mathrm{diag}(1/\beta)$, and
+   map the layer onto the target's neurons: $\tilde W^{(k)}_\ell = \hat T_\ell^\top \hat
+   W^{(k)}_\ell$ (biases and norm parameters the same way).
 
-The fused model is :math:`\sum_k w_k \tilde W^{(k)}`. With uniform marginals, equal widths and
-exact EMD, :math:`n\,T_\ell` is a permutation matrix and fusion reduces to permutation alignment.
+The fused model is $\sum_k w_k \tilde W^{(k)}$. With uniform marginals, equal widths and
+exact EMD, $n\,T_\ell$ is a permutation matrix and fusion reduces to permutation alignment.
 Models may have different widths: the result has the target's shape.
 
 Supported are sequential chains (MLPs, CNNs, with norms following their channels and flattens
 before linear layers); residual connections, attention and depthwise convolutions tie several
-layers to one transport and raise :class:`UnsupportedFusionError`.
+layers to one transport and raise
+[`UnsupportedFusionError`][graphspace.merge.ot_fusion.UnsupportedFusionError].
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from graphspace.graphs import ModelAnalysis, ParamRecord, analyze, permutation_g
 from graphspace.graphs.errors import ArchitectureMismatchError
 from graphspace.merge._utils import state_of, weighted_average
 from graphspace.merge.activations import activation_statistics
+from graphspace.runtime import eval_mode
 
 
 class UnsupportedFusionError(ValueError):
@@ -50,7 +52,7 @@ class UnsupportedFusionError(ValueError):
 @dataclass
 class FusionResult:
     """The fused model and, per fused model, the transport map of every group
-    (``transports[k][name]``: ``[n_k, n_target]``, rows summing to the model's marginal)."""
+    (`transports[k][name]`: `[n_k, n_target]`, rows summing to the model's marginal)."""
 
     model: nn.Module
     transports: list[dict[str, Tensor]] = field(default_factory=list)
@@ -100,7 +102,7 @@ def _chain(model: nn.Module) -> _Chain:
 
 def _row_map(ch: _Chain, r: ParamRecord, maps: dict[str, Tensor], axis: int,
              n_target: int) -> Tensor | None:
-    """The ``[n_k, n_target]`` map of a record's rows (axis 0) or columns (axis 1)."""
+    """The `[n_k, n_target]` map of a record's rows (axis 0) or columns (axis 1)."""
     sets = r.dst_sets if axis == 0 else r.src_sets
     blocks = []
     for s in sets:
@@ -122,8 +124,8 @@ def _row_map(ch: _Chain, r: ParamRecord, maps: dict[str, Tensor], axis: int,
 
 def _transform(ch: _Chain, key: str, t: Tensor, target_shape: tuple[int, ...],
                maps: dict[str, Tensor], rows: bool = True) -> Tensor:
-    """Entry ``key`` of model ``k`` mapped onto the target's neurons: columns always, rows when
-    ``rows`` (then in the target's tensor layout; otherwise the canonical layout is returned)."""
+    """Entry `key` of model `k` mapped onto the target's neurons: columns always, rows when
+    `rows` (then in the target's tensor layout; otherwise the canonical layout is returned)."""
     r = ch.records[key]
     x = t.detach().double()
     if r.kind == "extra":
@@ -153,7 +155,7 @@ def _transform(ch: _Chain, key: str, t: Tensor, target_shape: tuple[int, ...],
 
 
 def _target_view(r: ParamRecord, target_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The record's ``view_shape`` for a model of another width (spatial factors are kept)."""
+    """The record's `view_shape` for a model of another width (spatial factors are kept)."""
     assert r.view_shape is not None
     if len(r.view_shape) == len(r.shape):
         return target_shape
@@ -182,7 +184,7 @@ def _solve(a: np.ndarray, b: np.ndarray, cost: np.ndarray, solver: str, reg: flo
     try:
         import ot
     except ImportError as e:
-        raise ImportError("OT fusion needs POT: pip install pot (or graphspace[merge])") from e
+        raise ImportError("OT fusion needs POT: pip install pot (or graphspace-weights[merge])") from e
     if solver == "emd":
         return ot.emd(a, b, cost)
     if solver == "sinkhorn":
@@ -203,21 +205,22 @@ def ot_fusion(
     loader: Iterable | None = None,
     num_batches: int | None = None,
 ) -> FusionResult:
-    """Fuse ``models`` into the shape of ``models[target]`` by layer-wise optimal transport.
+    """Fuse `models` into the shape of `models[target]` by layer-wise optimal transport.
 
     Args:
         models: two or more models of one sequential architecture (widths may differ).
         target: index of the model whose neurons (and shape) the others are transported onto.
         weights: fusion weights (uniform by default).
-        cost: ``"weight"`` (incoming weights and bias) or ``"activation"`` (needs ``loader``).
-        solver: ``"emd"`` (exact) or ``"sinkhorn"`` (entropic, regularisation ``reg`` on the
+        cost: `"weight"` (incoming weights and bias) or `"activation"` (needs `loader`).
+        solver: `"emd"` (exact) or `"sinkhorn"` (entropic, regularisation `reg` on the
             cost normalised to a maximum of 1).
-        marginals: ``"uniform"`` or ``"importance"`` (proportional to incoming-weight norms).
+        marginals: `"uniform"` or `"importance"` (proportional to incoming-weight norms).
         loader: batches for activation costs.
-        num_batches: use the first ``num_batches`` batches.
+        num_batches: use the first `num_batches` batches.
 
     Returns:
-        :class:`FusionResult` (the fused model is a new module shaped like the target).
+        [`FusionResult`][graphspace.merge.ot_fusion.FusionResult] (the fused model is a new module
+        shaped like the target).
 
     Raises:
         UnsupportedFusionError: residual connections, attention, depthwise convolutions.
@@ -246,16 +249,10 @@ def ot_fusion(
             continue
         stats = None
         if cost == "activation":
-            was = (models[k].training, models[target].training)
-            models[k].eval()
-            models[target].eval()
-            try:
+            with eval_mode(models[k], models[target]):
                 sets = [tgt.producer[n].dst_sets[0] for n in tgt.order]
                 stats = activation_statistics(models[k], loader, sets, models[target],
                                               num_batches, ch.analysis, tgt.analysis)
-            finally:
-                models[k].train(was[0])
-                models[target].train(was[1])
         maps: dict[str, Tensor] = {}
         raw: dict[str, Tensor] = {}
         for name in tgt.order:

@@ -33,6 +33,7 @@ from graphspace.graphs import ModelAnalysis, analyze
 from graphspace.merge._utils import batch_input, iterate, model_device, to_device
 from graphspace.merge.activations import activation_statistics
 from graphspace.merge.spec import node_lookup
+from graphspace.runtime import eval_mode
 
 
 @torch.no_grad()
@@ -119,19 +120,13 @@ def repair(
     target_mean: dict[int, Tensor] = {}
     target_std: dict[int, Tensor] = {}
     for wi, e in zip(w, endpoints):
-        was = e.training
-        e.eval()
-        try:
+        with eval_mode(e):
             st = activation_statistics(e, loader, sets, num_batches=num_batches)
-        finally:
-            e.train(was)
         for s in sets:
             target_mean[s] = target_mean.get(s, 0) + wi * st[s].mean_a
             target_std[s] = target_std.get(s, 0) + wi * st[s].std_a
     levels = sorted({a.sets[s].layer for s in sets})
-    was = m.training
-    m.eval()
-    try:
+    with eval_mode(m):
         for level in levels:
             todo = [s for s in sets if a.sets[s].layer == level]
             st = activation_statistics(m, loader, todo, num_batches=num_batches, analysis=a)
@@ -141,8 +136,6 @@ def repair(
                 shift = target_mean[s] - scale * st[s].mean_a
                 _fold(a, state, s, scale, shift)
             m.load_state_dict(state)
-    finally:
-        m.train(was)
     return m
 
 

@@ -1,16 +1,17 @@
 r"""The permutation structure that matching needs, derived from the shared model analysis.
 
-:class:`AlignmentSpec` reads :func:`graphspace.graphs.permutation_groups` and the parameter
-records of :func:`graphspace.graphs.analyze` and lists, for every permutation group :math:`P`,
-each axis of each state-dict entry that :math:`P` indexes (a *slot*): the rows of a weight whose
-output neurons are in :math:`P`, the columns of a weight consuming :math:`P` (also after a
-flatten: the canonical layout ``(out, in_per_group, *spatial)`` keeps the channel axis), biases,
+[`AlignmentSpec`][graphspace.merge.spec.AlignmentSpec] reads
+[`graphspace.graphs.permutation_groups`][graphspace.graphs.permutation_groups] and the parameter
+records of [`graphspace.graphs.analyze`][graphspace.graphs.analyze] and lists, for every permutation
+group $P$, each axis of each state-dict entry that $P$ indexes (a *slot*): the rows of a weight
+whose output neurons are in $P$, the columns of a weight consuming $P$ (also after a
+flatten: the canonical layout `(out, in_per_group, *spatial)` keeps the channel axis), biases,
 norm scales and shifts. Nothing is written per architecture: a residual stream, a BatchNorm or
 an attention projection is whatever the analysis tied together.
 
-Slots are index vectors into the canonical layout: ``index[k]`` is the row (or column) of the
-group's ``k``-th neuron in one member set. A record may hold several member sets of a group
-(e.g. the ``Q`` and ``K`` rows of a packed ``in_proj_weight``); each is its own slot.
+Slots are index vectors into the canonical layout: `index[k]` is the row (or column) of the
+group's `k`-th neuron in one member set. A record may hold several member sets of a group
+(e.g. the `Q` and `K` rows of a packed `in_proj_weight`); each is its own slot.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from graphspace.graphs import (
 
 @dataclass
 class Slot:
-    """Axis ``axis`` (0 rows / vector entries, 1 columns) of entry ``key`` at ``index``."""
+    """Axis `axis` (0 rows / vector entries, 1 columns) of entry `key` at `index`."""
 
     key: str
     axis: int
@@ -43,7 +44,7 @@ class Slot:
 
 
 def node_lookup(nodes: Tensor, num_nodes: int) -> Tensor:
-    """``inv[v]``: the position of node ``v`` in ``nodes`` (-1 where absent)."""
+    """`inv[v]`: the position of node `v` in `nodes` (-1 where absent)."""
     inv = torch.full((num_nodes,), -1, dtype=torch.long)
     inv[nodes] = torch.arange(nodes.numel())
     return inv
@@ -53,7 +54,7 @@ class AlignmentSpec:
     """Permutation groups of an architecture and the state-dict axes each one indexes.
 
     Args:
-        model: a module or a :class:`~graphspace.graphs.ModelAnalysis`.
+        model: a module or a `ModelAnalysis`.
         example_input: optional input used by the analysis to check shapes.
         include_buffers: also use BatchNorm running statistics in matching costs (they are
             permuted either way).
@@ -120,8 +121,8 @@ class AlignmentSpec:
 
     # ------------------------------------------------------------------------------------------
     def check(self, state: Mapping[str, Tensor], name: str = "model") -> None:
-        """Raise :class:`~graphspace.graphs.ArchitectureMismatchError` naming the first
-        tensor of ``state`` that does not fit this architecture."""
+        """Raise `ArchitectureMismatchError` naming the first
+        tensor of `state` that does not fit this architecture."""
         from graphspace.graphs import ArchitectureMismatchError
 
         try:
@@ -131,7 +132,7 @@ class AlignmentSpec:
 
     def canonical(self, state: Mapping[str, Tensor], device: torch.device | None = None,
                   dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """The matched entries of ``state`` in canonical layout (vectors as ``[n, 1]``)."""
+        """The matched entries of `state` in canonical layout (vectors as `[n, 1]`)."""
         out = {}
         for key in self.matched:
             r = self.records[key]
@@ -146,7 +147,7 @@ class AlignmentSpec:
 
     def node_map(self, perms: Mapping[str, Tensor], device: torch.device | None = None
                  ) -> Tensor:
-        """``node_map[v]``: the (old) node whose values new node ``v`` takes under ``perms``."""
+        """`node_map[v]`: the (old) node whose values new node `v` takes under `perms`."""
         nm = torch.arange(self.analysis.num_nodes)
         for g in self.groups:
             p = perms.get(g.name)
@@ -158,7 +159,7 @@ class AlignmentSpec:
         return nm.to(device) if device is not None else nm
 
     def positions(self, key: str, axis: int, node_map: Tensor) -> Tensor | None:
-        """Indices that apply ``node_map`` along ``axis`` of ``key`` (``None``: not permuted)."""
+        """Indices that apply `node_map` along `axis` of `key` (`None`: not permuted)."""
         ck = (key, axis, node_map.device)
         cached = self._device_cache.get(ck)
         if cached is None:

@@ -1,22 +1,24 @@
 r"""Straight-through estimator matching (Ainsworth et al. 2023, "Git Re-Basin", sec. 3.3).
 
 Learn the permutation of B that minimises the loss at the midpoint of A and the permuted B.
-Free weights :math:`\tilde\theta` (initialised at :math:`\theta_A`) are projected onto the
-permutation orbit of B by weight matching, :math:`\mathrm{proj}(\tilde\theta) =
-\pi^\star(\theta_B)` with :math:`\pi^\star = \arg\max_\pi \langle \tilde\theta,
-\pi(\theta_B)\rangle`; the loss
+Free weights $\tilde\theta$ (initialised at $\theta_A$) are projected onto the
+permutation orbit of B by weight matching, $\mathrm{proj}(\tilde\theta) =
+\pi^\star(\theta_B)$ with $\pi^\star = \arg\max_\pi \langle \tilde\theta,
+\pi(\theta_B)\rangle$; the loss
 
-.. math::
-    \mathcal L\Big(\tfrac12\big(\theta_A + \mathrm{proj}(\tilde\theta)\big)\Big)
+$$
+\mathcal L\Big(\tfrac12\big(\theta_A + \mathrm{proj}(\tilde\theta)\big)\Big)
+$$
 
 is evaluated at the projected point while its gradient flows straight through the projection to
-:math:`\tilde\theta` (forward value :math:`\tilde\theta + \mathrm{sg}(\pi^\star(\theta_B) -
-\tilde\theta)`). Each step warm-starts weight matching from the previous permutation; the
+$\tilde\theta$ (forward value $\tilde\theta + \mathrm{sg}(\pi^\star(\theta_B) -
+\tilde\theta)$). Each step warm-starts weight matching from the previous permutation; the
 permutation with the lowest validation (or, without validation, training) midpoint loss is kept.
-Defaults follow the authors' MNIST MLP setup (SGD, learning rate :math:`10^{-2}`, momentum 0.9).
+Defaults follow the authors' MNIST MLP setup (SGD, learning rate $10^{-2}$, momentum 0.9).
 
-:class:`STEMatching` is a ``LightningModule``: run it with a ``Trainer``, from a LightningCLI YAML
-(``experiments/merge_ste_digits.yaml``) or with :func:`ste_matching`.
+[`STEMatching`][graphspace.merge.ste.STEMatching] is a `LightningModule`: run it with a `Trainer`,
+from a LightningCLI YAML (`experiments/merge_ste_digits.yaml`) or with
+[`ste_matching`][graphspace.merge.ste.ste_matching].
 """
 
 from __future__ import annotations
@@ -57,21 +59,21 @@ class STEMatching(pl.LightningModule):
     r"""Learn B's permutation with a straight-through estimator of the midpoint loss.
 
     Args:
-        model: model factory ``"package.module:Factory"`` (used with the checkpoints).
-        checkpoint_a: checkpoint of the reference model A (safetensors or ``torch.save``).
+        model: model factory `"package.module:Factory"` (used with the checkpoints).
+        checkpoint_a: checkpoint of the reference model A (safetensors or `torch.save`).
         checkpoint_b: checkpoint of model B.
         model_kwargs: keyword arguments of the factory.
-        lr: learning rate (default ``1e-2``).
+        lr: learning rate (default `1e-2`).
         momentum: SGD momentum (default 0.9).
-        optimizer: ``"sgd"`` or ``"adam"``.
+        optimizer: `"sgd"` or `"adam"`.
         max_passes: pass limit of each weight-matching projection.
         seed: seed of the group order in weight matching.
-        output: if set, the merged midpoint (best permutation) is written there after ``fit``.
-        model_a: the reference model itself (instead of ``model``/``checkpoint_a``).
+        output: if set, the merged midpoint (best permutation) is written there after `fit`.
+        model_a: the reference model itself (instead of `model`/`checkpoint_a`).
         model_b: model B itself.
 
     Shapes:
-        batches are ``(x, y)`` pairs (or dicts with ``"x"``/``"y"``); the loss is cross-entropy.
+        batches are `(x, y)` pairs (or dicts with `"x"`/`"y"`); the loss is cross-entropy.
     """
 
     def __init__(
@@ -137,7 +139,7 @@ class STEMatching(pl.LightningModule):
 
     def midpoint_state(self, perms: dict[str, Tensor], straight_through: bool = False
                        ) -> dict[str, Tensor]:
-        r""":math:`\tfrac12(\theta_A + \pi(\theta_B))` (straight-through to the free weights)."""
+        r"""$\tfrac12(\theta_A + \pi(\theta_B))$ (straight-through to the free weights)."""
         sa, _ = self._states()
         pb = self._permuted_b(perms)
         out = {}
@@ -177,7 +179,7 @@ class STEMatching(pl.LightningModule):
             self.log(name, value, **kw)
 
     def offer(self, loss: float, perms: dict[str, Tensor], source: str) -> None:
-        """Keep ``perms`` if its midpoint loss is the best seen from ``source``."""
+        """Keep `perms` if its midpoint loss is the best seen from `source`."""
         if loss < self.best[source][0]:
             self.best[source] = (loss, {k: v.clone() for k, v in perms.items()})
 
@@ -252,7 +254,8 @@ class STEMatching(pl.LightningModule):
         return self._perms if self._perms is not None else self.project()
 
     def aligned_model_b(self) -> nn.Module:
-        """A copy of B permuted by :meth:`permutations`."""
+        """A copy of B permuted by
+        [`permutations`][graphspace.merge.ste.STEMatching.permutations]."""
         m = copy.deepcopy(self.model_b).requires_grad_(True)
         m.load_state_dict(self._permuted_b(self.permutations()))
         return m
@@ -277,11 +280,12 @@ def ste_matching(
     seed: int = 0,
     num_batches: int | None = None,
 ) -> MatchResult:
-    """Run :class:`STEMatching` with a plain training loop (no ``Trainer``).
+    """Run [`STEMatching`][graphspace.merge.ste.STEMatching] with a plain training loop (no
+    `Trainer`).
 
-    The best permutation is chosen by the midpoint loss on ``val_loader`` before training (the
+    The best permutation is chosen by the midpoint loss on `val_loader` before training (the
     plain weight-matching solution) and after every epoch (by the training-batch loss when no
-    validation loader is given). ``MatchResult.passes`` counts the optimisation steps.
+    validation loader is given). `MatchResult.passes` counts the optimisation steps.
     """
     module = STEMatching(model_a=model_a, model_b=model_b, lr=lr, momentum=momentum,
                          optimizer=optimizer, seed=seed)

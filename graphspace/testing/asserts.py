@@ -20,7 +20,7 @@ from graphspace.graphs import (
 
 
 def assert_round_trip(model: nn.Module, **graph_kwargs: Any) -> ParameterGraph:
-    """``model -> ParameterGraph -> state_dict`` is bit-exact (values, dtypes, keys, order)."""
+    """`model -> ParameterGraph -> state_dict` is bit-exact (values, dtypes, keys, order)."""
     g = ParameterGraph.from_module(model, **graph_kwargs)
     sd = g.to_state_dict()
     ref = model.state_dict()
@@ -44,7 +44,7 @@ def assert_permutation_invariant(
     generator: torch.Generator | None = None,
     negative_control: bool = True,
 ) -> None:
-    """A random permutation of the hidden neurons keeps the function (``atol``, relative to the
+    """A random permutation of the hidden neurons keeps the function (`atol`, relative to the
     output's scale when that exceeds 1), and, as a negative control, permuting the *input*
     neurons of the first layer changes it."""
     a = analyze(model, inputs)
@@ -70,7 +70,7 @@ def assert_permutation_invariant(
 
 
 def swap_io_neurons(model: nn.Module, example_input: Any = None) -> nn.Module:
-    """A copy of ``model`` with two *input* neurons of its first layer swapped (or, when that
+    """A copy of `model` with two *input* neurons of its first layer swapped (or, when that
     layer has a single input, two *output* neurons of its last layer): an uncoupled permutation
     that is not a symmetry, used as a negative control."""
 
@@ -127,7 +127,7 @@ def wl_hash(graph: ParameterGraph, iterations: int = 4) -> str:
 def assert_equivariant(
     fn: Callable[[Tensor], Tensor], x: Tensor, perm: Tensor, dim: int = 0, atol: float = 1e-6
 ) -> None:
-    """``fn(x[perm]) == fn(x)[perm]`` along ``dim``."""
+    """`fn(x[perm]) == fn(x)[perm]` along `dim`."""
     a = fn(x.index_select(dim, perm))
     b = fn(x).index_select(dim, perm)
     err = (a - b).abs().max().item()

@@ -96,8 +96,8 @@ def resnet18(num_classes: int = 10) -> ResNet:
 
 
 class _ResNet20Block(BasicBlock):
-    """:class:`BasicBlock` whose projection shortcut is a 3x3 strided convolution + BatchNorm,
-    as in the Git Re-Basin code's ResNet-20 (``src/resnet20.py`` of samuela/git-re-basin)."""
+    """`BasicBlock` whose projection shortcut is a 3x3 strided convolution + BatchNorm,
+    as in the Git Re-Basin code's ResNet-20 (`src/resnet20.py` of samuela/git-re-basin)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__(cin, cout, stride)
@@ -107,9 +107,9 @@ class _ResNet20Block(BasicBlock):
 
 
 class ResNet20(nn.Module):
-    """CIFAR ResNet-20 (He et al. 2016, sec. 4.2) at a width multiplier ``w``, laid out like the
-    network of Git Re-Basin (Ainsworth et al. 2023): a 3x3 stem of ``16w`` channels, three stages
-    of three basic blocks of ``16w``, ``32w``, ``64w`` channels (the first block of stages 2 and 3
+    """CIFAR ResNet-20 (He et al. 2016, sec. 4.2) at a width multiplier `w`, laid out like the
+    network of Git Re-Basin (Ainsworth et al. 2023): a 3x3 stem of `16w` channels, three stages
+    of three basic blocks of `16w`, `32w`, `64w` channels (the first block of stages 2 and 3
     has stride 2 and a 3x3 projection shortcut, every other shortcut is the identity), global
     average pooling and a linear classifier. Git Re-Basin's code uses LayerNorm; this one uses
     BatchNorm as in He et al.
@@ -141,7 +141,7 @@ class ResNet20(nn.Module):
 
 
 def resnet20(width_multiplier: int = 1, num_classes: int = 10) -> ResNet20:
-    """:class:`ResNet20` at ``width_multiplier`` (0.29M parameters at 1, 4.7M at 4, 74M at 16,
+    """`ResNet20` at `width_multiplier` (0.29M parameters at 1, 4.7M at 4, 74M at 16,
     297M at 32)."""
     return ResNet20(width_multiplier, num_classes)
 
@@ -185,7 +185,7 @@ class TransformerBlock(nn.Module):
 
 
 class TinyTransformer(nn.Module):
-    """Input projection, one :class:`TransformerBlock`, a final LayerNorm and a linear head."""
+    """Input projection, one `TransformerBlock`, a final LayerNorm and a linear head."""
 
     def __init__(self, in_dim: int = 6, dim: int = 16, heads: int = 4, out_dim: int = 3) -> None:
         super().__init__()
@@ -199,7 +199,7 @@ class TinyTransformer(nn.Module):
 
 
 class Siren(nn.Module):
-    """SIREN (Sitzmann et al. 2020): ``sin(w0 (W x + b))`` layers and a linear output."""
+    """SIREN (Sitzmann et al. 2020): `sin(w0 (W x + b))` layers and a linear output."""
 
     def __init__(self, in_dim: int = 2, hidden: int = 32, layers: int = 3, out_dim: int = 1,
                  w0: float = 30.0) -> None:
@@ -327,7 +327,7 @@ class ManualCausalSelfAttention(nn.Module):
 
 
 class GPTMLP(nn.Module):
-    """The GPT feed-forward layer: $W_2\\,\\mathrm{GELU}(W_1 x)$ with a 4x wide hidden layer.
+    r"""The GPT feed-forward layer: $W_2\,\mathrm{GELU}(W_1 x)$ with a 4x wide hidden layer.
 
     Args:
         config: Model hyper-parameters.
@@ -367,12 +367,12 @@ class GPTBlock(nn.Module):
 
 
 class NanoGPT(nn.Module):
-    """A decoder-only GPT in the style of Karpathy's nanoGPT.
+    r"""A decoder-only GPT in the style of Karpathy's nanoGPT.
 
     Token embedding wte plus learned position embedding wpe, n_layer pre-LayerNorm blocks of
     causal self-attention and MLP, a final LayerNorm and a bias-free head. With tie_weights the
     head's weight is the same Parameter as wte.weight. Weights follow nanoGPT's initialisation:
-    $\\mathcal{N}(0, 0.02^2)$, residual projections $\\mathcal{N}(0, 0.02^2 / (2 L))$.
+    $\mathcal{N}(0, 0.02^2)$, residual projections $\mathcal{N}(0, 0.02^2 / (2 L))$.
 
     Args:
         vocab_size: Number of token ids.
@@ -384,7 +384,7 @@ class NanoGPT(nn.Module):
         bias: Use biases in Linear and LayerNorm layers.
 
     Shape:
-        Input: LongTensor (B, T) of token ids with $T \\le$ block_size.
+        Input: LongTensor (B, T) of token ids with $T \le$ block_size.
         Output: logits (B, T, vocab_size).
     """
 
@@ -430,10 +430,10 @@ class NanoGPT(nn.Module):
 
 
 class ManualAttentionGPT(NanoGPT):
-    """NanoGPT with hand-written masked attention and separate q, k, v projections.
+    r"""NanoGPT with hand-written masked attention and separate q, k, v projections.
 
     Identical to NanoGPT except that each block uses ManualCausalSelfAttention (explicit
-    $q k^\\top$, a registered causal mask buffer and softmax) and the head is untied by default.
+    $q k^\top$, a registered causal mask buffer and softmax) and the head is untied by default.
 
     Args:
         vocab_size: Number of token ids.
@@ -612,10 +612,10 @@ class SqueezeExcite(nn.Module):
 
 
 class MBConv(nn.Module):
-    """An EfficientNet inverted-residual block with squeeze-excitation and stochastic depth.
+    r"""An EfficientNet inverted-residual block with squeeze-excitation and stochastic depth.
 
     1x1 expansion, depthwise 3x3, squeeze-excitation, 1x1 linear projection, then
-    $x + \\mathrm{drop\\_path}(\\mathrm{branch}(x))$.
+    $x + \mathrm{drop\_path}(\mathrm{branch}(x))$.
 
     Args:
         channels: Input and output channels.
@@ -749,7 +749,7 @@ class GRUTagger(LSTMTagger):
 
 
 class RNNRegressor(nn.Module):
-    """An Elman RNN regressor: $h_t = \\tanh(W x_t + U h_{t-1} + b)$, then Linear on $h_T$.
+    r"""An Elman RNN regressor: $h_t = \tanh(W x_t + U h_{t-1} + b)$, then Linear on $h_T$.
 
     Args:
         input_size: Features per timestep.
@@ -767,6 +767,24 @@ class RNNRegressor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.rnn(x)  # (B, T, hidden)
         return self.head(out[:, -1])  # (B, 1)
+
+
+class TransformerClassifier(nn.Module):
+    """`nn.TransformerEncoder` (torch's fused layers, packed q/k/v) over token embeddings,
+    mean-pooled into a linear head."""
+
+    def __init__(self, vocab: int = 23, dim: int = 16, heads: int = 4, layers: int = 2,
+                 classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.encoder(self.embed(tokens))  # (B, T, dim)
+        return self.head(h.mean(1))  # (B, classes)
 
 
 def modern_models() -> dict[str, tuple[nn.Module, Tensor]]:
@@ -789,5 +807,51 @@ def modern_models() -> dict[str, tuple[nn.Module, Tensor]]:
         "lstm": (LSTMTagger(), torch.randint(0, 20, (2, 7), generator=g)),
         "gru": (GRUTagger(), torch.randint(0, 20, (2, 7), generator=g)),
         "rnn": (RNNRegressor(), torch.randn(2, 9, 4, generator=g)),
+        "transformer_encoder": (TransformerClassifier(),
+                                torch.randint(0, 23, (2, 6), generator=g)),
     }
     return {name: (model.eval(), x) for name, (model, x) in models.items()}
+
+
+def import_torchvision_models():
+    """Import `torchvision.models`, also where torchvision's compiled ops cannot load.
+
+    torchvision's wheels on the package index are built against the CUDA build of torch; over
+    the CPU build, loading its operator library fails and `import torchvision` dies while
+    registering fake kernels for those operators (`nms`, `roi_align`, ...). The model classes
+    are plain Python and use none of them, so this skips that registration when (and only
+    when) the operators are missing, and imports the models.
+
+    Installed into the environment, such a wheel also breaks `import torchmetrics` (and so
+    Lightning), which imports torchvision when it finds it. CI therefore installs it into a
+    separate folder named by the environment variable `GRAPHSPACE_TORCHVISION_PATH`, which
+    this function puts on `sys.path` before importing.
+
+    Returns:
+        The `torchvision.models` module.
+
+    Raises:
+        ImportError: torchvision is not installed (nor in `GRAPHSPACE_TORCHVISION_PATH`).
+    """
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    extra = os.environ.get("GRAPHSPACE_TORCHVISION_PATH")
+    if extra and extra not in sys.path and importlib.util.find_spec("torchvision") is None:
+        sys.path.append(extra)
+    if importlib.util.find_spec("torchvision") is None:
+        raise ImportError("torchvision is not installed (pip install torchvision, or set "
+                          "GRAPHSPACE_TORCHVISION_PATH to a folder that holds it)")
+    try:
+        return importlib.import_module("torchvision.models")
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType(
+        "torchvision._meta_registrations")
+    return importlib.import_module("torchvision.models")

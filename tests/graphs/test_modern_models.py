@@ -194,3 +194,66 @@ def test_embedding_max_norm_table_is_not_renormalised_by_the_analysis():
     g = ParameterGraph.from_module(m, torch.randint(0, 10, (2, 5)))
     assert torch.equal(m[0].weight, w0)
     assert [gr.size for gr in permutation_groups(g)] == [4]
+
+
+@pytest.mark.parametrize("kernel", ["edge", "channel"])
+def test_transposed_weights_list_the_canonical_edges_in_stored_order(kernel):
+    """Embedding tables (and HF Conv1D weights) are kept in their stored order: the same
+    (src, dst, weight) edges as the canonical layout, read and written canonically."""
+    torch.manual_seed(0)
+    m, x = modern_models()["nanogpt_tied"]
+    m = m.double()
+    g = ParameterGraph.from_module(m, x, kernel=kernel)
+    sd = m.state_dict()
+    recs = [r for r in g.spec.records if r.stored_transposed]
+    assert recs  # the token and position embeddings
+    for r in recs:
+        a, b = g.spec.ranges[r.key]
+        c = r.to_canonical(sd[r.key])  # (out, in)
+        o, il = c.shape
+        want = torch.stack([r.src.view(1, il).expand(o, il).reshape(-1),
+                            r.dst.view(o, 1).expand(o, il).reshape(-1)])
+        col = 0 if kernel == "edge" else int(g.spec.pad_index[r.key][0])
+        got_vals = g.edge_attr[a:b, col]
+        key = lambda ei: ei[0] * g.num_nodes + ei[1]  # noqa: E731
+        order_w, order_g = key(want).argsort(), key(g.edge_index[:, a:b]).argsort()
+        assert torch.equal(want[:, order_w], g.edge_index[:, a:b][:, order_g])
+        assert torch.equal(c.reshape(-1)[order_w], got_vals[order_g])
+        assert torch.equal(r.read(g), c)
+        r.write(g, 2 * c)
+        assert torch.equal(r.read(g), 2 * c)
+    back = g.to_state_dict()
+    for r in recs:
+        assert torch.equal(back[r.key], 2 * sd[r.key])
+    assert torch.equal(back["lm_head.weight"], back["wte.weight"])
+    # every edge, the tied head's repeated ones included, is what the new weights give
+    rebuilt = ParameterGraph.from_state_dict(back, g.spec.analysis, kernel=kernel)
+    assert torch.equal(rebuilt.edge_attr, g.edge_attr)
+    assert torch.equal(rebuilt.edge_index, g.edge_index)
+
+
+def test_a_module_called_twice_carries_its_bias_on_both_uses():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(3, 5)
+            self.mid = torch.nn.Linear(5, 5)
+            self.out = torch.nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = self.mid(torch.relu(self.inp(x)))
+            return self.out(self.mid(torch.relu(h)))  # self.mid used twice
+
+    torch.manual_seed(0)
+    m = Twice().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    g = ParameterGraph.from_module(m, x)
+    rec = next(r for r in g.spec.records if r.key == "mid.bias")
+    assert len(rec.repeat_nodes) == 1
+    bias = m.mid.bias.detach()
+    assert torch.equal(g.x[rec.nodes, rec.column], bias)
+    assert torch.equal(g.x[rec.repeat_nodes[0], rec.column], bias)  # not zero
+    rec.write(g, 2 * bias)
+    assert torch.equal(g.x[rec.repeat_nodes[0], rec.column], 2 * bias)
+    assert torch.equal(g.to_state_dict()["mid.bias"], 2 * bias)
+    assert_permutation_invariant(m, x, atol=1e-12, generator=torch.Generator().manual_seed(0))

@@ -47,3 +47,16 @@ def test_ot_fusion_names_what_it_cannot_fuse(name):
     m, b, _ = _pair(name)
     with pytest.raises(UnsupportedFusionError, match="permutation group"):
         merge([m, b], "ot_fusion")
+
+
+def test_merging_gives_every_submodule_its_own_mode_back():
+    """A wrapper in train mode around a model in eval mode (the usual way to wrap a Hugging
+    Face model) must come back exactly so: `root.train(was)` would switch the inner model's
+    dropout on."""
+    m, x = modern_models()["nanogpt_untied"]
+    wrapper = torch.nn.Sequential(m.double())  # root in train mode, inner model in eval
+    assert wrapper.training and not m.training
+    b, _ = permute_model(wrapper, generator=torch.Generator().manual_seed(3), example_input=x)
+    for method in ("activation_matching", "weight_matching"):
+        merge([wrapper, b], method, loader=[x])
+        assert wrapper.training and not any(mod.training for mod in m.modules()), method

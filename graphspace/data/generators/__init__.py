@@ -1,16 +1,17 @@
-"""Offline zoo generators (Python API of ``graphspace zoo ...``).
+"""Offline zoo generators (Python API of `graphspace zoo ...`).
 
-* :func:`generate_cnn_zoo` -- Small CNNs in the Small CNN Zoo's hyper-parameter space and file
-  format (read with :class:`~graphspace.data.SmallCNNZoo`);
-* :func:`generate_hetero_zoo` -- heterogeneous CNNs in the CNN Wild Park format
-  (:class:`~graphspace.data.CNNWildPark`);
-* :func:`generate_inr_zoo` -- SIRENs fitted to images, DWSNets layout
-  (:class:`~graphspace.data.INRZoo`);
-* :func:`merge_zoo` -- gather shards built in several directories.
+* [`generate_cnn_zoo`][graphspace.data.generators.generate_cnn_zoo] -- Small CNNs in the Small CNN
+  Zoo's hyper-parameter space and file format (read with
+  [`SmallCNNZoo`][graphspace.data.SmallCNNZoo]);
+* [`generate_hetero_zoo`][graphspace.data.generators.generate_hetero_zoo] -- heterogeneous CNNs in
+  the CNN Wild Park format ([`CNNWildPark`][graphspace.data.CNNWildPark]);
+* [`generate_inr_zoo`][graphspace.data.generators.generate_inr_zoo] -- SIRENs fitted to images,
+  DWSNets layout ([`INRZoo`][graphspace.data.INRZoo]);
+* [`merge_zoo`][graphspace.data.generators.merge_zoo] -- gather shards built in several directories.
 
-All run on scikit-learn's bundled digits by default (or any :class:`ImageSource`), use all CPU
+All run on scikit-learn's bundled digits by default (or any `ImageSource`), use all CPU
 cores, are deterministic given the seed, shardable and resumable (see
-:mod:`graphspace.data.generators.runner`).
+`graphspace.data.generators.runner`).
 """
 
 from graphspace.data.generators.cnn import (
@@ -32,7 +33,12 @@ from graphspace.data.generators.runner import (
     run_zoo,
     zoo_status,
 )
-from graphspace.data.generators.sources import ImageSource, load_digits_source, load_source
+from graphspace.data.generators.sources import (
+    ImageSource,
+    load_digits_source,
+    load_mnist_source,
+    load_source,
+)
 
 __all__ = [
     "DEFAULT_CHECKPOINTS",
@@ -51,6 +57,7 @@ __all__ = [
     "generate_hetero_zoo",
     "generate_inr_zoo",
     "load_digits_source",
+    "load_mnist_source",
     "load_source",
     "merge_zoo",
     "parse_shard",

@@ -1,29 +1,27 @@
 r"""A Small CNN Zoo made locally, in the Small CNN Zoo's hyper-parameter space and file format.
 
-Every network is :class:`~graphspace.testing.models.SmallCNN` (three 3x3 stride-2 ``valid``
+Every network is `SmallCNN` (three 3x3 stride-2 `valid`
 convolutions of 16 channels, global average pooling, a dense layer; 4970 parameters for
 1-channel inputs) trained with cross-entropy and the hyper-parameters of Unterthiner et al.
 (2020), each drawn independently per network:
 
-================  ====================================================================
-activation        relu, tanh
-w_init            glorot_normal, glorot_uniform, he_normal, orthogonal, RandomNormal,
-                  TruncatedNormal (Keras initialisers; biases start at zero)
-init_std          log-uniform [1e-3, 0.5] (std of RandomNormal / TruncatedNormal)
-optimizer         sgd, adam, rmsprop (Keras defaults: no momentum, eps 1e-7)
-learning_rate     log-uniform [5e-4, 5e-2]
-l2reg             log-uniform [1e-8, 1e-2] (``l2 * sum(W^2)`` on kernels, as Keras)
-dropout           uniform [0, 0.7] (after every convolution's activation)
-train_fraction    0.1, 0.25, 0.5, 1.0 (a random subset of the training images)
-================  ====================================================================
+- activation: relu, tanh
+- w_init: glorot_normal, glorot_uniform, he_normal, orthogonal, RandomNormal, TruncatedNormal (Keras
+  initialisers; biases start at zero)
+- init_std: log-uniform [1e-3, 0.5] (std of RandomNormal / TruncatedNormal)
+- optimizer: sgd, adam, rmsprop (Keras defaults: no momentum, eps 1e-7)
+- learning_rate: log-uniform [5e-4, 5e-2]
+- l2reg: log-uniform [1e-8, 1e-2] (`l2 * sum(W^2)` on kernels, as Keras)
+- dropout: uniform [0, 0.7] (after every convolution's activation)
+- train_fraction: 0.1, 0.25, 0.5, 1.0 (a random subset of the training images)
 
-Inputs are grayscale in ``[-1, 1]`` (as the original training script); scikit-learn's 8x8 digits
+Inputs are grayscale in `[-1, 1]` (as the original training script); scikit-learn's 8x8 digits
 are resized to 16x16 so that three stride-2 convolutions fit. Checkpoints are taken after the
 listed epochs (epoch 0 = initialisation) and evaluated on the network's training subset and the
-test set (losses include the L2 term, as Keras' ``evaluate``).
+test set (losses include the L2 term, as Keras' `evaluate`).
 
-Training is batched over the networks of a chunk (grouped convolutions: network :math:`m`'s
-images travel in input channel :math:`m`), so a zoo of 160 networks trains in about a minute on
+Training is batched over the networks of a chunk (grouped convolutions: network $m$'s
+images travel in input channel $m$), so a zoo of 160 networks trains in about a minute on
 two CPU cores. Each network has its own initialisation, data subset and shuffling seeds. Chunks
 group networks with the same
 train fraction (equal steps per epoch) and activation.
@@ -76,14 +74,14 @@ _TRUNC = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
 
 
 def member_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed derived from the zoo seed and non-negative ``keys`` (e.g. a network
+    """A 63-bit seed derived from the zoo seed and non-negative `keys` (e.g. a network
     index)."""
     ss = np.random.SeedSequence([int(seed), *(int(k) for k in keys)])
     return int(ss.generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def sample_config(space: Mapping[str, Mapping[str, Sequence[Any]]], seed: int) -> dict[str, Any]:
-    """Draw one configuration from ``space`` (keys in sorted order, numpy RNG ``seed``)."""
+    """Draw one configuration from `space` (keys in sorted order, numpy RNG `seed`)."""
     rng = np.random.default_rng(seed)
     cfg: dict[str, Any] = {}
     for k in sorted(space):
@@ -101,8 +99,8 @@ def sample_config(space: Mapping[str, Mapping[str, Sequence[Any]]], seed: int) -
 
 
 def keras_init_(w: Tensor, name: str, std: float, generator: torch.Generator) -> Tensor:
-    """Initialise a PyTorch-layout kernel ``w`` (``[out, in, *k]``) like the Keras initialiser
-    ``name`` (fans computed as Keras: receptive field times channels)."""
+    """Initialise a PyTorch-layout kernel `w` (`[out, in, *k]`) like the Keras initialiser
+    `name` (fans computed as Keras: receptive field times channels)."""
     rf = math.prod(w.shape[2:]) if w.dim() > 2 else 1
     fan_in, fan_out = w.shape[1] * rf, w.shape[0] * rf
     with torch.no_grad():
@@ -137,7 +135,7 @@ _KEYS = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "conv3.weig
 
 class _Batched:
     """M Small CNNs trained in lock-step with grouped convolutions. All parameters live in one
-    buffer (block ``k`` = parameter ``_KEYS[k]`` of all networks, ``[M, *shape]`` contiguous)
+    buffer (block `k` = parameter `_KEYS[k]` of all networks, `[M, *shape]` contiguous)
     so that optimiser updates are a handful of elementwise ops."""
 
     def __init__(self, configs: Sequence[Mapping[str, Any]], seeds: Sequence[int], cin: int,
@@ -188,7 +186,7 @@ class _Batched:
         return self.buf[a:b].view(self.m, *self.shapes[k])
 
     def forward(self, x: Tensor, train: bool, gen: torch.Generator | None = None) -> Tensor:
-        """``x``: ``[B, M * cin, H, W]`` -> logits ``[B, M, classes]``."""
+        """`x`: `[B, M * cin, H, W]` -> logits `[B, M, classes]`."""
         m, c = self.m, self.c
         h = x
         act = _ACTS[self.act]
@@ -216,12 +214,12 @@ class _Batched:
         return torch.einsum("bmc,moc->bmo", h, self.param(6)) + self.param(7)
 
     def penalty(self) -> Tensor:
-        """Per-network ``l2 * sum(kernel^2)``."""
+        """Per-network `l2 * sum(kernel^2)`."""
         sq = sum(self.param(k).reshape(self.m, -1).pow(2).sum(1) for k in (0, 2, 4, 6))
         return self.l2 * sq  # type: ignore[operator]
 
     def losses(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Mean cross-entropy per network; ``y``: ``[B, M]``."""
+        """Mean cross-entropy per network; `y`: `[B, M]`."""
         b, m, k = logits.shape
         ce = F.cross_entropy(logits.reshape(b * m, k), y.reshape(b * m), reduction="none")
         return ce.view(b, m).mean(0)
@@ -229,7 +227,7 @@ class _Batched:
     @torch.no_grad()
     def step(self, g: Tensor) -> None:
         """One Keras-style SGD / Adam / RMSprop update per network (its own learning rate).
-        A network whose gradient is not finite stops training (``alive`` False)."""
+        A network whose gradient is not finite stops training (`alive` False)."""
         self.t += 1
         b1, b2, rho, eps = 0.9, 0.999, 0.9, 1e-7
         for k in range(len(self.shapes)):
@@ -249,7 +247,7 @@ class _Batched:
         self.buf.sub_((self.lr * self.alive)[self.owner] * upd)
 
     def weights(self) -> Tensor:
-        """``[M, P]``: every network's parameters flattened in ``_KEYS`` order."""
+        """`[M, P]`: every network's parameters flattened in `_KEYS` order."""
         with torch.no_grad():
             return torch.cat([self.param(k).reshape(self.m, -1) for k in range(len(self.shapes))],
                              1)
@@ -257,7 +255,7 @@ class _Batched:
 
 def _evaluate(net: _Batched, x: Tensor, idx: Tensor, y: Tensor, chunk: int = 512
               ) -> tuple[Tensor, Tensor]:
-    """Accuracy and loss (with the L2 term) of every network on its images ``x[idx[m]]``."""
+    """Accuracy and loss (with the L2 term) of every network on its images `x[idx[m]]`."""
     m, n = idx.shape
     correct = torch.zeros(m)
     loss = torch.zeros(m)
@@ -278,9 +276,9 @@ def train_chunk(configs: Sequence[Mapping[str, Any]], seeds: Sequence[int], x_tr
                 y_train: Tensor, x_test: Tensor, y_test: Tensor, checkpoints: Sequence[int],
                 batch_size: int = 32, channels: int = 16, dropout_seed: int = 0
                 ) -> dict[str, Any]:
-    """Train the networks of one chunk (equal ``train_fraction``) and return their checkpoints:
-    ``weights`` ``[M, K, P]`` (PyTorch-layout state dicts flattened in ``_KEYS`` order) and the
-    metrics ``[M, K]`` per checkpoint."""
+    """Train the networks of one chunk (equal `train_fraction`) and return their checkpoints:
+    `weights` `[M, K, P]` (PyTorch-layout state dicts flattened in `_KEYS` order) and the
+    metrics `[M, K]` per checkpoint."""
     fracs = {float(c["train_fraction"]) for c in configs}
     if len(fracs) != 1:
         raise ValueError("networks of one chunk must share train_fraction")
@@ -328,7 +326,8 @@ def train_chunk(configs: Sequence[Mapping[str, Any]], seeds: Sequence[int], x_tr
 
 @register_job
 class CNNZooJob(ZooJob):
-    """Recipe, plan and output of a Small-CNN-Zoo-format zoo (see :func:`generate_cnn_zoo`)."""
+    """Recipe, plan and output of a Small-CNN-Zoo-format zoo (see
+    [`generate_cnn_zoo`][graphspace.data.generators.cnn.generate_cnn_zoo])."""
 
     kind = "cnn"
 
@@ -469,29 +468,29 @@ def generate_cnn_zoo(
 ) -> Any:
     """Generate (or resume) a zoo of Small CNNs in the Small CNN Zoo file format.
 
-    The result lands in ``out/raw`` (``weights.npy``, ``metrics.csv.gz``, ``layout.csv``,
-    ``split.csv``), readable with ``SmallCNNZoo(out)``.
+    The result lands in `out/raw` (`weights.npy`, `metrics.csv.gz`, `layout.csv`,
+    `split.csv`), readable with `SmallCNNZoo(out)`.
 
     Args:
         out: output directory.
         num_models: number of networks (default 160: about a minute on 2 cores for digits).
         seed: zoo seed (hyper-parameters, initialisations, data subsets, row permutation).
-        data: ``"digits"`` (scikit-learn, offline), an :class:`ImageSource` or a tensor file
-            (see :func:`~graphspace.data.generators.load_source`).
+        data: `"digits"` (scikit-learn, offline), an `ImageSource` or a tensor file
+            (see `load_source`).
         checkpoints: epochs at which to save (0 = initialisation; the last one is the final
-            checkpoint). :data:`PAPER_CHECKPOINTS` reproduces the published schedule.
+            checkpoint). `PAPER_CHECKPOINTS` reproduces the published schedule.
         batch_size: minibatch size (32).
         chunk_size: networks trained together (and the resume granularity).
-        space: hyper-parameter space (default :data:`SMALL_CNN_SPACE`; entries override).
+        space: hyper-parameter space (default `SMALL_CNN_SPACE`; entries override).
         image_size: resize images to this size (default: 16 for inputs smaller than 15 pixels,
             which three stride-2 convolutions need).
-        shard: ``"i/n"`` to build one shard (e.g. a cluster array job); merge shards with
-            :func:`~graphspace.data.generators.merge_zoo`.
+        shard: `"i/n"` to build one shard (e.g. a cluster array job); merge shards with
+            [`merge_zoo`][graphspace.data.generators.merge_zoo].
         workers: worker processes (default: all cores).
         progress: show a progress bar.
 
     Returns:
-        :class:`~graphspace.data.generators.ZooStatus`.
+        `ZooStatus`.
     """
     src = load_source(data)
     if image_size is None and min(src.x_train.shape[2:]) < 15:

@@ -1,26 +1,24 @@
 r"""A heterogeneous CNN zoo written in the CNN Wild Park format.
 
-Each network is a :class:`~graphspace.data.WildParkCNN` whose architecture is drawn per network
-(as the Neural Graphs CNN sampler: residual connections from any layer but the preceding one,
-``padding = kernel // 2``, stride 1) plus per-layer BatchNorm and a learning rate:
+Each network is a [`WildParkCNN`][graphspace.data.WildParkCNN] whose architecture is drawn per
+network (as the Neural Graphs CNN sampler: residual connections from any layer but the preceding
+one, `padding = kernel // 2`, stride 1) plus per-layer BatchNorm and a learning rate:
 
-================  ==============================================================
-n_layers          2, 3, 4
-channels          4, 8, 16 (per layer)
-kernel_size       3, 5 (per layer)
-activation        relu, gelu, tanh, sigmoid, leaky_relu, none (per layer)
-residual          -1 or any layer before the preceding one (per layer)
-norm              none, batch (per layer)
-lr                log-uniform [1e-3, 1e-2] (AdamW, no weight decay)
-================  ==============================================================
+- n_layers: 2, 3, 4
+- channels: 4, 8, 16 (per layer)
+- kernel_size: 3, 5 (per layer)
+- activation: relu, gelu, tanh, sigmoid, leaky_relu, none (per layer)
+- residual: -1 or any layer before the preceding one (per layer)
+- norm: none, batch (per layer)
+- lr: log-uniform [1e-3, 1e-2] (AdamW, no weight decay)
 
 Networks train one after the other inside a chunk (different architectures cannot be batched)
 on the full training set; checkpoints after the listed epochs are evaluated on the test set.
-Output in ``<out>/raw``: ``checkpoints/member_<i>/epoch_<e>.pt`` (``{"model", "config",
-"last_result": {"test/acc", "test/loss", "train/acc", "train/loss"}, "iteration"}``, all plain
-tensors and Python values) and ``splits.json`` (``path``, ``score``, ``step``, ``run``; runs
-split by network with ``val_fraction`` / ``test_fraction``), readable with
-``CNNWildPark(out)``.
+Output in `<out>/raw`: `checkpoints/member_<i>/epoch_<e>.pt` (`{"model", "config",
+"last_result": {"test/acc", "test/loss", "train/acc", "train/loss"}, "iteration"}`, all plain
+tensors and Python values) and `splits.json` (`path`, `score`, `step`, `run`; runs
+split by network with `val_fraction` / `test_fraction`), readable with
+`CNNWildPark(out)`.
 """
 
 from __future__ import annotations
@@ -58,7 +56,7 @@ HETERO_SPACE: dict[str, Any] = {
 
 def sample_architecture(space: Mapping[str, Any], seed: int, in_channels: int, n_classes: int
                         ) -> dict[str, Any]:
-    """Draw one Wild Park configuration (plus ``norm`` and ``lr``) with numpy seed ``seed``."""
+    """Draw one Wild Park configuration (plus `norm` and `lr`) with numpy seed `seed`."""
     rng = np.random.default_rng(seed)
 
     def pick(vals: Sequence[Any]) -> Any:
@@ -91,7 +89,7 @@ def _evaluate(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[float, floa
 def train_network(cfg: Mapping[str, Any], seed: int, x_train: Tensor, y_train: Tensor,
                   x_test: Tensor, y_test: Tensor, checkpoints: Sequence[int], batch_size: int
                   ) -> list[dict[str, Any]]:
-    """Train one Wild Park CNN; returns ``{"epoch", "model", metrics...}`` per checkpoint."""
+    """Train one Wild Park CNN; returns `{"epoch", "model", metrics...}` per checkpoint."""
     g = torch.Generator().manual_seed(seed)
     arch = {k: v for k, v in cfg.items() if k != "lr"}
     with torch.random.fork_rng(devices=[]):  # PyTorch's default init draws from the global RNG
@@ -124,7 +122,8 @@ def train_network(cfg: Mapping[str, Any], seed: int, x_train: Tensor, y_train: T
 
 @register_job
 class HeteroZooJob(ZooJob):
-    """Recipe, plan and output of a heterogeneous zoo (see :func:`generate_hetero_zoo`)."""
+    """Recipe, plan and output of a heterogeneous zoo (see
+    [`generate_hetero_zoo`][graphspace.data.generators.hetero.generate_hetero_zoo])."""
 
     kind = "hetero"
 
@@ -216,19 +215,19 @@ def generate_hetero_zoo(
     progress: bool = True,
 ) -> Any:
     """Generate (or resume) a heterogeneous CNN zoo in the CNN Wild Park format in
-    ``out/raw`` (read it with ``CNNWildPark(out)``).
+    `out/raw` (read it with `CNNWildPark(out)`).
 
     Args:
         out: output directory.
         num_models: number of networks.
         seed: zoo seed (architectures, initialisations, shuffling, split).
-        data: ``"digits"`` (offline), an :class:`ImageSource` or a tensor file.
+        data: `"digits"` (offline), an `ImageSource` or a tensor file.
         checkpoints: epochs saved (0 = initialisation).
         batch_size: minibatch size.
         chunk_size: networks per chunk (resume granularity).
-        space: architecture space (default :data:`HETERO_SPACE`; entries override).
+        space: architecture space (default `HETERO_SPACE`; entries override).
         val_fraction, test_fraction: split of the networks.
-        shard, workers, progress: see :func:`~graphspace.data.generators.run_zoo`.
+        shard, workers, progress: see `run_zoo`.
     """
     src = load_source(data)
     sp = dict(HETERO_SPACE)

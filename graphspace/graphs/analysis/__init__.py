@@ -1,21 +1,21 @@
 r"""One analysis of a PyTorch model, shared by parameter graphs, merging and augmentation.
 
-:func:`analyze` exports the model with ``torch.export`` (non-strict, eval mode, fake tensors)
-and walks the ATen graph once. Every value that carries neurons is an :class:`Act` whose node
-ids follow the value through every layout operation; rules per ATen op
-(:mod:`~graphspace.graphs.analysis.ops`) record each state-dict entry
-(:class:`ParamRecord`) and the constraints that permutations of hidden neurons must meet.
-:mod:`~graphspace.graphs.analysis.solve` turns those constraints into the permutation groups
+[`analyze`][graphspace.graphs.analysis.analyze] exports the model with `torch.export` (non-strict,
+eval mode, fake tensors) and walks the ATen graph once. Every value that carries neurons is an `Act`
+whose node ids follow the value through every layout operation; rules per ATen op
+(`ops`) record each state-dict entry
+([`ParamRecord`][graphspace.graphs.analysis.ParamRecord]) and the constraints that permutations of
+hidden neurons must meet. `solve` turns those constraints into the permutation groups
 the model provably has. From this one pass we read off
 
-* the nodes and edges of the parameter graph (:mod:`graphspace.graphs.parameter_graph`),
-* the permutation symmetry groups (:mod:`graphspace.graphs.symmetry`), used by model merging
+* the nodes and edges of the parameter graph (`graphspace.graphs.parameter_graph`),
+* the permutation symmetry groups (`graphspace.graphs.symmetry`), used by model merging
   and weight-space augmentation,
 * the per-neuron rescaling / sign-flip symmetries of positively homogeneous and odd activations.
 
-Package layout: ``vocab`` (stored vocabularies), ``records`` (what is recorded), ``context``
-(values and the rule API), ``layout`` (ids through views), ``ops`` (the op table), ``solve``
-(groups from constraints), ``walk`` (export, the walk, the cache).
+Package layout: `vocab` (stored vocabularies), `records` (what is recorded), `context`
+(values and the rule API), `layout` (ids through views), `ops` (the op table), `solve`
+(groups from constraints), `walk` (export, the walk, the cache).
 """
 
 from graphspace.graphs.analysis.context import (

@@ -1,17 +1,17 @@
 r"""The values that flow through the walk of an exported graph, and the analysis context.
 
-Every traced tensor that carries neurons is an :class:`Act`. Its ``ids`` tensor has the same
-number of dimensions as the value; along a *neuron dimension* (``mat[d]`` true) it holds the
+Every traced tensor that carries neurons is an `Act`. Its `ids` tensor has the same
+number of dimensions as the value; along a *neuron dimension* (`mat[d]` true) it holds the
 graph node of every index, along any other dimension it has size 1 (the value does not vary in
-neuron identity there). Layout operations (``view``, ``permute``, ``split``, ``cat``, ...) are
-applied to ``ids`` exactly as they are to the value, so attention heads split out of a feature
-axis, channels-last norms and packed ``q, k, v`` projections are followed without any pattern
-matching. ``-1`` marks entries that carry no neuron (e.g. zero padding).
+neuron identity there). Layout operations (`view`, `permute`, `split`, `cat`, ...) are
+applied to `ids` exactly as they are to the value, so attention heads split out of a feature
+axis, channels-last norms and packed `q, k, v` projections are followed without any pattern
+matching. `-1` marks entries that carry no neuron (e.g. zero padding).
 
-Constraints collected on the way (:class:`AnalysisContext`) are node-level: *ties* (two nodes
+Constraints collected on the way (`AnalysisContext`) are node-level: *ties* (two nodes
 must be permuted identically), *fixed* nodes and *cells* (node subsets that a permutation must
-map onto themselves, e.g. the three thirds of a packed ``q, k, v`` output). The permutation
-groups are solved from them once the walk ends (:mod:`graphspace.graphs.analysis.solve`).
+map onto themselves, e.g. the three thirds of a packed `q, k, v` output). The permutation
+groups are solved from them once the walk ends (`graphspace.graphs.analysis.solve`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Act:
         shape: the value's full shape.
         depth: layer depth of the value (number of parameterised layers before it).
         chain: ops applied since the neurons were produced (for rescaling symmetries).
-        param: for a parameter used as a value (not as a weight): its state-dict key; ``ids``
+        param: for a parameter used as a value (not as a weight): its state-dict key; `ids`
             then holds flat indices into the parameter instead of nodes.
     """
 
@@ -57,14 +57,14 @@ class Act:
         return len(self.shape)
 
     def full(self, dims: Sequence[int] | None = None) -> Tensor:
-        """``ids`` expanded to the full size along ``dims`` (default: every dimension)."""
+        """`ids` expanded to the full size along `dims` (default: every dimension)."""
         target = list(self.ids.shape)
         for d in range(self.ndim) if dims is None else dims:
             target[d] = self.shape[d]
         return self.ids.expand(target)
 
     def along(self, dim: int, path: str, what: str) -> Tensor:
-        """The node of every index along ``dim``; the value must not vary elsewhere."""
+        """The node of every index along `dim`; the value must not vary elsewhere."""
         dim = dim % self.ndim
         ids = self.ids.movedim(dim, -1)
         n = self.shape[dim]
@@ -78,7 +78,7 @@ class Act:
         return flat[0]
 
     def nodes(self) -> Tensor:
-        """The distinct nodes in this value (``-1`` excluded)."""
+        """The distinct nodes in this value (`-1` excluded)."""
         u = torch.unique(self.ids)
         return u[u >= 0]
 
@@ -102,7 +102,7 @@ class InputHolder:
 @dataclass
 class Const:
     """A tensor that carries no neurons: a constant, a non-persistent buffer, or a value
-    computed from neurons that is invariant to their permutation (``invariant``)."""
+    computed from neurons that is invariant to their permutation (`invariant`)."""
 
     shape: tuple[int, ...]
     invariant: bool = False
@@ -119,7 +119,7 @@ class Opaque:
 
 @dataclass
 class Scores:
-    """Attention logits ``q @ k^T`` (scaled, masked, softmaxed), waiting for ``@ v``."""
+    """Attention logits `q @ k^T` (scaled, masked, softmaxed), waiting for `@ v`."""
 
     q: Act
     k: Act
@@ -139,11 +139,11 @@ _RULES: dict[type, RuleFn] = {}
 def register_rule(module_type: type) -> Callable[[RuleFn], RuleFn]:
     """Register how a module type is represented (a decorator).
 
-    The rule is called as ``rule(ctx, module, path, args, kwargs)``: ``args`` are the analysed
-    values that enter the module's region of the exported graph (an :class:`Act` for every input
+    The rule is called as `rule(ctx, module, path, args, kwargs)`: `args` are the analysed
+    values that enter the module's region of the exported graph (an `Act` for every input
     that carries neurons), in order of first use. It returns the analysed output (a
-    :class:`TupleOut` for several outputs). Built-in layers need no rule: the analysis reads
-    their ATen ops. See ``docs/extending.md``.
+    `TupleOut` for several outputs). Built-in layers need no rule: the analysis reads
+    their ATen ops. See `docs/extending.md`.
     """
 
     def deco(fn: RuleFn) -> RuleFn:
@@ -196,7 +196,7 @@ class AnalysisContext:
     # -- neuron sets ---------------------------------------------------------------------
     def new_set(self, size: int, kind: str, name: str, layer: int, permutable: bool = True
                 ) -> int:
-        """Create ``size`` new nodes forming one neuron set; returns the set id."""
+        """Create `size` new nodes forming one neuron set; returns the set id."""
         sid = len(self.sets)
         self._set_starts.append(self.num_nodes)
         nodes = torch.arange(self.num_nodes, self.num_nodes + size)
@@ -210,13 +210,13 @@ class AnalysisContext:
         return sid
 
     def node_set(self, nodes: Tensor) -> Tensor:
-        """The neuron set of every node in ``nodes`` (sets are consecutive ranges of ids)."""
+        """The neuron set of every node in `nodes` (sets are consecutive ranges of ids)."""
         if self._node_set_cache is None or self._node_set_cache.numel() != len(self.sets):
             self._node_set_cache = torch.tensor(self._set_starts, dtype=torch.long)
         return torch.searchsorted(self._node_set_cache, nodes, right=True) - 1
 
     def sets_of(self, nodes: Tensor) -> list[int]:
-        """The neuron sets that ``nodes`` belong to (sorted)."""
+        """The neuron sets that `nodes` belong to (sorted)."""
         nodes = nodes[nodes >= 0]
         if nodes.numel() == 0:
             return []
@@ -228,7 +228,7 @@ class AnalysisContext:
 
     def new_act(self, sid: int, shape: Sequence[int], dim: int, depth: int,
                 chain: tuple[str, ...] = ()) -> Act:
-        """An :class:`Act` of ``shape`` whose neuron dimension ``dim`` holds set ``sid``."""
+        """An `Act` of `shape` whose neuron dimension `dim` holds set `sid`."""
         shape = tuple(int(s) for s in shape)
         nd = len(shape)
         dim = dim % nd
@@ -239,7 +239,7 @@ class AnalysisContext:
 
     # -- constraints ---------------------------------------------------------------------
     def tie_nodes(self, a: Tensor, b: Tensor) -> None:
-        """Nodes ``a[i]`` and ``b[i]`` must be permuted identically (``-1`` ignored)."""
+        """Nodes `a[i]` and `b[i]` must be permuted identically (`-1` ignored)."""
         a, b = a.reshape(-1), b.reshape(-1)
         keep = (a >= 0) & (b >= 0) & (a != b)
         if bool(keep.any()):
@@ -249,7 +249,7 @@ class AnalysisContext:
             self.fix_nodes(torch.where(a >= 0, a, b)[lone])
 
     def tie(self, a: int, b: int) -> None:
-        """Declare that sets ``a`` and ``b`` (same size) must be permuted identically."""
+        """Declare that sets `a` and `b` (same size) must be permuted identically."""
         if self.sets[a].size != self.sets[b].size:
             raise ValueError("cannot tie neuron sets of different sizes")
         self.tie_nodes(self.sets[a].nodes, self.sets[b].nodes)
@@ -273,7 +273,7 @@ class AnalysisContext:
             self.fix_act(x.k)
 
     def cell(self, nodes: Tensor, origin: str = "slice") -> None:
-        """``nodes`` must be mapped onto themselves by every permutation."""
+        """`nodes` must be mapped onto themselves by every permutation."""
         nodes = torch.unique(nodes.reshape(-1))
         nodes = nodes[nodes >= 0]
         if nodes.numel():
@@ -292,7 +292,7 @@ class AnalysisContext:
 
     # -- inputs --------------------------------------------------------------------------
     def input_set(self, h: InputHolder, size: int, path: str, kind: str = "layer") -> int:
-        """The neuron set of model input ``h`` (``size`` nodes, created on first read)."""
+        """The neuron set of model input `h` (`size` nodes, created on first read)."""
         if h.set_id is None:
             h.set_id = self.new_set(size, "input", h.name, 0, permutable=False)
             self.input_sets.append(h.set_id)
@@ -303,8 +303,8 @@ class AnalysisContext:
         return h.set_id
 
     def resolve(self, x: Any, size: int, path: str, dim: int = -1, kind: str = "layer") -> Act:
-        """Make sure ``x`` carries neurons along ``dim`` (creating input nodes for a model
-        input); returns an :class:`Act`."""
+        """Make sure `x` carries neurons along `dim` (creating input nodes for a model
+        input); returns an `Act`."""
         if isinstance(x, Raw):
             h = x.holder
             self.input_set(h, size, path, kind)
@@ -337,10 +337,10 @@ class AnalysisContext:
         groups: int = 1, dst_sets: Sequence[int] = (), src_sets: Sequence[int] = (),
         index: Tensor | None = None,
     ) -> ParamRecord:
-        """Record a weight tensor whose entries become edges ``src -> dst``.
+        """Record a weight tensor whose entries become edges `src -> dst`.
 
-        After ``reshape(view_shape).permute(perm)`` (or the flat gather ``index``) the tensor
-        has the canonical layout ``(len(dst), len(src) // groups, *spatial)``. A key that is
+        After `reshape(view_shape).permute(perm)` (or the flat gather `index`) the tensor
+        has the canonical layout `(len(dst), len(src) // groups, *spatial)`. A key that is
         already recorded (a tied weight) becomes a *tied use*: its edges are repeated in the
         graph and the neurons along each tensor axis are tied to those of the first use.
         """
@@ -449,7 +449,9 @@ class AnalysisContext:
             self.tie_nodes(first[0], nodes.reshape(-1))
             self.no_rescale.update(sets)
             self.no_rescale.update(self.sets_of(first[0]))
-            return next(r for r in self.records if r.key == key)
+            rec = next(r for r in self.records if r.key == key)
+            rec.repeat_nodes.append(nodes.reshape(-1))
+            return rec
         rec = ParamRecord(key=key, shape=tuple(t.shape), dtype=t.dtype, kind="node",
                           module=module, layer=layer, nodes=nodes, column=column,
                           dst_sets=list(sets))

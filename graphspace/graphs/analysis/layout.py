@@ -1,7 +1,7 @@
-"""Layout operations applied to the node ids of an :class:`~.context.Act`.
+"""Layout operations applied to the node ids of an `Act`.
 
 Each function takes the value's ids and returns those of the result; the result's shape comes
-from the exported graph (``meta["val"]``), so only the *grouping* of dimensions has to be
+from the exported graph (`meta["val"]`), so only the *grouping* of dimensions has to be
 worked out here.
 """
 
@@ -16,7 +16,7 @@ from graphspace.graphs.analysis.context import Act
 
 
 def view_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-    """Pair up dimensions of a contiguous reshape ``src -> dst`` into groups with equal
+    """Pair up dimensions of a contiguous reshape `src -> dst` into groups with equal
     products. A size-1 dimension on one side only forms a group of its own."""
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -51,7 +51,7 @@ def view_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int],
 
 
 def reshape(x: Act, shape: Sequence[int]) -> Act:
-    """``x.reshape(shape)`` on the ids (neuron dimensions stay materialised)."""
+    """`x.reshape(shape)` on the ids (neuron dimensions stay materialised)."""
     shape = tuple(int(s) for s in shape)
     if shape == x.shape:
         return x
@@ -116,7 +116,7 @@ def expand(x: Act, shape: Sequence[int]) -> Act:
 
 
 def index_dim(x: Act, dim: int, index: Tensor, keep: bool, shape: Sequence[int]) -> Act:
-    """Select positions ``index`` along ``dim`` (``keep=False``: a single position, dropped)."""
+    """Select positions `index` along `dim` (`keep=False`: a single position, dropped)."""
     dim = dim % x.ndim
     if not x.mat[dim]:
         ids = x.ids if keep else x.ids.squeeze(dim)
@@ -132,7 +132,7 @@ def index_dim(x: Act, dim: int, index: Tensor, keep: bool, shape: Sequence[int])
 
 
 def cat(parts: Sequence[Act], dim: int, shape: Sequence[int]) -> Act:
-    """Concatenate along a neuron dimension (every part materialised along ``dim``)."""
+    """Concatenate along a neuron dimension (every part materialised along `dim`)."""
     nd = len(shape)
     dim = dim % nd
     mat = [any(p.mat[d] for p in parts) for d in range(nd)]
@@ -147,7 +147,7 @@ def cat(parts: Sequence[Act], dim: int, shape: Sequence[int]) -> Act:
 
 def broadcast(a: Tensor, a_mat: Sequence[bool], b: Tensor, b_mat: Sequence[bool],
               shape: Sequence[int]) -> tuple[Tensor, Tensor, tuple[bool, ...]]:
-    """Two ids tensors broadcast to the common materialisation of ``shape``."""
+    """Two ids tensors broadcast to the common materialisation of `shape`."""
     nd = len(shape)
     a = a.reshape((1,) * (nd - a.dim()) + tuple(a.shape))
     b = b.reshape((1,) * (nd - b.dim()) + tuple(b.shape))

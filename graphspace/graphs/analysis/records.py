@@ -1,10 +1,13 @@
 """What the analysis records: neuron sets, parameter records, structural edges, the result.
 
-A :class:`ParamRecord` is the one owner of a state-dict entry's layout in a parameter graph:
-:meth:`ParamRecord.to_canonical` and :meth:`ParamRecord.from_canonical` move a tensor between
-its state-dict shape and the canonical layout ``(out, in_per_group, *spatial)`` whose entries
-are the graph's edges, and :meth:`ParamRecord.src_per_edge` names the source neuron of every
-canonical entry.
+A [`ParamRecord`][graphspace.graphs.analysis.records.ParamRecord] is the one owner of a state-dict
+entry's layout in a parameter graph:
+[`ParamRecord.to_canonical`][graphspace.graphs.analysis.records.ParamRecord.to_canonical] and
+[`ParamRecord.from_canonical`][graphspace.graphs.analysis.records.ParamRecord.from_canonical] move a
+tensor between its state-dict shape and the canonical layout `(out, in_per_group, *spatial)` whose
+entries are the graph's edges, and
+[`ParamRecord.src_per_edge`][graphspace.graphs.analysis.records.ParamRecord.src_per_edge] names the
+source neuron of every canonical entry.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import Tensor
 
 @dataclass
 class NeuronSet:
-    """A set of neurons (graph nodes) produced together, e.g. the outputs of one ``Linear``."""
+    """A set of neurons (graph nodes) produced together, e.g. the outputs of one `Linear`."""
 
     id: int
     nodes: Tensor
@@ -41,15 +44,15 @@ class NeuronSet:
 class ParamRecord:
     """How one state-dict entry is represented in the graph.
 
-    ``kind`` is one of
+    `kind` is one of
 
-    * ``"edge"``: a weight whose entries are edges. The tensor is brought to its canonical
-      layout ``(out, in_per_group, *spatial)`` by ``reshape(view_shape)`` then
-      ``permute(perm)`` (or, when ``index`` is set, by gathering ``t.reshape(-1)[index]``);
+    * `"edge"`: a weight whose entries are edges. The tensor is brought to its canonical
+      layout `(out, in_per_group, *spatial)` by `reshape(view_shape)` then
+      `permute(perm)` (or, when `index` is set, by gathering `t.reshape(-1)[index]`);
       edges enumerate that layout in row-major order.
-    * ``"diag"``: a per-channel scale (norm weight); one edge from ``src[c]`` to ``dst[c]``.
-    * ``"node"``: a per-neuron vector stored in column ``column`` of the node features.
-    * ``"extra"``: kept verbatim (e.g. ``num_batches_tracked``).
+    * `"diag"`: a per-channel scale (norm weight); one edge from `src[c]` to `dst[c]`.
+    * `"node"`: a per-neuron vector stored in column `column` of the node features.
+    * `"extra"`: kept verbatim (e.g. `num_batches_tracked`).
     """
 
     key: str
@@ -66,6 +69,9 @@ class ParamRecord:
     groups: int = 1
     spatial: tuple[int, ...] = ()
     nodes: Tensor | None = None
+    #: for a bias used more than once (a module called twice): the nodes of its further uses,
+    #: which carry the same values
+    repeat_nodes: list[Tensor] = field(default_factory=list)
     column: int = 0
     dst_sets: list[int] = field(default_factory=list)
     src_sets: list[int] = field(default_factory=list)
@@ -85,9 +91,30 @@ class ParamRecord:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def stored_transposed(self) -> bool:
+        """Whether a graph keeps this weight's edges in the state dict's own memory order.
+
+        True for a transposed 2-D weight (Hugging Face's `Conv1D`, stored `(in, out)`; an
+        embedding table, `(tokens, features)`). Its edges are the same as in the canonical
+        order, only listed row by row of the stored tensor, so converting either way is a
+        plain copy instead of a transpose. `read` and `write` still speak the canonical layout.
+        """
+        return (self.kind == "edge" and self.index is None and self.tied_to is None
+                and self.groups == 1
+                and not self.spatial and self.perm is not None and self.view_shape is not None
+                and len(self.perm) == 2 and tuple(self.perm) == (1, 0))
+
+    def _stored_view(self, flat: Tensor) -> Tensor:
+        """The canonical view of this record's edge values, listed in stored order."""
+        if self.stored_transposed:
+            assert self.view_shape is not None and self.perm is not None
+            return flat.view(self.view_shape).permute(self.perm)
+        return flat.reshape(self.canonical_shape)
+
     # -- layout --------------------------------------------------------------------------------
     def to_canonical(self, t: Tensor) -> Tensor:
-        """``t`` (state-dict shape) in the canonical layout ``(out, in_per_group, *spatial)``."""
+        """`t` (state-dict shape) in the canonical layout `(out, in_per_group, *spatial)`."""
         if self.kind != "edge":
             return t
         if self.index is not None:
@@ -96,8 +123,8 @@ class ParamRecord:
         return t.reshape(self.view_shape).permute(self.perm)
 
     def from_canonical(self, c: Tensor, out: Tensor | None = None) -> Tensor:
-        """Inverse of :meth:`to_canonical`: a contiguous tensor of the state-dict shape (written
-        into ``out`` when given)."""
+        """Inverse of [`to_canonical`][graphspace.graphs.analysis.records.ParamRecord.to_canonical]:
+        a contiguous tensor of the state-dict shape (written into `out` when given)."""
         if out is None:
             out = torch.empty(self.shape, dtype=c.dtype, device=c.device)
         if self.kind != "edge":
@@ -110,7 +137,7 @@ class ParamRecord:
         return out
 
     def src_per_edge(self, o: int, i_local: int, s: int) -> Tensor:
-        """Source node of every canonical entry, as an ``(o, i_local, s)`` tensor."""
+        """Source node of every canonical entry, as an `(o, i_local, s)` tensor."""
         assert self.src is not None
         if self.groups == 1:
             return self.src.view(1, i_local, 1).expand(o, i_local, s)
@@ -119,16 +146,18 @@ class ParamRecord:
 
     # -- values on a graph -----------------------------------------------------------------
     def read(self, graph: Any) -> Tensor:
-        """This entry's values on ``graph`` (a :class:`~graphspace.graphs.ParameterGraph`): the
-        canonical layout for ``"edge"`` records, a vector (one value per neuron) for ``"diag"``
-        and ``"node"`` records, the stored tensor for ``"extra"``. A view where possible."""
+        """This entry's values on `graph` (a [`ParameterGraph`][graphspace.graphs.ParameterGraph]):
+        the canonical layout for `"edge"` records, a vector (one value per neuron) for `"diag"`
+        and `"node"` records, the stored tensor for `"extra"`. A view where possible."""
         spec = graph.spec
         if self.kind == "edge":
             a, b = spec.ranges[self.key]
             if spec.kernel == "edge":
-                return graph.edge_attr[a:b, 0].reshape(self.canonical_shape)
-            return graph.edge_attr[a:b][:, spec.pad_index[self.key]].reshape(
-                self.canonical_shape)
+                return self._stored_view(graph.edge_attr[a:b, 0])
+            vals = graph.edge_attr[a:b][:, spec.pad_index[self.key]]
+            if self.stored_transposed:  # no spatial axes: one column
+                return self._stored_view(vals.reshape(-1))
+            return vals.reshape(self.canonical_shape)
         if self.kind == "diag":
             a, b = spec.ranges[self.key]
             return graph.edge_attr[a:b, spec.scalar_column]
@@ -138,12 +167,16 @@ class ParamRecord:
         return spec.extras[self.key]
 
     def write(self, graph: Any, values: Tensor) -> None:
-        """Write ``values`` (as returned by :meth:`read`) into ``graph`` in place."""
+        """Write `values` (as returned by
+        [`read`][graphspace.graphs.analysis.records.ParamRecord.read]) into `graph` in place."""
         spec = graph.spec
         if self.kind == "edge":
             a, b = spec.ranges[self.key]
             c = self.canonical_shape
-            if spec.kernel == "edge":
+            if self.stored_transposed:
+                col = 0 if spec.kernel == "edge" else int(spec.pad_index[self.key][0])
+                self._stored_view(graph.edge_attr[a:b, col]).copy_(values.reshape(c))
+            elif spec.kernel == "edge":
                 graph.edge_attr[a:b, 0] = values.reshape(-1).to(graph.edge_attr.dtype)
             else:
                 graph.edge_attr[a:b, spec.pad_index[self.key]] = values.reshape(
@@ -156,7 +189,8 @@ class ParamRecord:
                 graph.edge_attr.dtype)
         elif self.kind == "node":
             assert self.nodes is not None
-            graph.x[self.nodes, self.column] = values.reshape(-1).to(graph.x.dtype)
+            for nodes in [self.nodes, *self.repeat_nodes]:
+                graph.x[nodes, self.column] = values.reshape(-1).to(graph.x.dtype)
         else:
             spec.extras[self.key] = values.clone()
 
@@ -174,7 +208,7 @@ class StructEdges:
 
 @dataclass
 class Use:
-    """How a neuron set is consumed: by a parameterised layer (``param``) or anything else."""
+    """How a neuron set is consumed: by a parameterised layer (`param`) or anything else."""
 
     kind: str  # "param" or "other"
     chain: tuple[str, ...] = ()
@@ -183,12 +217,12 @@ class Use:
 
 @dataclass
 class PermutationGroup:
-    """A proved permutation symmetry of ``size`` elements.
+    """A proved permutation symmetry of `size` elements.
 
-    ``members[j]`` are the node ids (in the model's parameter graph) of one aligned block:
-    position ``k`` of every block moves together. ``num_heads > 0`` marks attention: a valid
-    permutation maps heads to heads (blocks of ``size // num_heads``), and groups with the same
-    ``head_group`` use the same head permutation. ``sets`` are the neuron sets of the blocks.
+    `members[j]` are the node ids (in the model's parameter graph) of one aligned block:
+    position `k` of every block moves together. `num_heads > 0` marks attention: a valid
+    permutation maps heads to heads (blocks of `size // num_heads`), and groups with the same
+    `head_group` use the same head permutation. `sets` are the neuron sets of the blocks.
     """
 
     name: str
@@ -201,7 +235,7 @@ class PermutationGroup:
 
 @dataclass
 class ModelAnalysis:
-    """Result of :func:`~graphspace.graphs.analyze`: neurons, parameter records, symmetries."""
+    """Result of [`analyze`][graphspace.graphs.analyze]: neurons, parameter records, symmetries."""
 
     num_nodes: int
     sets: list[NeuronSet]
@@ -245,7 +279,7 @@ class ModelAnalysis:
 
     @property
     def ties(self) -> dict[str, list[str]]:
-        """Tied parameters: ``key -> [keys or uses that repeat it]``."""
+        """Tied parameters: `key -> [keys or uses that repeat it]`."""
         out: dict[str, list[str]] = {}
         for r in self.tied_records:
             assert r.tied_to is not None

@@ -5,7 +5,7 @@ Nodes tied by the walk form *classes* (they must move together). Every neuron se
 atom of its own. Two classes can be exchanged when they meet the same atoms, each exactly once:
 their nodes then sit at interchangeable positions of every constraint. A group is a maximal
 family of such classes; a class that meets an atom twice, or contains a fixed node, is fixed.
-Attention heads (cells recorded at ``scaled_dot_product_attention`` or ``softmax(q k^T) v``)
+Attention heads (cells recorded at `scaled_dot_product_attention` or `softmax(q k^T) v`)
 may in addition move as whole blocks when no other constraint tells heads apart.
 """
 

@@ -1,4 +1,4 @@
-"""Exporting a model with ``torch.export`` and walking its ATen graph once."""
+"""Exporting a model with `torch.export` and walking its ATen graph once."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _attr_key(v: Any) -> Any:
 
 
 def _arch_key(model: nn.Module, inputs: tuple) -> Any:
-    """What decides the analysis of ``model``: module types and attributes, state-dict shapes
+    """What decides the analysis of `model`: module types and attributes, state-dict shapes
     and ties, input shapes. Two models with the same key are analysed once."""
     attrs = []
     for name, m in model.named_modules():
@@ -77,8 +77,9 @@ _SPATIAL = (32, 28, 16, 8, 64, 224, 24, 12, 48, 96) + tuple(range(1, 12))
 
 
 def infer_example_input(model: nn.Module) -> list[tuple]:
-    """Candidate example inputs for a model whose first layer is ``Linear``, ``Conv*``,
-    ``Embedding`` or a recurrent layer (tried in order by :func:`analyze`)."""
+    """Candidate example inputs for a model whose first layer is `Linear`, `Conv*`,
+    `Embedding` or a recurrent layer (tried in order by
+    [`analyze`][graphspace.graphs.analysis.walk.analyze])."""
     first = next((m for m in model.modules() if isinstance(
         m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.RNNBase, nn.Bilinear))),
         None)
@@ -103,7 +104,7 @@ def infer_example_input(model: nn.Module) -> list[tuple]:
 
 
 def _runs(model: nn.Module, inputs: tuple) -> bool:
-    """Whether ``model`` accepts ``inputs``: one forward in eval mode without gradients (the
+    """Whether `model` accepts `inputs`: one forward in eval mode without gradients (the
     modes are restored; in eval mode no built-in layer changes a buffer)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -120,16 +121,16 @@ def _runs(model: nn.Module, inputs: tuple) -> bool:
 
 def analyze(model: nn.Module, example_input: Any = None, leaf_modules: Sequence[type] = (),
             *, cache: bool = True) -> ModelAnalysis:
-    """Analyse ``model``: neuron sets, parameter records and proved symmetries.
+    """Analyse `model`: neuron sets, parameter records and proved symmetries.
 
-    The model is exported with ``torch.export.export(model, args, strict=False)`` in eval mode
+    The model is exported with `torch.export.export(model, args, strict=False)` in eval mode
     (its modes are restored, and nothing else of it is touched: export runs on fake tensors)
     and the ATen graph is walked once. Results are cached per architecture and input shape.
 
     Args:
-        model: any module that ``torch.export`` can trace (it is not modified).
+        model: any module that `torch.export` can trace (it is not modified).
         example_input: an input tensor or a tuple of inputs. Optional when the first layer is
-            ``Linear``, ``Conv*``, ``Embedding`` or ``nn.RNN``/``LSTM``/``GRU`` (an input is
+            `Linear`, `Conv*`, `Embedding` or `nn.RNN`/`LSTM`/`GRU` (an input is
             inferred); required otherwise.
         leaf_modules: accepted for backward compatibility and ignored: modules with a rule are
             read as one region of the exported graph.

@@ -1,4 +1,4 @@
-"""Per-ATen-op rules of the walk: the op table (``table``), the walker, and one module per
+"""Per-ATen-op rules of the walk: the op table (`table`), the walker, and one module per
 family of ops. Importing this package registers every built-in rule."""
 
 from graphspace.graphs.analysis.ops import (  # noqa: F401  (register the rules)

@@ -1,4 +1,4 @@
-"""Attention: ``scaled_dot_product_attention`` and ``softmax(q @ k^T) @ v`` written by hand."""
+"""Attention: `scaled_dot_product_attention` and `softmax(q @ k^T) @ v` written by hand."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _matmul(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 
 
 def _head_nodes(x: Act, path: str) -> Tensor:
-    """``(*lead, E)`` nodes of an attention operand ``(*lead, L, E)`` (constant along L)."""
+    """`(*lead, E)` nodes of an attention operand `(*lead, L, E)` (constant along L)."""
     if x.ids.dim() < 2:
         raise UnsupportedOperationError(path, "attention", "operands need a sequence axis")
     if x.ids.shape[-2] > 1:

@@ -249,7 +249,7 @@ def _free_set(w: Walker, p: Act, node: fx.Node) -> Act:
 
 
 def _param_elementwise(w: Walker, node: fx.Node, x: Act, p: Act, op_name: str) -> Act:
-    """``x * gamma`` (layer scale), ``x + b`` (a free bias), ``x + pos_embed``."""
+    """`x * gamma` (layer scale), `x + b` (a free bias), `x + pos_embed`."""
     ctx = w.ctx
     shape = _shape(node)
     path = _path(node)

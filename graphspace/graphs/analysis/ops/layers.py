@@ -35,8 +35,8 @@ from graphspace.graphs.errors import UnsupportedModuleError, UnsupportedOperatio
 
 def _flat_src(ids: Tensor, path: str, what: str) -> tuple[Tensor, tuple[int, ...],
                                                            tuple[int, ...], int]:
-    """Source nodes of a dense layer's input features: ``(src, view_tail, perm_tail, s)``
-    where a flattened ``(C, S)`` or ``(S, C)`` input gives ``C`` sources, ``S`` positions."""
+    """Source nodes of a dense layer's input features: `(src, view_tail, perm_tail, s)`
+    where a flattened `(C, S)` or `(S, C)` input gives `C` sources, `S` positions."""
     n = ids.numel()
     if bool((ids < 0).any()):
         raise UnsupportedModuleError(path, what, "some input features carry no neuron "
@@ -60,8 +60,8 @@ def _flat_src(ids: Tensor, path: str, what: str) -> tuple[Tensor, tuple[int, ...
 def _dense(w: Walker, node: fx.Node, x: Any, wt: Any, bias: Any, out_features: int,
            in_features: int, w_layout: str, kind: str = "linear", edge_type: str = "linear"
            ) -> Act:
-    """``y = x W^T + b`` for any dense weight (``w_layout``: ``"oi"`` for ``(out, in)``,
-    ``"io"`` for ``(in, out)`` as in ``x @ W``)."""
+    """`y = x W^T + b` for any dense weight (`w_layout`: `"oi"` for `(out, in)`,
+    `"io"` for `(in, out)` as in `x @ W`)."""
     ctx = w.ctx
     path = _path(node)
     shape = _shape(node)
@@ -104,7 +104,7 @@ def _dense(w: Walker, node: fx.Node, x: Any, wt: Any, bias: Any, out_features: i
 
 def _dense_piece(w: Walker, node: fx.Node, x: Act, wt: Act, bias: Any, key: str, full: Tensor,
                  o: int, i: int, w_layout: str) -> Act:
-    """A dense layer using rows of a packed weight (``in_proj_weight.chunk(3)``): the piece's
+    """A dense layer using rows of a packed weight (`in_proj_weight.chunk(3)`): the piece's
     neurons are created now; the record is written once every row of the weight is used."""
     ctx = w.ctx
     path = _path(node)
@@ -355,7 +355,7 @@ def _embedding(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 
 @op("embedding_renorm", "embedding_renorm_", weights=True)
 def _embedding_renorm(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    """``Embedding(max_norm=...)`` rescales the looked-up rows of its table in place. Row norms
+    """`Embedding(max_norm=...)` rescales the looked-up rows of its table in place. Row norms
     do not depend on the order of the features, so the table stays what it was for the walk
     (export runs on fake tensors: the model's own table is never touched)."""
     return args[0]

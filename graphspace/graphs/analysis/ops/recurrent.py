@@ -25,8 +25,8 @@ _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 @op("lstm", "gru", "rnn_tanh", "rnn_relu", weights=True)
 def _rnn(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    """LSTM/GRU/RNN: per layer and direction, a gate set (``gates x H`` neurons: rows of
-    ``weight_ih``/``weight_hh``, biases in columns 0 and 1) and a hidden set of ``H`` neurons
+    """LSTM/GRU/RNN: per layer and direction, a gate set (`gates x H` neurons: rows of
+    `weight_ih`/`weight_hh`, biases in columns 0 and 1) and a hidden set of `H` neurons
     (struct edges gate -> hidden). A hidden unit's gate rows and recurrence move together."""
     name = _op_name(node)
     ctx = w.ctx

@@ -199,7 +199,7 @@ def _cat(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
 
 @op("stack")
 def _stack(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    """``stack`` is ``cat`` of the parts unsqueezed at ``dim``."""
+    """`stack` is `cat` of the parts unsqueezed at `dim`."""
     d = _arg(args, kwargs, 1, "dim", 0) % len(_shape(node))
     parts = [L.unsqueeze(p, d) if isinstance(p, Act) else dataclasses.replace(
         p, shape=p.shape[:d] + (1,) + p.shape[d:]) if isinstance(p, (Raw, Const)) else p
@@ -262,7 +262,7 @@ def _concat(w: Walker, node: fx.Node, parts: list, dim: int) -> Any:
 
 @op("roll", "flip")
 def _roll(w: Walker, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    """``roll``/``flip`` move entries along their dims: applied to the ids where they vary."""
+    """`roll`/`flip` move entries along their dims: applied to the ids where they vary."""
     name = _op_name(node)
 
     def fn(a: Act) -> Act:

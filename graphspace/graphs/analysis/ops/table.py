@@ -22,9 +22,9 @@ WEIGHT_OPS: set[str] = set()
 
 
 def op(*names: str, weights: bool = False) -> Callable[[OpFn], OpFn]:
-    """Register a rule for the ATen ops ``names`` (packet names). With ``weights``, parameter
-    arguments arrive as :class:`ParamRef` (read them with :meth:`Walker.weight`); otherwise as
-    an :class:`Act` whose ids are the parameter's flat indices."""
+    """Register a rule for the ATen ops `names` (packet names). With `weights`, parameter
+    arguments arrive as `ParamRef` (read them with `Walker.weight`); otherwise as
+    an `Act` whose ids are the parameter's flat indices."""
 
     def deco(fn: OpFn) -> OpFn:
         for n in names:
@@ -39,7 +39,7 @@ def op(*names: str, weights: bool = False) -> Callable[[OpFn], OpFn]:
 @dataclasses.dataclass
 class ParamRef:
     """A parameter (or persistent buffer) as the exported graph passes it: its key and shape.
-    It becomes an :class:`Act` of flat indices only when an op uses it as a value."""
+    It becomes an `Act` of flat indices only when an op uses it as a value."""
 
     param: str
     shape: tuple[int, ...]
@@ -47,7 +47,7 @@ class ParamRef:
 
 
 def _op_name(node: fx.Node) -> str:
-    """The op's packet name; an in-place variant (``silu_``) is named after its functional op
+    """The op's packet name; an in-place variant (`silu_`) is named after its functional op
     when only that has a rule."""
     name = node.target._overloadpacket.__name__  # type: ignore[union-attr]
     if name not in OPS and name.endswith("_") and name[:-1] in OPS:
@@ -79,7 +79,7 @@ def _is_param(v: Any) -> bool:
 
 
 def clean_path(path: str) -> str:
-    """A module path of ``nn_module_stack`` as in ``named_modules()`` (``layers.0.fc``)."""
+    """A module path of `nn_module_stack` as in `named_modules()` (`layers.0.fc`)."""
     p = path.replace("L['self'].", "").replace("L['self']", "")
     p = re.sub(r"\[(\d+)\]", r".\1", p)
     p = re.sub(r"\['([^']+)'\]", r".\1", p)
@@ -87,7 +87,7 @@ def clean_path(path: str) -> str:
 
 
 def _path(node: fx.Node) -> str:
-    """Where ``node`` sits in the model, for error messages: ``module.path (node name)``."""
+    """Where `node` sits in the model, for error messages: `module.path (node name)`."""
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         p = list(stack.values())[-1][0]

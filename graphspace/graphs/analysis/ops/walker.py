@@ -36,7 +36,7 @@ from graphspace.graphs.errors import UnsupportedOperationError
 
 
 class Walker:
-    """Walks an exported graph, applying :data:`OPS` to every call."""
+    """Walks an exported graph, applying `OPS` to every call."""
 
     def __init__(self, ctx: AnalysisContext, model: nn.Module) -> None:
         self.ctx = ctx
@@ -51,7 +51,7 @@ class Walker:
 
     # -- values --------------------------------------------------------------------------
     def param_act(self, ref: ParamRef) -> Act:
-        """``ref`` as a value: ids are the parameter's flat indices."""
+        """`ref` as a value: ids are the parameter's flat indices."""
         if ref.param not in self._param_acts:
             shape = ref.shape
             n = 1
@@ -66,7 +66,7 @@ class Walker:
                ) -> tuple[str, Tensor | None]:
         """State-dict key of a weight argument and its gather index (None: as stored).
 
-        With ``partial``, a use of part of the parameter (``in_proj_weight.chunk(3)``) is
+        With `partial`, a use of part of the parameter (`in_proj_weight.chunk(3)`) is
         accepted and its flat indices returned."""
         if not _is_param(v):
             raise UnsupportedOperationError(path, f"a computed {what}",
@@ -117,7 +117,7 @@ class Walker:
             self._producer(node, out)
 
     def _as_values(self, x: Any) -> Any:
-        """``x`` with every :class:`ParamRef` turned into its :class:`Act`."""
+        """`x` with every `ParamRef` turned into its `Act`."""
         if isinstance(x, ParamRef):
             return self.param_act(x)
         if isinstance(x, (list, tuple)):
@@ -205,7 +205,7 @@ class Walker:
     # -- helpers used by op rules -----------------------------------------------------------
     def merge(self, parts: list[Tensor], shape: tuple[int, ...], mat: tuple[bool, ...],
               kind: str, weights: list[float], depth: int, path: str) -> Act:
-        """A new neuron per distinct tuple of nodes in ``parts`` (broadcast ids), with struct
+        """A new neuron per distinct tuple of nodes in `parts` (broadcast ids), with struct
         edges and ties from every part."""
         ctx = self.ctx
         flat = torch.stack([p.reshape(-1) for p in parts], 1)

@@ -1,0 +1,21 @@
+// MathJax configuration for pymdownx.arithmatex (generic mode): $...$ / \(...\) inline,
+// $$...$$ / \[...\] display; re-typesets on every page of mkdocs-material's instant loading.
+window.MathJax = {
+  tex: {
+    inlineMath: [["\\(", "\\)"]],
+    displayMath: [["\\[", "\\]"]],
+    processEscapes: true,
+    processEnvironments: true
+  },
+  options: {
+    ignoreHtmlClass: ".*|",
+    processHtmlClass: "arithmatex"
+  }
+};
+
+document$.subscribe(() => {
+  MathJax.startup.output.clearCache()
+  MathJax.typesetClear()
+  MathJax.texReset()
+  MathJax.typesetPromise()
+})
