@@ -184,7 +184,8 @@ def _solve(a: np.ndarray, b: np.ndarray, cost: np.ndarray, solver: str, reg: flo
     try:
         import ot
     except ImportError as e:
-        raise ImportError("OT fusion needs POT: pip install pot (or graphspace-weights[merge])") from e
+        raise ImportError("OT fusion needs POT: pip install pot "
+                          "(or graphspace-weights[merge])") from e
     if solver == "emd":
         return ot.emd(a, b, cost)
     if solver == "sinkhorn":
