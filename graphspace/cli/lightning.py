@@ -32,6 +32,6 @@ def run(argv: Sequence[str], debug: bool = False) -> int:
     # only through `args`
     saved, sys.argv = sys.argv, sys.argv[:1]
     try:
-        return int(main(argv) or 0)
+        return int(main(argv, exit_on_error=False) or 0)
     finally:
         sys.argv = saved

@@ -142,7 +142,14 @@ class _NoAdverts:
         return not str(record.msg).lstrip("\U0001f4a1 ").startswith("Tip:")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, exit_on_error: bool = True) -> int:
+    """Run LightningCLI on `argv` (the verb first).
+
+    Args:
+        argv: the arguments; `None` reads `sys.argv`.
+        exit_on_error: `False` makes a bad option raise `argparse.ArgumentError` instead of
+            printing the usage and exiting (the `graphspace` command prints it as one line).
+    """
     import logging
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts)
@@ -154,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_config_callback=SaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         # a bad option raises (`graphspace` prints it as one line) instead of printing usage
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs={"exit_on_error": exit_on_error},
         args=list(argv) if argv is not None else None,
     )
     return 0
