@@ -120,18 +120,26 @@ def test_unitary_conv_preserves_norm(weight, in_c, out_c, dtype, tol):
 
 
 def test_unitary_conv_negative_controls():
-    """A dense (non-unitary) weight or a directed adjacency does not preserve the norm,
-    and a truncated series of low order is not exactly unitary."""
+    """A dense (non-unitary) weight does not preserve the norm; a one-direction edge_index is
+    symmetrised (same output as the undirected graph); and the fixed-order Taylor series
+    without scaling and squaring (the old implementation) is far from unitary at t = 6,
+    where the layer stays exact."""
     n, ei = 10, _graph(10, 6)
     x = _cx(n, 4, 7)
     torch.manual_seed(1)
     dense = UnitaryConv(4, 4, weight="dense").double()
     assert abs(dense(x, ei).norm() / x.norm() - 1) > 1e-2
-    ident = UnitaryConv(4, 4, weight="identity", order=30).double()
+    ident = UnitaryConv(4, 4, weight="identity", t=6.0).double()
     directed = ei[:, ei[0] < ei[1]]
-    assert abs(ident(x, directed).norm() / x.norm() - 1) > 1e-2
-    low = UnitaryConv(4, 4, weight="identity", order=1).double()
-    assert abs(low(x, ei).norm() / x.norm() - 1) > 1e-3
+    assert directed.size(1) < ei.size(1)
+    torch.testing.assert_close(ident(x, directed), ident(x, ei), atol=1e-13, rtol=0)
+    assert abs(ident(x, ei).norm() / x.norm() - 1) < 1e-12
+    a = _dense_adj(ident, ei, n).to(torch.complex128)
+    term, series = x, x
+    for k in range(1, 11):  # unscaled degree-10 Taylor series of exp(6 i A)
+        term = 6.0j * (a @ term) / k
+        series = series + term
+    assert abs(series.norm() / x.norm() - 1) > 0.5
 
 
 def test_unitary_conv_permutation_equivariance():
@@ -158,7 +166,7 @@ def test_unitary_conv_gradients_and_repr():
             assert p.grad.abs().sum() > 0, name
     assert x.grad is not None and x.grad.abs().sum() > 0
     conv = UnitaryConv(3, 4)
-    assert repr(conv) == "UnitaryConv(3, 4, order=10, weight='dense')"
+    assert repr(conv) == "UnitaryConv(3, 4, order=None, weight='dense')"
     assert "t" not in dict(conv.named_parameters())
     with pytest.raises(ValueError):
         conv(torch.randn(n, 3), ei)  # a real input must be paired (2 * 3 columns)
@@ -251,7 +259,7 @@ def test_lie_gradients_and_repr():
         assert x.grad is not None and x.grad.abs().sum() > 0
         for name, p in conv.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert repr(LieUnitaryConv(3, 3)) == "LieUnitaryConv(3, 3, complex=False, order=10)"
+    assert repr(LieUnitaryConv(3, 3)) == "LieUnitaryConv(3, 3, complex=False, order=None)"
     with pytest.raises(ValueError):
         LieUnitaryConv(4, 3)
     with pytest.raises(ValueError):
