@@ -201,12 +201,18 @@ def _remainder(tau: float, m: int) -> float:
     return math.exp(log_term) / (1.0 - tau / (m + 2))
 
 
+#: largest norm of one scaled step $A/s$: the Taylor terms of a step peak near
+#: $\tau^\tau/\tau! \le e^\tau$, so rounding cancels to at most $e^5 u \approx 150u$.
+_MAX_STEP_NORM = 5.0
+
+
 @functools.lru_cache(maxsize=4096)
 def _schedule(theta: float, tol: float, max_order: int) -> tuple[int, int]:
     best: tuple[int, int] | None = None
     for m in range(1, max_order + 1):
         # smallest s with s * r(theta / s) <= tol (monotone in s); doubling then bisection
-        lo, hi = 1, max(1, math.ceil(theta / (m + 1)))
+        lo = max(1, math.ceil(theta / _MAX_STEP_NORM))
+        hi = max(lo, math.ceil(theta / (m + 1)))
         while hi * _remainder(theta / hi, m) > tol:
             hi *= 2
             if hi > 1 << 40:
@@ -232,7 +238,9 @@ def taylor_schedule(theta: float, tol: float, max_order: int | None = None) -> t
 
     Among $m \le$ `max_order` (default 55, as in Al-Mohy & Higham 2011) it picks the pair of
     least cost $m s$ (matrix-vector products) whose forward error bound
-    $s \sum_{k>m} (\theta/s)^k / k! \le$ `tol` holds, with $\theta \ge \lVert A \rVert_2$.
+    $s \sum_{k>m} (\theta/s)^k / k! \le$ `tol` holds, with $\theta \ge \lVert A \rVert_2$
+    and steps of norm $\theta / s \le 5$ (so that cancellation between the Taylor terms,
+    which peak near $e^{\theta/s}$, costs at most $e^5 \approx 150$ units of roundoff).
     For a normal $A$ with $\exp(A)$ unitary each step is a contraction-free isometry up to
     its truncation error, so the relative error of the result, and hence of its norm, is at
     most `tol` (plus rounding).
@@ -321,6 +329,10 @@ class _GraphOperatorConv(MessagePassing):
         ei, ew = _graph_input(type(self).__name__, edge_index, edge_weight, num_nodes)
         ei, ew = _adjacency(ei, ew, num_nodes, self.normalize, self.add_self_loops, dtype)
         bound = _norm_bound(ei, ew, num_nodes)
+        if self.normalize and bound > 1.0 and not bool((ew < 0).any()):
+            # D^-1/2 A D^-1/2 with non-negative weights has spectral radius <= 1 (it is
+            # similar to the row-stochastic D^-1 A), a tighter bound than Gershgorin's
+            bound = 1.0
         sorted_ei, perm = EdgeIndex(ei, sparse_size=(num_nodes, num_nodes)).sort_by("col")
         if perm is not None:
             ew = ew[perm]
