@@ -27,8 +27,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch_geometric import EdgeIndex
+from torch_geometric.nn import MessagePassing
 
-from graphspace.ops import scatter
+from graphspace.nn.validation import (
+    GraphInputError,
+    as_edge_index,
+    check_node_features,
+    is_validation_enabled,
+)
+from graphspace.ops import scatter, sheaf_aggregate
 
 __all__ = [
     "ConnectionLaplacian",
@@ -251,9 +259,11 @@ class SheafLaplacian:
         else:
             ftf = maps.transpose(-1, -2) @ maps
             deg = scatter(ftf.reshape(-1, d * d), idx, 0, n, "sum").view(n, d, d)
+            self.degree = deg
             if self.augmented:
                 deg = deg + torch.eye(d, dtype=deg.dtype, device=deg.device)
             return sym_matrix_pow(deg, -0.5)
+        self.degree = deg
         if self.augmented:
             return (deg + 1.0).rsqrt()
         safe = torch.where(deg > 0, deg, torch.ones_like(deg))
@@ -292,6 +302,32 @@ class SheafLaplacian:
         return self._scale(z)
 
     __matmul__ = matmul
+
+    def diagonal_apply(self, y: Tensor) -> Tensor:
+        r"""The block diagonal of $L_{\mathcal F}$ applied to `y` `(n, d, f)`:
+        $D_v y_v$ with $D_v = \sum_{e \ni v} \mathcal F_{v \trianglelefteq e}^\top
+        \mathcal F_{v \trianglelefteq e}$."""
+        if self.map_type == "diag":
+            return self.degree.unsqueeze(-1) * y
+        if self.map_type == "orthogonal":
+            return self.degree.view(-1, 1, 1) * y
+        return self.degree @ y
+
+    def off_diagonal(self) -> tuple[Tensor, Tensor]:
+        r"""The off-diagonal blocks of $L_{\mathcal F}$ as messages: `(edge_index, blocks)`
+        with `edge_index` `(2, 2E)` (both directions of every edge, sources first) and
+        `blocks[k]` $= -\mathcal F_{i \trianglelefteq e}^\top \mathcal F_{j
+        \trianglelefteq e}$ for the message $j \to i$ (`(2E, d)` for diagonal maps, else
+        `(2E, d, d)`), so $(L_{\mathcal F} y)_i = D_i y_i + \sum_{j \to i}
+        \text{blocks} \cdot y_j$."""
+        a, b = self.edge_index[0], self.edge_index[1]
+        fa, fb = self.maps_src, self.maps_dst
+        if self.map_type == "diag":
+            ab = -(fa * fb)
+            blocks = torch.cat([ab, ab])
+        else:
+            blocks = torch.cat([-(fa.transpose(-1, -2) @ fb), -(fb.transpose(-1, -2) @ fa)])
+        return torch.stack([torch.cat([b, a]), torch.cat([a, b])]), blocks
 
     def __repr__(self) -> str:
         return (
@@ -376,8 +412,16 @@ class SheafLearner(nn.Module):
 # --------------------------------------------------------------------------- diffusion
 
 
-class _SheafDiffusionLayer(nn.Module):
-    """Shared weights and update of :class:`SheafConv` and :class:`ConnectionSheafConv`."""
+class _SheafDiffusionLayer(MessagePassing):
+    r"""Shared weights and update of `SheafConv` and `ConnectionSheafConv`.
+
+    The Laplacian is applied as PyG message passing: $\Delta_{\mathcal F} x = \tilde
+    D^{-1/2}(D y + \sum_{j \to i} B_{ij} y_j)$, $y = \tilde D^{-1/2} x$, with `message`
+    ($B_{ij} y_j$, the readable reference) or the fused `graphspace.ops.sheaf_aggregate`
+    (`message_and_aggregate`, which PyG picks for the column-sorted `EdgeIndex` built here).
+    """
+
+    SUPPORTS_FUSED_EDGE_INDEX = True
 
     def __init__(
         self,
@@ -392,7 +436,7 @@ class _SheafDiffusionLayer(nn.Module):
         dropout: float,
         augmented: bool,
     ) -> None:
-        super().__init__()
+        super().__init__(aggr="add", node_dim=0)
         out_channels = in_channels if out_channels is None else out_channels
         if stalk_dim < 1:
             raise ValueError("stalk_dim must be >= 1")
@@ -438,17 +482,50 @@ class _SheafDiffusionLayer(nn.Module):
             h = self.right(h)
         return h
 
+    def message(self, x_j: Tensor, block: Tensor) -> Tensor:
+        r"""$B_{ij}\, y_j$: a diagonal `(E, d)` or full `(E, d, d)` block per edge."""
+        if block.dim() == 2:
+            return block.unsqueeze(-1) * x_j
+        return block @ x_j
+
+    def message_and_aggregate(self, edge_index: Tensor, x: Tensor, block: Tensor) -> Tensor:
+        if block.dim() == 2:
+            block = torch.diag_embed(block)
+        plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
+        return sheaf_aggregate(x, plain, block, x.size(0))
+
+    def diffuse(self, lap: SheafLaplacian, h: Tensor) -> Tensor:
+        r"""$\Delta_{\mathcal F} h$ for `h` `(n, d, f)` by message passing (equal to
+        `lap.matmul(h)`)."""
+        n = h.size(0)
+        ei, blocks = lap.off_diagonal()
+        ei, perm = EdgeIndex(ei, sparse_size=(n, n)).sort_by("col")
+        if perm is not None:
+            blocks = blocks[perm]
+        y = lap._scale(h)
+        z = lap.diagonal_apply(y) + self.propagate(ei, x=y, block=blocks)
+        return lap._scale(z)
+
     def _update(self, x: Tensor, lap: SheafLaplacian) -> Tensor:
         n = x.size(0)
         xs = x.view(n, self.stalk_dim, self.f_in)
         h = self._weights(xs)
         if not self.residual:  # Hansen & Gebhart: sigma((I - Delta)(I x W1) X W2)
-            return self.act(h - lap.matmul(h)).reshape(n, self.out_channels)
-        h = self.act(lap.matmul(h))
+            return self.act(h - self.diffuse(lap, h)).reshape(n, self.out_channels)
+        h = self.act(self.diffuse(lap, h))
         x0 = xs if self.skip is None else self.skip(xs)
         if self.epsilon is not None:
             x0 = (1.0 + torch.tanh(self.epsilon)).view(1, -1, 1) * x0
         return (x0 - h).reshape(n, self.out_channels)
+
+    def _inputs(self, x: object, edge_index: object) -> tuple[Tensor, Tensor]:
+        """Checked `x` `(n, d f_in)` and a plain `(2, E)` edge_index from any format."""
+        name = type(self).__name__
+        x = check_node_features(x, layer=name, channels=self.in_channels)
+        ei, _ = as_edge_index(edge_index, x.size(0), layer=name)
+        if isinstance(ei, EdgeIndex):
+            ei = ei.as_tensor()
+        return x, ei.long()
 
     def _extra_repr(self) -> str:
         return (
@@ -609,7 +686,10 @@ class SheafConv(_SheafDiffusionLayer):
         return SheafLaplacian(und, fa, fb, x.size(0), self.map_type, self.augmented)
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
-        """One diffusion step; ``x`` is :math:`(n, d f_{in})`, returns :math:`(n, d f_{out})`."""
+        r"""One diffusion step; `x` is $(n, d f_{in})$, returns $(n, d f_{out})$.
+        `edge_index` may be any PyG adjacency format (values of a weighted sparse
+        adjacency are ignored: the maps carry the weights)."""
+        x, edge_index = self._inputs(x, edge_index)
         return self._update(x, self.laplacian(x, edge_index))
 
     def __repr__(self) -> str:
@@ -634,8 +714,13 @@ class ConnectionLaplacian(nn.Module):
     :math:`O_i \in \mathbb R^{p \times d}` of the approximate tangent space at
     :math:`\mathbf x_i`: the top :math:`d` left singular vectors of
     :math:`[\mathbf x_j - \mathbf x_i]_{j \in \mathcal N(i)} \in \mathbb R^{p \times k}`
-    (signs fixed so that each vector's largest-magnitude entry is positive, which makes the
-    result independent of neighbour order). Neighbouring tangent spaces are aligned by the
+    (the sign of each vector fixed from the neighbours' coordinates in it, so that
+    $\sum_j c_{kj}^3 > 0$ with $c_{kj} = u_k^\top(\mathbf x_j - \mathbf x_i)$; this is
+    independent of neighbour order and *gauge invariant*: rotating, reflecting or
+    translating `pos` by any $\mathbf x \mapsto R\mathbf x + \mathbf b$, $R \in O(p)$,
+    turns every $O_i$ into $R O_i$ and leaves the transports and the Laplacian unchanged,
+    wherever the top $d$ singular values of each neighbourhood are distinct and non-zero,
+    as they are for points in general position). Neighbouring tangent spaces are aligned by the
     closest orthogonal matrix (orthogonal Procrustes)
 
     .. math::
@@ -715,9 +800,17 @@ class ConnectionLaplacian(nn.Module):
         local = pos.new_zeros(n, p, k)
         local[row, :, slot] = pos[nbr] - pos[row]
         u = torch.linalg.svd(local, full_matrices=False)[0][..., :d]  # (n, p, d)
-        big = u.abs().argmax(dim=1, keepdim=True)
-        sign = torch.sign(torch.gather(u, 1, big))
-        return u * torch.where(sign == 0, torch.ones_like(sign), sign)
+        # gauge: fix the sign of every basis vector u_k from the coordinates of the
+        # neighbours in it, c_kj = u_k . (x_j - x_i), which a rotation or reflection of pos
+        # leaves unchanged (up to that very sign): make sum_j c_kj^3 positive, or, when it
+        # vanishes (a symmetric neighbourhood), the largest-magnitude c_kj
+        coef = u.transpose(-1, -2) @ local  # (n, d, k)
+        skew = coef.pow(3).sum(-1)  # (n, d)
+        scale = coef.abs().amax(-1).pow(3) * k
+        big = torch.gather(coef, -1, coef.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        tiny = skew.abs() <= 1e-9 * scale
+        sign = torch.where(tiny, torch.sign(big), torch.sign(skew))
+        return u * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
 
     @torch.no_grad()
     def transports(self, pos: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -817,9 +910,16 @@ class ConnectionSheafConv(_SheafDiffusionLayer):
         pos: Tensor | None = None,
         laplacian: SheafLaplacian | None = None,
     ) -> Tensor:
-        """One diffusion step; ``laplacian`` (if given) overrides ``pos``/``edge_index``."""
+        """One diffusion step; `laplacian` (if given) overrides `pos`/`edge_index`."""
+        name = type(self).__name__
+        x, edge_index = self._inputs(x, edge_index)
         if laplacian is None:
+            if pos is not None:
+                check_node_features(pos, "pos", layer=name, num_nodes=x.size(0))
             laplacian = self.connection(x if pos is None else pos, edge_index)
+        elif is_validation_enabled() and laplacian.num_nodes != x.size(0):
+            raise GraphInputError(f"{name}: laplacian has {laplacian.num_nodes} nodes but x "
+                                  f"has shape {tuple(x.shape)}")
         if laplacian.map_type != "orthogonal" or laplacian.stalk_dim != self.stalk_dim:
             raise ValueError("the Laplacian does not match this layer's stalk dimension")
         return self._update(x, laplacian)
