@@ -4,7 +4,7 @@ References:
 
 * J. Hansen, T. Gebhart, "Sheaf Neural Networks", NeurIPS 2020 TDA workshop,
   https://arxiv.org/abs/2012.06333 (the sheaf convolution
-  :math:`\sigma((I - \Delta_{\mathcal F})(I_n \otimes W_1) X W_2)`).
+  $\sigma((I - \Delta_{\mathcal F})(I_n \otimes W_1) X W_2)$).
 * C. Bodnar, F. Di Giovanni, B. P. Chamberlain, P. Liò, M. M. Bronstein, "Neural Sheaf
   Diffusion: A Topological Perspective on Heterophily and Oversmoothing in GNNs",
   NeurIPS 2022, https://arxiv.org/abs/2202.04579 (learned restriction maps, eq. 9 update).
@@ -12,12 +12,12 @@ References:
   "Sheaf Neural Networks with Connection Laplacians", ICML 2022 TAG workshop,
   https://arxiv.org/abs/2206.08702 (restriction maps from local PCA + orthogonal alignment).
 
-A cellular sheaf on an undirected graph gives every node :math:`v` and every edge :math:`e`
-a stalk :math:`\mathbb R^d` and every incidence :math:`v \trianglelefteq e` a restriction
-map :math:`\mathcal F_{v \trianglelefteq e} \in \mathbb R^{d\times d}`. Node features are
-kept as :math:`X \in \mathbb R^{n \times d \times f}` (``x.view(n, d, f)`` of a flat
-``(n, d * f)`` tensor: ``f`` channels in each of the ``d`` stalk dimensions). Everything is
-computed edge-wise in block form; the :math:`nd \times nd` Laplacian is never materialised.
+A cellular sheaf on an undirected graph gives every node $v$ and every edge $e$
+a stalk $\mathbb R^d$ and every incidence $v \trianglelefteq e$ a restriction
+map $\mathcal F_{v \trianglelefteq e} \in \mathbb R^{d\times d}$. Node features are
+kept as $X \in \mathbb R^{n \times d \times f}$ (`x.view(n, d, f)` of a flat
+`(n, d * f)` tensor: `f` channels in each of the `d` stalk dimensions). Everything is
+computed edge-wise in block form; the $nd \times nd$ Laplacian is never materialised.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ OrthogonalMap = Literal["householder", "cayley", "matrix_exp"]
 
 
 def undirected_edges(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """The undirected edge set of ``edge_index`` as a ``(2, E)`` tensor with
-    ``row < col`` (each pair once, sorted; self-loops dropped).
+    """The undirected edge set of `edge_index` as a `(2, E)` tensor with
+    `row < col` (each pair once, sorted; self-loops dropped).
 
-    Sheaves live on undirected graphs: ``(u, v)`` and ``(v, u)`` are the same edge, and a
+    Sheaves live on undirected graphs: `(u, v)` and `(v, u)` are the same edge, and a
     directed input is symmetrised.
     """
     if not torch.compiler.is_compiling() and edge_index.numel() and (
@@ -76,15 +76,15 @@ def undirected_edges(edge_index: Tensor, num_nodes: int) -> Tensor:
 
 
 def num_orthogonal_params(d: int) -> int:
-    """Number of free parameters of the orthogonal parametrisations, :math:`d(d-1)/2`."""
+    """Number of free parameters of the orthogonal parametrisations, $d(d-1)/2$."""
     return d * (d - 1) // 2
 
 
 def maps_from_params(params: Tensor, map_type: str, d: int,
                      method: OrthogonalMap = "householder") -> Tensor:
-    """Restriction maps from the map learner's output, one row per incidence: the ``[*, d]``
-    diagonal itself (``"diag"``), a reshaped ``[*, d, d]`` matrix (``"general"``) or an
-    orthogonal matrix (``"orthogonal"``, :func:`orthogonal_from_params`)."""
+    """Restriction maps from the map learner's output, one row per incidence: the `[*, d]`
+    diagonal itself (`"diag"`), a reshaped `[*, d, d]` matrix (`"general"`) or an
+    orthogonal matrix (`"orthogonal"`, `orthogonal_from_params`)."""
     if map_type == "diag":
         return params
     if map_type == "general":
@@ -93,16 +93,16 @@ def maps_from_params(params: Tensor, map_type: str, d: int,
 
 
 def orthogonal_from_params(params: Tensor, d: int, method: OrthogonalMap = "householder") -> Tensor:
-    r"""Map ``(..., d(d-1)/2)`` unconstrained parameters to ``(..., d, d)`` orthogonal matrices.
+    r"""Map `(..., d(d-1)/2)` unconstrained parameters to `(..., d, d)` orthogonal matrices.
 
-    * ``"matrix_exp"``: :math:`Q = \exp(A)` with :math:`A = L - L^\top` skew-symmetric, the
-      strictly lower triangle of :math:`L` holding the parameters (:math:`Q \in SO(d)`).
-    * ``"cayley"``: :math:`Q = (I + A)^{-1}(I - A)` with the same :math:`A` (:math:`SO(d)`).
-    * ``"householder"``: :math:`Q = H_1 \cdots H_d`, :math:`H_k = I - 2 v_k v_k^\top /
-      v_k^\top v_k` with :math:`v_k = e_k + \sum_{i>k} a_{ik} e_i` (unit leading entry, so
-      :math:`v_k \ne 0`; the LAPACK ``orgqr`` convention used by NSD). :math:`\det Q =
-      (-1)^d`; since both ends of an edge share the component, transports
-      :math:`\mathcal F_v^\top \mathcal F_u` are rotations for every parametrisation.
+    * `"matrix_exp"`: $Q = \exp(A)$ with $A = L - L^\top$ skew-symmetric, the
+      strictly lower triangle of $L$ holding the parameters ($Q \in SO(d)$).
+    * `"cayley"`: $Q = (I + A)^{-1}(I - A)$ with the same $A$ ($SO(d)$).
+    * `"householder"`: $Q = H_1 \cdots H_d$, $H_k = I - 2 v_k v_k^\top /
+      v_k^\top v_k$ with $v_k = e_k + \sum_{i>k} a_{ik} e_i$ (unit leading entry, so
+      $v_k \ne 0$; the LAPACK `orgqr` convention used by NSD). $\det Q =
+      (-1)^d$; since both ends of an edge share the component, transports
+      $\mathcal F_v^\top \mathcal F_u$ are rotations for every parametrisation.
 
     Lower-precision inputs are computed in float64 and cast back, so the result is
     orthogonal to the precision of the output dtype.
@@ -140,9 +140,9 @@ def _orthogonal(params: Tensor, d: int, method: str) -> Tensor:
 
 
 class _SymMatrixPow(torch.autograd.Function):
-    """``A ** p`` for symmetric PSD ``A`` via ``eigh``, with a Daleckii–Krein backward that
-    stays finite for repeated eigenvalues (plain ``eigh`` backward divides by
-    :math:`\\lambda_i - \\lambda_j`)."""
+    """`A ** p` for symmetric PSD `A` via `eigh`, with a Daleckii–Krein backward that
+    stays finite for repeated eigenvalues (plain `eigh` backward divides by
+    $\\lambda_i - \\lambda_j$)."""
 
     @staticmethod
     def forward(ctx, a: Tensor, p: float, tol: float) -> Tensor:  # type: ignore[override]
@@ -177,13 +177,13 @@ class _SymMatrixPow(torch.autograd.Function):
 
 
 def sym_matrix_pow(a: Tensor, p: float, tol: float = 1e-10) -> Tensor:
-    r"""Matrix power :math:`A^p` of a batch of symmetric PSD matrices ``(..., d, d)``.
+    r"""Matrix power $A^p$ of a batch of symmetric PSD matrices `(..., d, d)`.
 
-    Eigenvalues at or below ``tol * max(1, |lambda|_max)`` are treated as zero and mapped to
-    zero (a pseudo-inverse power for negative ``p``). The backward pass uses divided
-    differences :math:`(f(\lambda_i) - f(\lambda_j)) / (\lambda_i - \lambda_j)`, replaced by
-    :math:`f'(\lambda)` for (near-)equal eigenvalues, so gradients are finite for repeated
-    eigenvalues (e.g. :math:`D_v + I` of an isolated node).
+    Eigenvalues at or below `tol * max(1, |lambda|_max)` are treated as zero and mapped to
+    zero (a pseudo-inverse power for negative `p`). The backward pass uses divided
+    differences $(f(\lambda_i) - f(\lambda_j)) / (\lambda_i - \lambda_j)$, replaced by
+    $f'(\lambda)$ for (near-)equal eigenvalues, so gradients are finite for repeated
+    eigenvalues (e.g. $D_v + I$ of an isolated node).
     """
     return _SymMatrixPow.apply(a, p, tol)
 
@@ -194,36 +194,38 @@ def sym_matrix_pow(a: Tensor, p: float, tol: float = 1e-10) -> Tensor:
 class SheafLaplacian:
     r"""The normalised sheaf Laplacian of a sheaf on an undirected graph, in block form.
 
-    With coboundary :math:`(\delta x)_e = \mathcal F_{a \trianglelefteq e} x_a -
-    \mathcal F_{b \trianglelefteq e} x_b` for :math:`e = \{a, b\}`:
+    With coboundary $(\delta x)_e = \mathcal F_{a \trianglelefteq e} x_a -
+    \mathcal F_{b \trianglelefteq e} x_b$ for $e = \{a, b\}$:
 
-    .. math::
-        L_{\mathcal F} = \delta^\top \delta, \qquad
-        (L_{\mathcal F})_{vv} = \sum_{e \ni v} \mathcal F_{v \trianglelefteq e}^\top
-        \mathcal F_{v \trianglelefteq e}, \qquad
-        (L_{\mathcal F})_{vu} = -\mathcal F_{v \trianglelefteq e}^\top
-        \mathcal F_{u \trianglelefteq e},
+    $$
+    L_{\mathcal F} = \delta^\top \delta, \qquad
+    (L_{\mathcal F})_{vv} = \sum_{e \ni v} \mathcal F_{v \trianglelefteq e}^\top
+    \mathcal F_{v \trianglelefteq e}, \qquad
+    (L_{\mathcal F})_{vu} = -\mathcal F_{v \trianglelefteq e}^\top
+    \mathcal F_{u \trianglelefteq e},
+    $$
 
-    .. math::
-        \Delta_{\mathcal F} = \tilde D^{-1/2} L_{\mathcal F} \tilde D^{-1/2}, \qquad
-        \tilde D = D + I \ (\text{augmented}) \text{ or } D, \quad
-        D = \operatorname{blockdiag}(L_{\mathcal F})_{vv}.
+    $$
+    \Delta_{\mathcal F} = \tilde D^{-1/2} L_{\mathcal F} \tilde D^{-1/2}, \qquad
+    \tilde D = D + I \ (\text{augmented}) \text{ or } D, \quad
+    D = \operatorname{blockdiag}(L_{\mathcal F})_{vv}.
+    $$
 
-    :math:`\Delta_{\mathcal F}` is symmetric PSD with spectrum in :math:`[0, 2]` (since
-    :math:`2D - L_{\mathcal F} = \delta_+^\top\delta_+ \succeq 0`). Zero (non-augmented)
+    $\Delta_{\mathcal F}$ is symmetric PSD with spectrum in $[0, 2]$ (since
+    $2D - L_{\mathcal F} = \delta_+^\top\delta_+ \succeq 0$). Zero (non-augmented)
     degree blocks use the pseudo-inverse. For orthogonal maps (possibly scaled by edge
-    weights :math:`w`), :math:`D_v = \sum_e w_e^2 I` is used directly.
+    weights $w$), $D_v = \sum_e w_e^2 I$ is used directly.
 
     Args:
-        edge_index: ``(2, E)`` undirected edges with ``edge_index[0] < edge_index[1]``
-            (see :func:`undirected_edges`).
-        maps_src: :math:`\mathcal F_{a \trianglelefteq e}`, ``(E, d)`` for diagonal maps or
-            ``(E, d, d)``.
-        maps_dst: :math:`\mathcal F_{b \trianglelefteq e}`, same shape.
-        num_nodes: :math:`n`.
-        map_type: ``"diag"``, ``"orthogonal"`` or ``"general"`` (decides how
-            :math:`\tilde D^{-1/2}` is computed).
-        augmented: use :math:`D + I` (NSD default) instead of :math:`D`.
+        edge_index: `(2, E)` undirected edges with `edge_index[0] < edge_index[1]`
+            (see `undirected_edges`).
+        maps_src: $\mathcal F_{a \trianglelefteq e}$, `(E, d)` for diagonal maps or
+            `(E, d, d)`.
+        maps_dst: $\mathcal F_{b \trianglelefteq e}$, same shape.
+        num_nodes: $n$.
+        map_type: `"diag"`, `"orthogonal"` or `"general"` (decides how
+            $\tilde D^{-1/2}$ is computed).
+        augmented: use $D + I$ (NSD default) instead of $D$.
     """
 
     def __init__(
@@ -282,15 +284,15 @@ class SheafLaplacian:
         return (maps.transpose(-1, -2) if transpose else maps) @ x
 
     def coboundary(self, x: Tensor) -> Tensor:
-        r""":math:`(\delta x)_e = \mathcal F_{a \trianglelefteq e} x_a -
-        \mathcal F_{b \trianglelefteq e} x_b` for ``x`` of shape ``(n, d, f)``; returns
-        ``(E, d, f)``."""
+        r"""$(\delta x)_e = \mathcal F_{a \trianglelefteq e} x_a -
+        \mathcal F_{b \trianglelefteq e} x_b$ for `x` of shape `(n, d, f)`; returns
+        `(E, d, f)`."""
         a, b = self.edge_index[0], self.edge_index[1]
         return self._apply(self.maps_src, x[a]) - self._apply(self.maps_dst, x[b])
 
     def matmul(self, x: Tensor) -> Tensor:
-        r""":math:`\Delta_{\mathcal F} x` for ``x`` of shape ``(n, d, f)`` in
-        :math:`O(E d^2 f)`."""
+        r"""$\Delta_{\mathcal F} x$ for `x` of shape `(n, d, f)` in
+        $O(E d^2 f)$."""
         n, d, f = x.shape
         a, b = self.edge_index[0], self.edge_index[1]
         y = self._scale(x)
@@ -360,15 +362,15 @@ def _activation(act: str | nn.Module | None) -> nn.Module:
 
 class SheafLearner(nn.Module):
     r"""Restriction-map parameters from the two endpoint features, as in NSD:
-    :math:`\Phi(x_v \,\|\, x_u) = \sigma(W [x_v \,\|\, x_u])` (``hidden_channels=None``,
+    $\Phi(x_v \,\|\, x_u) = \sigma(W [x_v \,\|\, x_u])$ (`hidden_channels=None`,
     bias-free, the paper's choice) or a two-layer MLP.
 
     Args:
-        in_channels: size of a node's flat feature vector (``d * f``).
+        in_channels: size of a node's flat feature vector (`d * f`).
         out_channels: number of map parameters per incidence.
-        hidden_channels: width of the MLP's hidden layer (``None``: a single linear map).
-        act: output activation :math:`\sigma` (``"tanh"``, the NSD default, or
-            ``"identity"``, ``"elu"``, ...).
+        hidden_channels: width of the MLP's hidden layer (`None`: a single linear map).
+        act: output activation $\sigma$ (`"tanh"`, the NSD default, or
+            `"identity"`, `"elu"`, ...).
     """
 
     def __init__(
@@ -399,7 +401,7 @@ class SheafLearner(nn.Module):
                 m.reset_parameters()
 
     def forward(self, x: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-        """Parameters of :math:`\\mathcal F_{src \\trianglelefteq (src, dst)}`, ``(E, out)``."""
+        """Parameters of $\\mathcal F_{src \\trianglelefteq (src, dst)}$, `(E, out)`."""
         return self.act(self.mlp(torch.cat([x[src], x[dst]], dim=-1)))
 
     def __repr__(self) -> str:
@@ -540,64 +542,66 @@ class SheafConv(_SheafDiffusionLayer):
     r"""One layer of Neural Sheaf Diffusion (Bodnar et al., NeurIPS 2022) with restriction
     maps learned from the features at every call.
 
-    Node features are :math:`d`-dimensional stalks with :math:`f` channels each:
-    ``x`` of shape :math:`(n, d f)` is read as :math:`X \in \mathbb R^{n \times d \times f}`
-    (``x.view(n, d, f)``). For every incidence of an (undirected) edge
-    :math:`e = \{v, u\}` the map is predicted from the endpoint features,
+    Node features are $d$-dimensional stalks with $f$ channels each:
+    `x` of shape $(n, d f)$ is read as $X \in \mathbb R^{n \times d \times f}$
+    (`x.view(n, d, f)`). For every incidence of an (undirected) edge
+    $e = \{v, u\}$ the map is predicted from the endpoint features,
 
-    .. math::
-        \mathcal F_{v \trianglelefteq e} = \Phi(\mathbf x_v \,\|\, \mathbf x_u)
+    $$
+    \mathcal F_{v \trianglelefteq e} = \Phi(\mathbf x_v \,\|\, \mathbf x_u)
+    $$
 
-    and shaped as diagonal (``map_type="diag"``, :math:`d` parameters), orthogonal
-    (``"orthogonal"``, :math:`d(d-1)/2` parameters through :func:`orthogonal_from_params`;
-    optionally scaled by a learned edge weight) or general (``"general"``, :math:`d^2`).
-    With :math:`\Delta_{\mathcal F}` the normalised sheaf Laplacian (:class:`SheafLaplacian`)
-    the layer computes (NSD eq. 9 with the authors' :math:`\varepsilon` scaling)
+    and shaped as diagonal (`map_type="diag"`, $d$ parameters), orthogonal
+    (`"orthogonal"`, $d(d-1)/2$ parameters through `orthogonal_from_params`;
+    optionally scaled by a learned edge weight) or general (`"general"`, $d^2$).
+    With $\Delta_{\mathcal F}$ the normalised sheaf Laplacian (`SheafLaplacian`)
+    the layer computes (NSD eq. 9 with the authors' $\varepsilon$ scaling)
 
-    .. math::
-        X' = \big(1 + \tanh\varepsilon\big) \odot X
-             - \sigma\Big(\Delta_{\mathcal F(X)}\, (I_n \otimes W_1)\, X\, W_2\Big),
+    $$
+    X' = \big(1 + \tanh\varepsilon\big) \odot X
+         - \sigma\Big(\Delta_{\mathcal F(X)}\, (I_n \otimes W_1)\, X\, W_2\Big),
+    $$
 
-    with :math:`W_1 \in \mathbb R^{d\times d}` (left weights, init :math:`I`),
-    :math:`W_2 \in \mathbb R^{f_{in} \times f_{out}}` (right weights, init orthogonal),
-    :math:`\varepsilon \in \mathbb R^d` per stalk dimension (init 0) and :math:`\sigma` = ELU.
-    ``residual=False`` gives the sheaf convolution of Hansen & Gebhart instead,
-    :math:`X' = \sigma\big((I - \Delta_{\mathcal F})(I_n \otimes W_1) X W_2\big)`.
+    with $W_1 \in \mathbb R^{d\times d}$ (left weights, init $I$),
+    $W_2 \in \mathbb R^{f_{in} \times f_{out}}$ (right weights, init orthogonal),
+    $\varepsilon \in \mathbb R^d$ per stalk dimension (init 0) and $\sigma$ = ELU.
+    `residual=False` gives the sheaf convolution of Hansen & Gebhart instead,
+    $X' = \sigma\big((I - \Delta_{\mathcal F})(I_n \otimes W_1) X W_2\big)$.
 
-    Channels: ``in_channels = d * f_in`` and ``out_channels = d * f_out`` (default
-    ``in_channels``). Diffusion keeps the width; when ``f_out != f_in`` the residual path
-    uses a bias-free linear map :math:`X W_{skip}` (an extension; the paper keeps widths
+    Channels: `in_channels = d * f_in` and `out_channels = d * f_out` (default
+    `in_channels`). Diffusion keeps the width; when `f_out != f_in` the residual path
+    uses a bias-free linear map $X W_{skip}$ (an extension; the paper keeps widths
     equal and maps inputs in and out with MLPs outside the diffusion layers).
 
-    The layer is inductive: maps and Laplacian are built from ``edge_index`` at every call
-    (a directed ``edge_index`` is symmetrised; self-loops are ignored), and it is
+    The layer is inductive: maps and Laplacian are built from `edge_index` at every call
+    (a directed `edge_index` is symmetrised; self-loops are ignored), and it is
     equivariant to node permutations.
 
     Args:
-        in_channels: :math:`d f_{in}`.
-        out_channels: :math:`d f_{out}` (default ``in_channels``).
-        stalk_dim: :math:`d` (NSD default 2).
-        map_type: ``"diag"``, ``"orthogonal"`` or ``"general"``.
-        orthogonal_map: ``"householder"`` (NSD default), ``"cayley"`` or ``"matrix_exp"``.
-        sheaf_hidden_channels: hidden width of the map learner :math:`\Phi` (``None``: one
+        in_channels: $d f_{in}$.
+        out_channels: $d f_{out}$ (default `in_channels`).
+        stalk_dim: $d$ (NSD default 2).
+        map_type: `"diag"`, `"orthogonal"` or `"general"`.
+        orthogonal_map: `"householder"` (NSD default), `"cayley"` or `"matrix_exp"`.
+        sheaf_hidden_channels: hidden width of the map learner $\Phi$ (`None`: one
             bias-free linear layer, as in NSD).
-        sheaf_act: activation on the map parameters (``"tanh"``, NSD default).
+        sheaf_act: activation on the map parameters (`"tanh"`, NSD default).
         edge_weights: for orthogonal maps, also learn
-            :math:`w_e = s(\mathbf x_v\|\mathbf x_u)\, s(\mathbf x_u\|\mathbf x_v)` with
-            :math:`s = \mathrm{sigmoid}(\text{linear})` and use
-            :math:`\mathcal F_{v\trianglelefteq e} = w_e Q_{v\trianglelefteq e}` (the NSD
+            $w_e = s(\mathbf x_v\|\mathbf x_u)\, s(\mathbf x_u\|\mathbf x_v)$ with
+            $s = \mathrm{sigmoid}(\text{linear})$ and use
+            $\mathcal F_{v\trianglelefteq e} = w_e Q_{v\trianglelefteq e}$ (the NSD
             code's option).
-        augmented: normalise with :math:`D + I` (NSD default) rather than :math:`D`.
-        left_weights: use :math:`W_1`.
-        right_weights: use :math:`W_2`.
-        epsilon: learn the :math:`(1 + \tanh\varepsilon)` scaling (else 1).
-        residual: NSD diffusion update (``True``) or Hansen–Gebhart convolution.
-        act: :math:`\sigma` (``"elu"`` default; a name or a module).
-        dropout: dropout on :math:`X` before the weights.
+        augmented: normalise with $D + I$ (NSD default) rather than $D$.
+        left_weights: use $W_1$.
+        right_weights: use $W_2$.
+        epsilon: learn the $(1 + \tanh\varepsilon)$ scaling (else 1).
+        residual: NSD diffusion update (`True`) or Hansen–Gebhart convolution.
+        act: $\sigma$ (`"elu"` default; a name or a module).
+        dropout: dropout on $X$ before the weights.
 
     Shapes:
-        - **input:** ``x`` :math:`(n, d f_{in})`, ``edge_index`` :math:`(2, E)`.
-        - **output:** :math:`(n, d f_{out})`.
+        - **input:** `x` $(n, d f_{in})$, `edge_index` $(2, E)$.
+        - **output:** $(n, d f_{out})$.
     """
 
     def __init__(
@@ -653,7 +657,7 @@ class SheafConv(_SheafDiffusionLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """NSD initialisation: :math:`W_1 = I`, :math:`W_2` orthogonal, :math:`\\varepsilon=0`,
+        """NSD initialisation: $W_1 = I$, $W_2$ orthogonal, $\\varepsilon=0$,
         PyTorch defaults for the map learner."""
         self._reset_update()
         if self.learner is not None:
@@ -662,9 +666,9 @@ class SheafConv(_SheafDiffusionLayer):
             self.edge_weight_learner.reset_parameters()
 
     def restriction_maps(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""The undirected edges ``(2, E)`` and the maps
-        :math:`\mathcal F_{a\trianglelefteq e}`, :math:`\mathcal F_{b\trianglelefteq e}`
-        (``(E, d)`` for diagonal maps, else ``(E, d, d)``)."""
+        r"""The undirected edges `(2, E)` and the maps
+        $\mathcal F_{a\trianglelefteq e}$, $\mathcal F_{b\trianglelefteq e}$
+        (`(E, d)` for diagonal maps, else `(E, d, d)`)."""
         n, d = x.size(0), self.stalk_dim
         und = undirected_edges(edge_index, n)
         e = und.size(1)
@@ -682,7 +686,7 @@ class SheafConv(_SheafDiffusionLayer):
         return und, maps[:e], maps[e:]
 
     def laplacian(self, x: Tensor, edge_index: Tensor) -> SheafLaplacian:
-        """The normalised sheaf Laplacian :math:`\\Delta_{\\mathcal F(X)}` of this input."""
+        """The normalised sheaf Laplacian $\\Delta_{\\mathcal F(X)}$ of this input."""
         und, fa, fb = self.restriction_maps(x, edge_index)
         return SheafLaplacian(und, fa, fb, x.size(0), self.map_type, self.augmented)
 
@@ -709,12 +713,12 @@ class ConnectionLaplacian(nn.Module):
     r"""Non-learned orthogonal sheaf from local PCA and Procrustes alignment
     (Barbero et al. 2022, following vector diffusion maps of Singer & Wu).
 
-    For every node :math:`i` with neighbourhood :math:`\mathcal N(i)` (graph neighbours,
-    topped up with the nearest nodes in feature space when fewer than ``min_neighbors``),
+    For every node $i$ with neighbourhood $\mathcal N(i)$ (graph neighbours,
+    topped up with the nearest nodes in feature space when fewer than `min_neighbors`),
     local PCA of the centred neighbours gives an orthonormal basis
-    :math:`O_i \in \mathbb R^{p \times d}` of the approximate tangent space at
-    :math:`\mathbf x_i`: the top :math:`d` left singular vectors of
-    :math:`[\mathbf x_j - \mathbf x_i]_{j \in \mathcal N(i)} \in \mathbb R^{p \times k}`
+    $O_i \in \mathbb R^{p \times d}$ of the approximate tangent space at
+    $\mathbf x_i$: the top $d$ left singular vectors of
+    $[\mathbf x_j - \mathbf x_i]_{j \in \mathcal N(i)} \in \mathbb R^{p \times k}$
     (the sign of each vector fixed from the neighbours' coordinates in it, so that
     $\sum_j c_{kj}^3 > 0$ with $c_{kj} = u_k^\top(\mathbf x_j - \mathbf x_i)$; this is
     independent of neighbour order and *gauge invariant*: rotating, reflecting or
@@ -724,29 +728,30 @@ class ConnectionLaplacian(nn.Module):
     as they are for points in general position). Neighbouring tangent spaces are aligned by the
     closest orthogonal matrix (orthogonal Procrustes)
 
-    .. math::
-        O_{ij} = \operatorname*{arg\,min}_{O \in O(d)} \lVert O - O_i^\top O_j \rVert_F
-               = U V^\top, \qquad O_i^\top O_j = U \Sigma V^\top,
+    $$
+    O_{ij} = \operatorname*{arg\,min}_{O \in O(d)} \lVert O - O_i^\top O_j \rVert_F
+           = U V^\top, \qquad O_i^\top O_j = U \Sigma V^\top,
+    $$
 
-    and the restriction maps of an edge :math:`e = \{a, b\}`, :math:`a < b`, are
-    :math:`\mathcal F_{a\trianglelefteq e} = I`, :math:`\mathcal F_{b\trianglelefteq e} =
-    O_{ab}`, so the transport :math:`\mathcal F_a^\top \mathcal F_b = O_{ab}` (and
-    :math:`O_{ba} = O_{ab}^\top`). The result is the normalised connection Laplacian
-    :math:`\Delta = \tilde D^{-1/2} L \tilde D^{-1/2}`, :math:`\tilde D = (\deg + 1) I`
-    (``augmented``) or :math:`\deg\, I`.
+    and the restriction maps of an edge $e = \{a, b\}$, $a < b$, are
+    $\mathcal F_{a\trianglelefteq e} = I$, $\mathcal F_{b\trianglelefteq e} =
+    O_{ab}$, so the transport $\mathcal F_a^\top \mathcal F_b = O_{ab}$ (and
+    $O_{ba} = O_{ab}^\top$). The result is the normalised connection Laplacian
+    $\Delta = \tilde D^{-1/2} L \tilde D^{-1/2}$, $\tilde D = (\deg + 1) I$
+    (`augmented`) or $\deg\, I$.
 
     The maps are fixed preprocessing: they are computed without gradient. Memory is
-    :math:`O(n k_{max} p)` with :math:`k_{max}` the largest neighbourhood.
+    $O(n k_{max} p)$ with $k_{max}$ the largest neighbourhood.
 
     Args:
-        stalk_dim: :math:`d` (at most the feature size :math:`p`).
-        augmented: normalise with :math:`\deg + 1`.
-        min_neighbors: neighbourhoods smaller than this (default :math:`d`) are topped up
-            with nearest neighbours in feature space (``0`` disables it).
+        stalk_dim: $d$ (at most the feature size $p$).
+        augmented: normalise with $\deg + 1$.
+        min_neighbors: neighbourhoods smaller than this (default $d$) are topped up
+            with nearest neighbours in feature space (`0` disables it).
 
     Shapes:
-        - **input:** ``pos`` :math:`(n, p)`, ``edge_index`` :math:`(2, E)`.
-        - **output:** a :class:`SheafLaplacian` with ``map_type="orthogonal"``.
+        - **input:** `pos` $(n, p)$, `edge_index` $(2, E)$.
+        - **output:** a `SheafLaplacian` with `map_type="orthogonal"`.
     """
 
     def __init__(
@@ -780,7 +785,7 @@ class ConnectionLaplacian(nn.Module):
 
     @torch.no_grad()
     def local_bases(self, pos: Tensor, edge_index: Tensor) -> Tensor:
-        """The local PCA bases :math:`O_i`, ``(n, p, d)``."""
+        """The local PCA bases $O_i$, `(n, p, d)`."""
         n, p = pos.shape
         d = self.stalk_dim
         if d > p:
@@ -815,8 +820,8 @@ class ConnectionLaplacian(nn.Module):
 
     @torch.no_grad()
     def transports(self, pos: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Undirected edges ``(2, E)`` and the aligned transports :math:`O_{ab}`
-        ``(E, d, d)``."""
+        r"""Undirected edges `(2, E)` and the aligned transports $O_{ab}$
+        `(E, d, d)`."""
         n, p = pos.shape
         if self.stalk_dim > p:
             raise ValueError(f"stalk_dim={self.stalk_dim} exceeds the feature size {p}")
@@ -840,31 +845,32 @@ class ConnectionLaplacian(nn.Module):
 
 class ConnectionSheafConv(_SheafDiffusionLayer):
     r"""Sheaf diffusion on the connection Laplacian of Barbero et al. (2022): the NSD update
-    of :class:`SheafConv` with fixed orthogonal restriction maps from local PCA and
-    Procrustes alignment (:class:`ConnectionLaplacian`) instead of learned ones,
+    of `SheafConv` with fixed orthogonal restriction maps from local PCA and
+    Procrustes alignment (`ConnectionLaplacian`) instead of learned ones,
 
-    .. math::
-        X' = \big(1 + \tanh\varepsilon\big) \odot X
-             - \sigma\Big(\Delta_{\mathrm{conn}}\, (I_n \otimes W_1)\, X\, W_2\Big).
+    $$
+    X' = \big(1 + \tanh\varepsilon\big) \odot X
+         - \sigma\Big(\Delta_{\mathrm{conn}}\, (I_n \otimes W_1)\, X\, W_2\Big).
+    $$
 
-    The maps come from ``pos`` (the features whose local geometry defines the tangent
-    spaces: in the paper, the raw input node features; default ``x`` itself), or a
-    precomputed ``laplacian`` can be passed so it is built once per graph. Nothing is tied
+    The maps come from `pos` (the features whose local geometry defines the tangent
+    spaces: in the paper, the raw input node features; default `x` itself), or a
+    precomputed `laplacian` can be passed so it is built once per graph. Nothing is tied
     to a graph at construction.
 
     Args:
-        in_channels: :math:`d f_{in}`.
-        out_channels: :math:`d f_{out}` (default ``in_channels``).
-        stalk_dim: :math:`d`.
-        augmented: normalise with :math:`\deg + 1`.
-        min_neighbors: see :class:`ConnectionLaplacian`.
+        in_channels: $d f_{in}$.
+        out_channels: $d f_{out}$ (default `in_channels`).
+        stalk_dim: $d$.
+        augmented: normalise with $\deg + 1$.
+        min_neighbors: see `ConnectionLaplacian`.
         left_weights, right_weights, epsilon, residual, act, dropout: as in
-            :class:`SheafConv`.
+            `SheafConv`.
 
     Shapes:
-        - **input:** ``x`` :math:`(n, d f_{in})`, ``edge_index`` :math:`(2, E)`, ``pos``
-          :math:`(n, p)` with :math:`p \ge d` (optional).
-        - **output:** :math:`(n, d f_{out})`.
+        - **input:** `x` $(n, d f_{in})$, `edge_index` $(2, E)$, `pos`
+          $(n, p)$ with $p \ge d$ (optional).
+        - **output:** $(n, d f_{out})$.
     """
 
     def __init__(
@@ -897,11 +903,11 @@ class ConnectionSheafConv(_SheafDiffusionLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """NSD initialisation: :math:`W_1 = I`, :math:`W_2` orthogonal, :math:`\\varepsilon=0`."""
+        """NSD initialisation: $W_1 = I$, $W_2$ orthogonal, $\\varepsilon=0$."""
         self._reset_update()
 
     def laplacian(self, pos: Tensor, edge_index: Tensor) -> SheafLaplacian:
-        """The normalised connection Laplacian built from ``pos``."""
+        """The normalised connection Laplacian built from `pos`."""
         return self.connection(pos, edge_index)
 
     def forward(

@@ -757,18 +757,18 @@ class LieUnitaryConv(_GraphOperatorConv):
 
 
 class LineDigraph(NamedTuple):
-    """Block structure of the line digraph of an Eulerian digraph (see :func:`line_digraph`).
+    """Block structure of the line digraph of an Eulerian digraph (see `line_digraph`).
 
     Attributes:
-        line_index: ``(2, L)``: line edge ``a -> b`` between arcs ``a = (u -> v)`` and
-            ``b = (v -> w)`` (messages flow from arc ``a`` to arc ``b``).
-        center: ``(L,)``: the shared node ``v`` of each line edge.
-        backtrack: ``(L,)`` bool: ``b`` is the reverse of ``a`` (``w == u``).
-        degree: ``(N,)``: in-degree (= out-degree) of every node.
-        perm: ``(L,)``: line edges ordered block by block (node by node, grouped by
-            degree), row-major inside each ``d x d`` block (row = out-arc, col = in-arc).
-        inv_perm: the inverse permutation of ``perm``.
-        block_sizes: the distinct degrees ``d`` present.
+        line_index: `(2, L)`: line edge `a -> b` between arcs `a = (u -> v)` and
+            `b = (v -> w)` (messages flow from arc `a` to arc `b`).
+        center: `(L,)`: the shared node `v` of each line edge.
+        backtrack: `(L,)` bool: `b` is the reverse of `a` (`w == u`).
+        degree: `(N,)`: in-degree (= out-degree) of every node.
+        perm: `(L,)`: line edges ordered block by block (node by node, grouped by
+            degree), row-major inside each `d x d` block (row = out-arc, col = in-arc).
+        inv_perm: the inverse permutation of `perm`.
+        block_sizes: the distinct degrees `d` present.
         block_counts: the number of nodes having each degree.
         num_arcs: number of arcs (line-graph nodes).
     """
@@ -786,7 +786,7 @@ class LineDigraph(NamedTuple):
 
 def gump_arcs(edge_index: Tensor, num_nodes: int | None = None) -> Tensor:
     """GUMP's graph transformation: the bidirected, loop-free, coalesced arc list of a
-    graph (every undirected edge ``{u, v}`` becomes the arcs ``u -> v`` and ``v -> u``).
+    graph (every undirected edge `{u, v}` becomes the arcs `u -> v` and `v -> u`).
     A bidirected digraph is Eulerian (in-degree = out-degree), so its line digraph
     supports a unitary adjacency matrix."""
     ei, _ = as_edge_index(edge_index, num_nodes, layer="gump_arcs")
@@ -811,17 +811,17 @@ def arc_to_node(x_arc: Tensor, arc_index: Tensor, num_nodes: int, reduce: str = 
 
 
 def line_digraph(arc_index: Tensor, num_nodes: int | None = None) -> LineDigraph:
-    r"""The line digraph :math:`L(G)` of an Eulerian digraph :math:`G` and its block
-    structure. Its nodes are the arcs of :math:`G`; arc :math:`a = (u \to v)` is linked to
-    every arc :math:`b = (v \to w)` (backtracking :math:`w = u` included). Grouping the
-    in-arcs and out-arcs of every node :math:`v` shows that the adjacency of :math:`L(G)`
+    r"""The line digraph $L(G)$ of an Eulerian digraph $G$ and its block
+    structure. Its nodes are the arcs of $G$; arc $a = (u \to v)$ is linked to
+    every arc $b = (v \to w)$ (backtracking $w = u$ included). Grouping the
+    in-arcs and out-arcs of every node $v$ shows that the adjacency of $L(G)$
     is, up to row and column permutations, block diagonal with one full
-    :math:`d_v \times d_v` block per node, so any matrix with unitary blocks on this
+    $d_v \times d_v$ block per node, so any matrix with unitary blocks on this
     support is unitary.
 
     Args:
-        arc_index: ``(2, A)`` arcs (e.g. from :func:`gump_arcs`), without duplicates.
-        num_nodes: number of nodes of :math:`G`.
+        arc_index: `(2, A)` arcs (e.g. from `gump_arcs`), without duplicates.
+        num_nodes: number of nodes of $G$.
 
     Raises:
         ValueError: if some node's in-degree differs from its out-degree.
@@ -885,16 +885,16 @@ def line_digraph(arc_index: Tensor, num_nodes: int | None = None) -> LineDigraph
 class _PolarSVD(torch.autograd.Function):
     r"""Polar factor via SVD with a stable backward.
 
-    With :math:`\mathbf{M} = \mathbf{W}\boldsymbol{\Sigma}\mathbf{V}^\top`,
-    :math:`\mathbf{U} = \mathbf{W}\mathbf{V}^\top` and :math:`\mathbf{P} =
-    \mathbf{V}\boldsymbol{\Sigma}\mathbf{V}^\top`, a perturbation gives
-    :math:`d\mathbf{U} = \mathbf{U}\boldsymbol{\Omega}` with
-    :math:`\boldsymbol{\Omega}\mathbf{P} + \mathbf{P}\boldsymbol{\Omega} =
-    \mathbf{U}^\top d\mathbf{M} - d\mathbf{M}^\top \mathbf{U}`, hence
-    :math:`\partial L/\partial \mathbf{M} = 2\mathbf{U}\mathbf{Y}`,
-    :math:`\mathbf{Y} = \mathbf{V}\big[(\mathbf{V}^\top \mathrm{skew}(\mathbf{U}^\top
-    \mathbf{G})\mathbf{V})_{ij} / (\sigma_i + \sigma_j)\big]\mathbf{V}^\top`. Only
-    :math:`\sigma_i + \sigma_j` appears, so repeated singular values (e.g. an already
+    With $\mathbf{M} = \mathbf{W}\boldsymbol{\Sigma}\mathbf{V}^\top$,
+    $\mathbf{U} = \mathbf{W}\mathbf{V}^\top$ and $\mathbf{P} =
+    \mathbf{V}\boldsymbol{\Sigma}\mathbf{V}^\top$, a perturbation gives
+    $d\mathbf{U} = \mathbf{U}\boldsymbol{\Omega}$ with
+    $\boldsymbol{\Omega}\mathbf{P} + \mathbf{P}\boldsymbol{\Omega} =
+    \mathbf{U}^\top d\mathbf{M} - d\mathbf{M}^\top \mathbf{U}$, hence
+    $\partial L/\partial \mathbf{M} = 2\mathbf{U}\mathbf{Y}$,
+    $\mathbf{Y} = \mathbf{V}\big[(\mathbf{V}^\top \mathrm{skew}(\mathbf{U}^\top
+    \mathbf{G})\mathbf{V})_{ij} / (\sigma_i + \sigma_j)\big]\mathbf{V}^\top$. Only
+    $\sigma_i + \sigma_j$ appears, so repeated singular values (e.g. an already
     orthogonal block) are harmless, unlike the generic SVD backward.
     """
 
@@ -921,17 +921,17 @@ class _PolarSVD(torch.autograd.Function):
 def polar_factor(
     m: Tensor, method: Literal["svd", "newton_schulz"] = "svd", steps: int = 30
 ) -> Tensor:
-    r"""Unitary polar factor :math:`\mathbf{U} = \mathbf{M} (\mathbf{M}^\top
-    \mathbf{M})^{-1/2}` of a batch of square matrices (the closest orthogonal matrix in
+    r"""Unitary polar factor $\mathbf{U} = \mathbf{M} (\mathbf{M}^\top
+    \mathbf{M})^{-1/2}$ of a batch of square matrices (the closest orthogonal matrix in
     Frobenius norm): all singular values set to one.
 
-    ``"svd"``: :math:`\mathbf{M} = \mathbf{P}\boldsymbol{\Sigma}\mathbf{Q}^\top \Rightarrow
-    \mathbf{U} = \mathbf{P}\mathbf{Q}^\top` (exact; custom backward that only divides by
-    :math:`\sigma_i + \sigma_j`, so it stays finite at repeated singular values).
-    ``"newton_schulz"``: ``steps``
-    iterations :math:`\mathbf{X} \leftarrow \tfrac32 \mathbf{X} - \tfrac12 \mathbf{X}
-    \mathbf{X}^\top \mathbf{X}` from :math:`\mathbf{M}/\lVert\mathbf{M}\rVert_F` (matmuls
-    only; converges for non-singular :math:`\mathbf{M}`, slowly for ill-conditioned ones).
+    `"svd"`: $\mathbf{M} = \mathbf{P}\boldsymbol{\Sigma}\mathbf{Q}^\top \Rightarrow
+    \mathbf{U} = \mathbf{P}\mathbf{Q}^\top$ (exact; custom backward that only divides by
+    $\sigma_i + \sigma_j$, so it stays finite at repeated singular values).
+    `"newton_schulz"`: `steps`
+    iterations $\mathbf{X} \leftarrow \tfrac32 \mathbf{X} - \tfrac12 \mathbf{X}
+    \mathbf{X}^\top \mathbf{X}$ from $\mathbf{M}/\lVert\mathbf{M}\rVert_F$ (matmuls
+    only; converges for non-singular $\mathbf{M}$, slowly for ill-conditioned ones).
     """
     if method == "svd":
         return _PolarSVD.apply(m)
@@ -948,67 +948,68 @@ class GUMPConv(MessagePassing):
 
     GUMP runs message passing with a *unitary* adjacency matrix. A general graph has no
     unitary matrix supported on its adjacency, so GUMP first transforms the graph
-    (:func:`gump_arcs`): each undirected edge becomes two arcs, giving an Eulerian
-    digraph :math:`G'` whose line digraph :math:`L(G')` does admit unitary adjacency
+    (`gump_arcs`): each undirected edge becomes two arcs, giving an Eulerian
+    digraph $G'$ whose line digraph $L(G')$ does admit unitary adjacency
     matrices (Severini 2003) and keeps the original connectivity (arcs sharing a node are
-    linked). Features live on the arcs (:func:`node_to_arc` / :func:`arc_to_node` convert).
-    A weighted adjacency :math:`\bar{\mathbf{A}}` on :math:`L(G')` is computed from the arc
+    linked). Features live on the arcs (`node_to_arc` / `arc_to_node` convert).
+    A weighted adjacency $\bar{\mathbf{A}}$ on $L(G')$ is computed from the arc
     features with an attention score, and projected onto the unitary group,
 
-    .. math::
-        \bar{\mathbf{A}}_{ba} = \mathbf{a}^\top \mathrm{LeakyReLU}\big(
-            \mathbf{W}_q \mathbf{h}_b + \mathbf{W}_k \mathbf{h}_a\big)
-            \quad (a = u \to v,\; b = v \to w), \qquad
-        \mathbf{U} = \bar{\mathbf{A}} \big(\bar{\mathbf{A}}^\top \bar{\mathbf{A}}
-            \big)^{-1/2}, \qquad
-        \mathbf{H}' = \mathbf{U}\, \mathbf{H}\, \mathbf{W} \;(+\, \mathbf{b}).
+    $$
+    \bar{\mathbf{A}}_{ba} = \mathbf{a}^\top \mathrm{LeakyReLU}\big(
+        \mathbf{W}_q \mathbf{h}_b + \mathbf{W}_k \mathbf{h}_a\big)
+        \quad (a = u \to v,\; b = v \to w), \qquad
+    \mathbf{U} = \bar{\mathbf{A}} \big(\bar{\mathbf{A}}^\top \bar{\mathbf{A}}
+        \big)^{-1/2}, \qquad
+    \mathbf{H}' = \mathbf{U}\, \mathbf{H}\, \mathbf{W} \;(+\, \mathbf{b}).
+    $$
 
-    Because :math:`\bar{\mathbf{A}}` is block diagonal up to permutations (one
-    :math:`d_v \times d_v` block between the in-arcs and out-arcs of every node
-    :math:`v`, see :func:`line_digraph`), the projection is done block by block
-    (:math:`O(\sum_v d_v^3)` instead of :math:`O(|E|^3)`), batched over nodes of equal
-    degree, with an exact SVD (``projection="svd"``, the conference version) or
-    Newton–Schulz iterations (``"newton_schulz"``, the journal version). The polar factor
-    satisfies :math:`\mathrm{polar}(\mathbf{P}\mathbf{M}\mathbf{Q}^\top) = \mathbf{P}\,
-    \mathrm{polar}(\mathbf{M})\,\mathbf{Q}^\top`, so the layer is permutation equivariant;
-    :math:`\mathbf{U}` is supported on :math:`L(G')` and :math:`\lVert \mathbf{U}\mathbf{H}
-    \rVert_F = \lVert \mathbf{H} \rVert_F`. Propagation itself is sparse message passing
+    Because $\bar{\mathbf{A}}$ is block diagonal up to permutations (one
+    $d_v \times d_v$ block between the in-arcs and out-arcs of every node
+    $v$, see `line_digraph`), the projection is done block by block
+    ($O(\sum_v d_v^3)$ instead of $O(|E|^3)$), batched over nodes of equal
+    degree, with an exact SVD (`projection="svd"`, the conference version) or
+    Newton–Schulz iterations (`"newton_schulz"`, the journal version). The polar factor
+    satisfies $\mathrm{polar}(\mathbf{P}\mathbf{M}\mathbf{Q}^\top) = \mathbf{P}\,
+    \mathrm{polar}(\mathbf{M})\,\mathbf{Q}^\top$, so the layer is permutation equivariant;
+    $\mathbf{U}$ is supported on $L(G')$ and $\lVert \mathbf{U}\mathbf{H}
+    \rVert_F = \lVert \mathbf{H} \rVert_F$. Propagation itself is sparse message passing
     over the line edges.
 
     Implementation choices not fixed by the paper's text: the score is the GATv2-style
     additive attention above without the softmax (a softmax would push blocks towards rank
-    one; a dot-product score would give blocks of rank at most :math:`d_k`, singular at
-    nodes of degree :math:`> d_k`, where the polar factor is neither unique nor
+    one; a dot-product score would give blocks of rank at most $d_k$, singular at
+    nodes of degree $> d_k$, where the polar factor is neither unique nor
     equivariant). Blocks must be non-singular for a unique projection, so arc features
     should be informative (e.g. the output of a base GNN, as in the paper); the paper applies
     a base GNN before lifting to arcs and pools arcs back to nodes at the end (see the
     docs page for a model). Scores computed from arc features are often (nearly) rank
-    deficient inside a block: with lifted features :math:`[\mathbf{x}_u | \mathbf{x}_v]`,
-    all in-arcs of :math:`v` share :math:`\mathbf{x}_v`, and a piecewise-linear score is
-    close to :math:`g(b) + k(a)` (rank two). ``grover_prior=True`` (default) therefore adds
-    the fixed block :math:`\tfrac{2}{d_v}\mathbf{J} - \mathbf{R}_v` (:math:`\mathbf{J}`:
-    all ones, :math:`\mathbf{R}_v`: the backtracking permutation :math:`u \to v \mapsto
-    v \to u`) to :math:`\bar{\mathbf{A}}` before the projection. This is the
+    deficient inside a block: with lifted features $[\mathbf{x}_u | \mathbf{x}_v]$,
+    all in-arcs of $v$ share $\mathbf{x}_v$, and a piecewise-linear score is
+    close to $g(b) + k(a)$ (rank two). `grover_prior=True` (default) therefore adds
+    the fixed block $\tfrac{2}{d_v}\mathbf{J} - \mathbf{R}_v$ ($\mathbf{J}$:
+    all ones, $\mathbf{R}_v$: the backtracking permutation $u \to v \mapsto
+    v \to u$) to $\bar{\mathbf{A}}$ before the projection. This is the
     permutation-equivariant, unitary coin of the Grover (flip-flop) quantum walk on arcs,
-    so with zero scores :math:`\mathbf{U}` is exactly the Grover walk and the projection
-    stays well conditioned. Set ``grover_prior=False`` for the bare attention matrix (the
+    so with zero scores $\mathbf{U}$ is exactly the Grover walk and the projection
+    stays well conditioned. Set `grover_prior=False` for the bare attention matrix (the
     paper's formulation), which needs non-singular score blocks.
 
     Args:
         in_channels: arc feature size.
         out_channels: output arc feature size.
         attention_channels: hidden size of the attention score (default
-            ``in_channels``).
-        projection: ``"svd"`` or ``"newton_schulz"``.
+            `in_channels`).
+        projection: `"svd"` or `"newton_schulz"`.
         ns_steps: Newton–Schulz iterations.
-        grover_prior: add the Grover-coin block before projecting (default ``True``).
+        grover_prior: add the Grover-coin block before projecting (default `True`).
         bias: add a learnable bias.
 
     Shapes:
-        - **input:** ``x`` :math:`(A, F_{in})` arc features, ``arc_index`` :math:`(2, A)`
-          (an Eulerian digraph, e.g. :func:`gump_arcs`), optional precomputed
-          :class:`LineDigraph`.
-        - **output:** :math:`(A, F_{out})`.
+        - **input:** `x` $(A, F_{in})$ arc features, `arc_index` $(2, A)$
+          (an Eulerian digraph, e.g. `gump_arcs`), optional precomputed
+          `LineDigraph`.
+        - **output:** $(A, F_{out})$.
     """
 
     def __init__(
@@ -1049,7 +1050,7 @@ class GUMPConv(MessagePassing):
             nn.init.zeros_(self.bias)
 
     def scores(self, x: Tensor, structure: LineDigraph) -> Tensor:
-        r"""The weighted adjacency :math:`\bar{\mathbf{A}}` on the line edges, ``(L,)``."""
+        r"""The weighted adjacency $\bar{\mathbf{A}}$ on the line edges, `(L,)`."""
         a, b = structure.line_index[0], structure.line_index[1]
         q = self.lin_query(x)
         k = self.lin_key(x)
@@ -1062,8 +1063,8 @@ class GUMPConv(MessagePassing):
     def unitary_adjacency(
         self, x: Tensor, arc_index: Tensor, structure: LineDigraph | None = None
     ) -> tuple[Tensor, Tensor]:
-        r"""The unitary adjacency :math:`\mathbf{U}` as ``(line_index, values)``; entry
-        ``values[e]`` is :math:`\mathbf{U}_{ba}` for ``line_index[:, e] = (a, b)``."""
+        r"""The unitary adjacency $\mathbf{U}$ as `(line_index, values)`; entry
+        `values[e]` is $\mathbf{U}_{ba}$ for `line_index[:, e] = (a, b)`."""
         if structure is None:
             structure = line_digraph(arc_index)
         s = self.scores(x, structure)[structure.perm]
