@@ -525,6 +525,9 @@ class _SheafDiffusionLayer(MessagePassing):
         """Checked `x` `(n, d f_in)` and a plain `(2, E)` edge_index from any format."""
         name = type(self).__name__
         x = check_node_features(x, layer=name, channels=self.in_channels)
+        if (torch.compiler.is_compiling() and isinstance(edge_index, Tensor)
+                and not isinstance(edge_index, EdgeIndex) and edge_index.layout == torch.strided):
+            return x, edge_index  # the index checks run in eager mode
         ei, _ = as_edge_index(edge_index, x.size(0), layer=name)
         if isinstance(ei, EdgeIndex):
             ei = ei.as_tensor()

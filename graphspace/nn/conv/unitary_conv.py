@@ -130,9 +130,17 @@ def _plain(edge_index: Tensor) -> Tensor:
     return edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
 
 
+def _is_dense_index(edge_index: object) -> bool:
+    return (isinstance(edge_index, Tensor) and not isinstance(edge_index, EdgeIndex)
+            and edge_index.layout == torch.strided)
+
+
 def _graph_input(layer: str, edge_index: object, edge_weight: Tensor | None,
                  num_nodes: int) -> tuple[Tensor, Tensor | None]:
-    """Any PyG adjacency format as a plain `(edge_index, edge_weight)`, checked."""
+    """Any PyG adjacency format as a plain `(edge_index, edge_weight)`, checked (a dense
+    `edge_index` is taken as is inside `torch.compile`; the checks run in eager mode)."""
+    if torch.compiler.is_compiling() and _is_dense_index(edge_index):
+        return edge_index, edge_weight  # type: ignore[return-value]
     ei, values = as_edge_index(edge_index, num_nodes, layer=layer)
     ei = _plain(ei).long()
     if edge_weight is not None:
@@ -333,6 +341,8 @@ class _GraphOperatorConv(MessagePassing):
             # D^-1/2 A D^-1/2 with non-negative weights has spectral radius <= 1 (it is
             # similar to the row-stochastic D^-1 A), a tighter bound than Gershgorin's
             bound = 1.0
+        if torch.compiler.is_compiling():  # compiled graphs take the message path
+            return ei, ew, bound
         sorted_ei, perm = EdgeIndex(ei, sparse_size=(num_nodes, num_nodes)).sort_by("col")
         if perm is not None:
             ew = ew[perm]
