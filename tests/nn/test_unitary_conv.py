@@ -657,3 +657,20 @@ def test_learned_t_is_exact_and_differentiable_at_large_t():
     assert _norm_err(out, x) < 1e-12
     out[:, 0].sum().backward()
     assert torch.isfinite(conv.t.grad) and conv.t.grad.abs() > 0
+
+
+def test_lie_conv_symmetrises_directed_input():
+    """One direction of every edge gives the undirected result (and stays orthogonal);
+    asymmetric weights on the two directions are averaged."""
+    n, ei = 8, _graph(8, 33)
+    torch.manual_seed(0)
+    conv = LieUnitaryConv(3, 3).double()
+    x = torch.randn(n, 3, dtype=torch.float64)
+    one_way = ei[:, ei[0] < ei[1]]
+    torch.testing.assert_close(conv(x, one_way), conv(x, ei), atol=1e-13, rtol=0)
+    w = torch.rand(ei.size(1), dtype=torch.float64) + 0.5
+    rev = torch.argsort(ei[1] * n + ei[0])[torch.argsort(torch.argsort(ei[0] * n + ei[1]))]
+    assert torch.equal(ei[:, rev], ei.flip(0))
+    mean = 0.5 * (w + w[rev])
+    torch.testing.assert_close(conv(x, ei, w), conv(x, ei, mean), atol=1e-13, rtol=0)
+    assert abs(conv(x, ei, w).norm() / x.norm() - 1) < 1e-12
