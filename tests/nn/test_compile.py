@@ -30,10 +30,10 @@ def _graph(seed: int = 0):
     return ei
 
 
-def _check(module, *args):
+def _check(module, *args, fullgraph=True):
     torch._dynamo.reset()
     eager = module(*args)
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(module, fullgraph=fullgraph, backend="aot_eager")
     out = compiled(*args)
     outs = out if isinstance(out, tuple) else (out,)
     refs = eager if isinstance(eager, tuple) else (eager,)
@@ -60,9 +60,11 @@ def test_sheaf_conv_compiles(map_type):
 
 
 def test_unitary_convs_compile():
+    # the scaling-and-squaring step count depends on a norm bound of the data (t, the graph,
+    # the weight), read back as a Python number: one graph break, so not fullgraph
     ei = _graph()
-    _check(UnitaryConv(4, 4), torch.randn(N, 8), ei)
-    _check(LieUnitaryConv(4, 4), torch.randn(N, 4), ei)
+    _check(UnitaryConv(4, 4), torch.randn(N, 8), ei, fullgraph=False)
+    _check(LieUnitaryConv(4, 4), torch.randn(N, 4), ei, fullgraph=False)
 
 
 def test_subgraph_convs_compile():

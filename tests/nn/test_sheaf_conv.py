@@ -417,3 +417,108 @@ def test_reset_parameters_restores_nsd_init():
     torch.testing.assert_close(conv.epsilon, torch.zeros(3))
     w = conv.right.weight
     torch.testing.assert_close(w @ w.T, torch.eye(2), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- PyG integration
+
+
+def _formats(ei, n):
+    from torch_geometric import EdgeIndex
+    from torch_geometric.utils import to_torch_coo_tensor
+
+    adj_t = to_torch_coo_tensor(ei, size=(n, n)).t()
+    out = {"edge_index": ei, "EdgeIndex": EdgeIndex(ei, sparse_size=(n, n)),
+           "coo": adj_t, "csr": adj_t.to_sparse_csr()}
+    try:
+        from torch_sparse import SparseTensor
+    except ImportError:
+        pass
+    else:
+        out["SparseTensor"] = SparseTensor.from_edge_index(ei, sparse_sizes=(n, n)).t()
+    return out
+
+
+@pytest.mark.parametrize("map_type,orth", MAP_CASES)
+def test_sheaf_conv_accepts_every_adjacency_format(map_type, orth):
+    from torch_geometric.nn import MessagePassing
+
+    n = 9
+    ei = _graph(n, 50)
+    x = _x(n, 6, 51)
+    conv = _conv(map_type, orth)
+    assert isinstance(conv, MessagePassing)
+    ref = conv(x, ei)
+    for name, adj in _formats(ei, n).items():
+        torch.testing.assert_close(conv(x, adj), ref, atol=1e-12, rtol=0, msg=name)
+
+
+def test_connection_conv_accepts_every_adjacency_format():
+    n = 9
+    ei = _graph(n, 52)
+    x, pos = _x(n, 4, 53), _x(n, 5, 54)
+    torch.manual_seed(0)
+    conv = ConnectionSheafConv(4, stalk_dim=2).double()
+    ref = conv(x, ei, pos=pos)
+    for name, adj in _formats(ei, n).items():
+        torch.testing.assert_close(conv(x, adj, pos=pos), ref, atol=1e-12, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("map_type,orth", MAP_CASES)
+@pytest.mark.parametrize("fuse", [True, False])
+def test_message_passing_diffusion_equals_block_laplacian(map_type, orth, fuse):
+    """The layer's message/aggregate (fuse=False) and fused sheaf_aggregate paths both equal
+    the block-form Laplacian product."""
+    n = 10
+    ei = _graph(n, 55)
+    x = _x(n, 6, 56)
+    conv = _conv(map_type, orth)
+    conv.fuse = fuse
+    lap = conv.laplacian(x, ei)
+    h = _x(n, 6, 57).view(n, 3, 2)
+    torch.testing.assert_close(conv.diffuse(lap, h), lap.matmul(h), atol=1e-12, rtol=0)
+
+
+def test_sheaf_layers_compose_in_pyg_sequential():
+    from torch_geometric.nn import Sequential
+
+    n = 8
+    ei = _graph(n, 58)
+    torch.manual_seed(0)
+    model = Sequential("x, edge_index", [
+        (SheafConv(6, stalk_dim=3, map_type="orthogonal"), "x, edge_index -> x"),
+        torch.nn.ReLU(),
+        (ConnectionSheafConv(6, 4, stalk_dim=2), "x, edge_index -> x"),
+    ]).double()
+    assert model(_x(n, 6, 59), ei).shape == (n, 4)
+
+
+def _orthogonal(p, seed, reflect):
+    q, _ = torch.linalg.qr(torch.randn(p, p, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64))
+    if reflect != (torch.linalg.det(q) < 0):
+        q = q.clone()
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_connection_sheaf_is_gauge_invariant_with_negative_control(reflect):
+    """Rotating/reflecting (and translating) pos leaves the output unchanged; the local bases
+    themselves do rotate (not vacuous); a non-orthogonal map of pos changes the output."""
+    n, p, d = 11, 5, 2
+    ei = _graph(n, 60)
+    x, pos = _x(n, 4, 61), _x(n, p, 62)
+    r = _orthogonal(p, 63, reflect)
+    assert (torch.linalg.det(r) < 0) == reflect
+    moved = pos @ r + 3.0
+    torch.manual_seed(0)
+    conv = ConnectionSheafConv(4, stalk_dim=d).double()
+    ref = conv(x, ei, pos=pos)
+    torch.testing.assert_close(conv(x, ei, pos=moved), ref, atol=1e-10, rtol=0)
+    # the bases are equivariant, O_i -> R^T O_i, and so differ from the unrotated ones
+    b0, b1 = conv.connection.local_bases(pos, ei), conv.connection.local_bases(moved, ei)
+    torch.testing.assert_close(b1, r.T @ b0, atol=1e-10, rtol=0)
+    assert (b1 - b0).abs().max() > 1e-2
+    # negative control: a generic linear map of pos is not a gauge transformation
+    stretch = torch.diag(torch.linspace(0.2, 3.0, p, dtype=torch.float64)) @ r
+    assert (conv(x, ei, pos=pos @ stretch) - ref).abs().max() > 1e-4

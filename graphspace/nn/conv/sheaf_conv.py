@@ -4,7 +4,7 @@ References:
 
 * J. Hansen, T. Gebhart, "Sheaf Neural Networks", NeurIPS 2020 TDA workshop,
   https://arxiv.org/abs/2012.06333 (the sheaf convolution
-  :math:`\sigma((I - \Delta_{\mathcal F})(I_n \otimes W_1) X W_2)`).
+  $\sigma((I - \Delta_{\mathcal F})(I_n \otimes W_1) X W_2)$).
 * C. Bodnar, F. Di Giovanni, B. P. Chamberlain, P. Liò, M. M. Bronstein, "Neural Sheaf
   Diffusion: A Topological Perspective on Heterophily and Oversmoothing in GNNs",
   NeurIPS 2022, https://arxiv.org/abs/2202.04579 (learned restriction maps, eq. 9 update).
@@ -12,12 +12,12 @@ References:
   "Sheaf Neural Networks with Connection Laplacians", ICML 2022 TAG workshop,
   https://arxiv.org/abs/2206.08702 (restriction maps from local PCA + orthogonal alignment).
 
-A cellular sheaf on an undirected graph gives every node :math:`v` and every edge :math:`e`
-a stalk :math:`\mathbb R^d` and every incidence :math:`v \trianglelefteq e` a restriction
-map :math:`\mathcal F_{v \trianglelefteq e} \in \mathbb R^{d\times d}`. Node features are
-kept as :math:`X \in \mathbb R^{n \times d \times f}` (``x.view(n, d, f)`` of a flat
-``(n, d * f)`` tensor: ``f`` channels in each of the ``d`` stalk dimensions). Everything is
-computed edge-wise in block form; the :math:`nd \times nd` Laplacian is never materialised.
+A cellular sheaf on an undirected graph gives every node $v$ and every edge $e$
+a stalk $\mathbb R^d$ and every incidence $v \trianglelefteq e$ a restriction
+map $\mathcal F_{v \trianglelefteq e} \in \mathbb R^{d\times d}$. Node features are
+kept as $X \in \mathbb R^{n \times d \times f}$ (`x.view(n, d, f)` of a flat
+`(n, d * f)` tensor: `f` channels in each of the `d` stalk dimensions). Everything is
+computed edge-wise in block form; the $nd \times nd$ Laplacian is never materialised.
 """
 
 from __future__ import annotations
@@ -27,8 +27,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch_geometric import EdgeIndex
+from torch_geometric.nn import MessagePassing
 
-from graphspace.ops import scatter
+from graphspace.nn.validation import (
+    GraphInputError,
+    as_edge_index,
+    check_node_features,
+    is_validation_enabled,
+)
+from graphspace.ops import scatter, sheaf_aggregate
 
 __all__ = [
     "ConnectionLaplacian",
@@ -49,10 +57,10 @@ OrthogonalMap = Literal["householder", "cayley", "matrix_exp"]
 
 
 def undirected_edges(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """The undirected edge set of ``edge_index`` as a ``(2, E)`` tensor with
-    ``row < col`` (each pair once, sorted; self-loops dropped).
+    """The undirected edge set of `edge_index` as a `(2, E)` tensor with
+    `row < col` (each pair once, sorted; self-loops dropped).
 
-    Sheaves live on undirected graphs: ``(u, v)`` and ``(v, u)`` are the same edge, and a
+    Sheaves live on undirected graphs: `(u, v)` and `(v, u)` are the same edge, and a
     directed input is symmetrised.
     """
     if not torch.compiler.is_compiling() and edge_index.numel() and (
@@ -68,15 +76,15 @@ def undirected_edges(edge_index: Tensor, num_nodes: int) -> Tensor:
 
 
 def num_orthogonal_params(d: int) -> int:
-    """Number of free parameters of the orthogonal parametrisations, :math:`d(d-1)/2`."""
+    """Number of free parameters of the orthogonal parametrisations, $d(d-1)/2$."""
     return d * (d - 1) // 2
 
 
 def maps_from_params(params: Tensor, map_type: str, d: int,
                      method: OrthogonalMap = "householder") -> Tensor:
-    """Restriction maps from the map learner's output, one row per incidence: the ``[*, d]``
-    diagonal itself (``"diag"``), a reshaped ``[*, d, d]`` matrix (``"general"``) or an
-    orthogonal matrix (``"orthogonal"``, :func:`orthogonal_from_params`)."""
+    """Restriction maps from the map learner's output, one row per incidence: the `[*, d]`
+    diagonal itself (`"diag"`), a reshaped `[*, d, d]` matrix (`"general"`) or an
+    orthogonal matrix (`"orthogonal"`, `orthogonal_from_params`)."""
     if map_type == "diag":
         return params
     if map_type == "general":
@@ -85,16 +93,16 @@ def maps_from_params(params: Tensor, map_type: str, d: int,
 
 
 def orthogonal_from_params(params: Tensor, d: int, method: OrthogonalMap = "householder") -> Tensor:
-    r"""Map ``(..., d(d-1)/2)`` unconstrained parameters to ``(..., d, d)`` orthogonal matrices.
+    r"""Map `(..., d(d-1)/2)` unconstrained parameters to `(..., d, d)` orthogonal matrices.
 
-    * ``"matrix_exp"``: :math:`Q = \exp(A)` with :math:`A = L - L^\top` skew-symmetric, the
-      strictly lower triangle of :math:`L` holding the parameters (:math:`Q \in SO(d)`).
-    * ``"cayley"``: :math:`Q = (I + A)^{-1}(I - A)` with the same :math:`A` (:math:`SO(d)`).
-    * ``"householder"``: :math:`Q = H_1 \cdots H_d`, :math:`H_k = I - 2 v_k v_k^\top /
-      v_k^\top v_k` with :math:`v_k = e_k + \sum_{i>k} a_{ik} e_i` (unit leading entry, so
-      :math:`v_k \ne 0`; the LAPACK ``orgqr`` convention used by NSD). :math:`\det Q =
-      (-1)^d`; since both ends of an edge share the component, transports
-      :math:`\mathcal F_v^\top \mathcal F_u` are rotations for every parametrisation.
+    * `"matrix_exp"`: $Q = \exp(A)$ with $A = L - L^\top$ skew-symmetric, the
+      strictly lower triangle of $L$ holding the parameters ($Q \in SO(d)$).
+    * `"cayley"`: $Q = (I + A)^{-1}(I - A)$ with the same $A$ ($SO(d)$).
+    * `"householder"`: $Q = H_1 \cdots H_d$, $H_k = I - 2 v_k v_k^\top /
+      v_k^\top v_k$ with $v_k = e_k + \sum_{i>k} a_{ik} e_i$ (unit leading entry, so
+      $v_k \ne 0$; the LAPACK `orgqr` convention used by NSD). $\det Q =
+      (-1)^d$; since both ends of an edge share the component, transports
+      $\mathcal F_v^\top \mathcal F_u$ are rotations for every parametrisation.
 
     Lower-precision inputs are computed in float64 and cast back, so the result is
     orthogonal to the precision of the output dtype.
@@ -132,9 +140,9 @@ def _orthogonal(params: Tensor, d: int, method: str) -> Tensor:
 
 
 class _SymMatrixPow(torch.autograd.Function):
-    """``A ** p`` for symmetric PSD ``A`` via ``eigh``, with a Daleckii–Krein backward that
-    stays finite for repeated eigenvalues (plain ``eigh`` backward divides by
-    :math:`\\lambda_i - \\lambda_j`)."""
+    """`A ** p` for symmetric PSD `A` via `eigh`, with a Daleckii–Krein backward that
+    stays finite for repeated eigenvalues (plain `eigh` backward divides by
+    $\\lambda_i - \\lambda_j$)."""
 
     @staticmethod
     def forward(ctx, a: Tensor, p: float, tol: float) -> Tensor:  # type: ignore[override]
@@ -169,13 +177,13 @@ class _SymMatrixPow(torch.autograd.Function):
 
 
 def sym_matrix_pow(a: Tensor, p: float, tol: float = 1e-10) -> Tensor:
-    r"""Matrix power :math:`A^p` of a batch of symmetric PSD matrices ``(..., d, d)``.
+    r"""Matrix power $A^p$ of a batch of symmetric PSD matrices `(..., d, d)`.
 
-    Eigenvalues at or below ``tol * max(1, |lambda|_max)`` are treated as zero and mapped to
-    zero (a pseudo-inverse power for negative ``p``). The backward pass uses divided
-    differences :math:`(f(\lambda_i) - f(\lambda_j)) / (\lambda_i - \lambda_j)`, replaced by
-    :math:`f'(\lambda)` for (near-)equal eigenvalues, so gradients are finite for repeated
-    eigenvalues (e.g. :math:`D_v + I` of an isolated node).
+    Eigenvalues at or below `tol * max(1, |lambda|_max)` are treated as zero and mapped to
+    zero (a pseudo-inverse power for negative `p`). The backward pass uses divided
+    differences $(f(\lambda_i) - f(\lambda_j)) / (\lambda_i - \lambda_j)$, replaced by
+    $f'(\lambda)$ for (near-)equal eigenvalues, so gradients are finite for repeated
+    eigenvalues (e.g. $D_v + I$ of an isolated node).
     """
     return _SymMatrixPow.apply(a, p, tol)
 
@@ -186,36 +194,38 @@ def sym_matrix_pow(a: Tensor, p: float, tol: float = 1e-10) -> Tensor:
 class SheafLaplacian:
     r"""The normalised sheaf Laplacian of a sheaf on an undirected graph, in block form.
 
-    With coboundary :math:`(\delta x)_e = \mathcal F_{a \trianglelefteq e} x_a -
-    \mathcal F_{b \trianglelefteq e} x_b` for :math:`e = \{a, b\}`:
+    With coboundary $(\delta x)_e = \mathcal F_{a \trianglelefteq e} x_a -
+    \mathcal F_{b \trianglelefteq e} x_b$ for $e = \{a, b\}$:
 
-    .. math::
-        L_{\mathcal F} = \delta^\top \delta, \qquad
-        (L_{\mathcal F})_{vv} = \sum_{e \ni v} \mathcal F_{v \trianglelefteq e}^\top
-        \mathcal F_{v \trianglelefteq e}, \qquad
-        (L_{\mathcal F})_{vu} = -\mathcal F_{v \trianglelefteq e}^\top
-        \mathcal F_{u \trianglelefteq e},
+    $$
+    L_{\mathcal F} = \delta^\top \delta, \qquad
+    (L_{\mathcal F})_{vv} = \sum_{e \ni v} \mathcal F_{v \trianglelefteq e}^\top
+    \mathcal F_{v \trianglelefteq e}, \qquad
+    (L_{\mathcal F})_{vu} = -\mathcal F_{v \trianglelefteq e}^\top
+    \mathcal F_{u \trianglelefteq e},
+    $$
 
-    .. math::
-        \Delta_{\mathcal F} = \tilde D^{-1/2} L_{\mathcal F} \tilde D^{-1/2}, \qquad
-        \tilde D = D + I \ (\text{augmented}) \text{ or } D, \quad
-        D = \operatorname{blockdiag}(L_{\mathcal F})_{vv}.
+    $$
+    \Delta_{\mathcal F} = \tilde D^{-1/2} L_{\mathcal F} \tilde D^{-1/2}, \qquad
+    \tilde D = D + I \ (\text{augmented}) \text{ or } D, \quad
+    D = \operatorname{blockdiag}(L_{\mathcal F})_{vv}.
+    $$
 
-    :math:`\Delta_{\mathcal F}` is symmetric PSD with spectrum in :math:`[0, 2]` (since
-    :math:`2D - L_{\mathcal F} = \delta_+^\top\delta_+ \succeq 0`). Zero (non-augmented)
+    $\Delta_{\mathcal F}$ is symmetric PSD with spectrum in $[0, 2]$ (since
+    $2D - L_{\mathcal F} = \delta_+^\top\delta_+ \succeq 0$). Zero (non-augmented)
     degree blocks use the pseudo-inverse. For orthogonal maps (possibly scaled by edge
-    weights :math:`w`), :math:`D_v = \sum_e w_e^2 I` is used directly.
+    weights $w$), $D_v = \sum_e w_e^2 I$ is used directly.
 
     Args:
-        edge_index: ``(2, E)`` undirected edges with ``edge_index[0] < edge_index[1]``
-            (see :func:`undirected_edges`).
-        maps_src: :math:`\mathcal F_{a \trianglelefteq e}`, ``(E, d)`` for diagonal maps or
-            ``(E, d, d)``.
-        maps_dst: :math:`\mathcal F_{b \trianglelefteq e}`, same shape.
-        num_nodes: :math:`n`.
-        map_type: ``"diag"``, ``"orthogonal"`` or ``"general"`` (decides how
-            :math:`\tilde D^{-1/2}` is computed).
-        augmented: use :math:`D + I` (NSD default) instead of :math:`D`.
+        edge_index: `(2, E)` undirected edges with `edge_index[0] < edge_index[1]`
+            (see `undirected_edges`).
+        maps_src: $\mathcal F_{a \trianglelefteq e}$, `(E, d)` for diagonal maps or
+            `(E, d, d)`.
+        maps_dst: $\mathcal F_{b \trianglelefteq e}$, same shape.
+        num_nodes: $n$.
+        map_type: `"diag"`, `"orthogonal"` or `"general"` (decides how
+            $\tilde D^{-1/2}$ is computed).
+        augmented: use $D + I$ (NSD default) instead of $D$.
     """
 
     def __init__(
@@ -251,9 +261,11 @@ class SheafLaplacian:
         else:
             ftf = maps.transpose(-1, -2) @ maps
             deg = scatter(ftf.reshape(-1, d * d), idx, 0, n, "sum").view(n, d, d)
+            self.degree = deg
             if self.augmented:
                 deg = deg + torch.eye(d, dtype=deg.dtype, device=deg.device)
             return sym_matrix_pow(deg, -0.5)
+        self.degree = deg
         if self.augmented:
             return (deg + 1.0).rsqrt()
         safe = torch.where(deg > 0, deg, torch.ones_like(deg))
@@ -272,15 +284,15 @@ class SheafLaplacian:
         return (maps.transpose(-1, -2) if transpose else maps) @ x
 
     def coboundary(self, x: Tensor) -> Tensor:
-        r""":math:`(\delta x)_e = \mathcal F_{a \trianglelefteq e} x_a -
-        \mathcal F_{b \trianglelefteq e} x_b` for ``x`` of shape ``(n, d, f)``; returns
-        ``(E, d, f)``."""
+        r"""$(\delta x)_e = \mathcal F_{a \trianglelefteq e} x_a -
+        \mathcal F_{b \trianglelefteq e} x_b$ for `x` of shape `(n, d, f)`; returns
+        `(E, d, f)`."""
         a, b = self.edge_index[0], self.edge_index[1]
         return self._apply(self.maps_src, x[a]) - self._apply(self.maps_dst, x[b])
 
     def matmul(self, x: Tensor) -> Tensor:
-        r""":math:`\Delta_{\mathcal F} x` for ``x`` of shape ``(n, d, f)`` in
-        :math:`O(E d^2 f)`."""
+        r"""$\Delta_{\mathcal F} x$ for `x` of shape `(n, d, f)` in
+        $O(E d^2 f)$."""
         n, d, f = x.shape
         a, b = self.edge_index[0], self.edge_index[1]
         y = self._scale(x)
@@ -292,6 +304,32 @@ class SheafLaplacian:
         return self._scale(z)
 
     __matmul__ = matmul
+
+    def diagonal_apply(self, y: Tensor) -> Tensor:
+        r"""The block diagonal of $L_{\mathcal F}$ applied to `y` `(n, d, f)`:
+        $D_v y_v$ with $D_v = \sum_{e \ni v} \mathcal F_{v \trianglelefteq e}^\top
+        \mathcal F_{v \trianglelefteq e}$."""
+        if self.map_type == "diag":
+            return self.degree.unsqueeze(-1) * y
+        if self.map_type == "orthogonal":
+            return self.degree.view(-1, 1, 1) * y
+        return self.degree @ y
+
+    def off_diagonal(self) -> tuple[Tensor, Tensor]:
+        r"""The off-diagonal blocks of $L_{\mathcal F}$ as messages: `(edge_index, blocks)`
+        with `edge_index` `(2, 2E)` (both directions of every edge, sources first) and
+        `blocks[k]` $= -\mathcal F_{i \trianglelefteq e}^\top \mathcal F_{j
+        \trianglelefteq e}$ for the message $j \to i$ (`(2E, d)` for diagonal maps, else
+        `(2E, d, d)`), so $(L_{\mathcal F} y)_i = D_i y_i + \sum_{j \to i}
+        \text{blocks} \cdot y_j$."""
+        a, b = self.edge_index[0], self.edge_index[1]
+        fa, fb = self.maps_src, self.maps_dst
+        if self.map_type == "diag":
+            ab = -(fa * fb)
+            blocks = torch.cat([ab, ab])
+        else:
+            blocks = torch.cat([-(fa.transpose(-1, -2) @ fb), -(fb.transpose(-1, -2) @ fa)])
+        return torch.stack([torch.cat([b, a]), torch.cat([a, b])]), blocks
 
     def __repr__(self) -> str:
         return (
@@ -324,15 +362,15 @@ def _activation(act: str | nn.Module | None) -> nn.Module:
 
 class SheafLearner(nn.Module):
     r"""Restriction-map parameters from the two endpoint features, as in NSD:
-    :math:`\Phi(x_v \,\|\, x_u) = \sigma(W [x_v \,\|\, x_u])` (``hidden_channels=None``,
+    $\Phi(x_v \,\|\, x_u) = \sigma(W [x_v \,\|\, x_u])$ (`hidden_channels=None`,
     bias-free, the paper's choice) or a two-layer MLP.
 
     Args:
-        in_channels: size of a node's flat feature vector (``d * f``).
+        in_channels: size of a node's flat feature vector (`d * f`).
         out_channels: number of map parameters per incidence.
-        hidden_channels: width of the MLP's hidden layer (``None``: a single linear map).
-        act: output activation :math:`\sigma` (``"tanh"``, the NSD default, or
-            ``"identity"``, ``"elu"``, ...).
+        hidden_channels: width of the MLP's hidden layer (`None`: a single linear map).
+        act: output activation $\sigma$ (`"tanh"`, the NSD default, or
+            `"identity"`, `"elu"`, ...).
     """
 
     def __init__(
@@ -363,7 +401,7 @@ class SheafLearner(nn.Module):
                 m.reset_parameters()
 
     def forward(self, x: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-        """Parameters of :math:`\\mathcal F_{src \\trianglelefteq (src, dst)}`, ``(E, out)``."""
+        """Parameters of $\\mathcal F_{src \\trianglelefteq (src, dst)}$, `(E, out)`."""
         return self.act(self.mlp(torch.cat([x[src], x[dst]], dim=-1)))
 
     def __repr__(self) -> str:
@@ -376,8 +414,16 @@ class SheafLearner(nn.Module):
 # --------------------------------------------------------------------------- diffusion
 
 
-class _SheafDiffusionLayer(nn.Module):
-    """Shared weights and update of :class:`SheafConv` and :class:`ConnectionSheafConv`."""
+class _SheafDiffusionLayer(MessagePassing):
+    r"""Shared weights and update of `SheafConv` and `ConnectionSheafConv`.
+
+    The Laplacian is applied as PyG message passing: $\Delta_{\mathcal F} x = \tilde
+    D^{-1/2}(D y + \sum_{j \to i} B_{ij} y_j)$, $y = \tilde D^{-1/2} x$, with `message`
+    ($B_{ij} y_j$, the readable reference) or the fused `graphspace.ops.sheaf_aggregate`
+    (`message_and_aggregate`, which PyG picks for the column-sorted `EdgeIndex` built here).
+    """
+
+    SUPPORTS_FUSED_EDGE_INDEX = True
 
     def __init__(
         self,
@@ -392,7 +438,7 @@ class _SheafDiffusionLayer(nn.Module):
         dropout: float,
         augmented: bool,
     ) -> None:
-        super().__init__()
+        super().__init__(aggr="add", node_dim=0)
         out_channels = in_channels if out_channels is None else out_channels
         if stalk_dim < 1:
             raise ValueError("stalk_dim must be >= 1")
@@ -438,17 +484,54 @@ class _SheafDiffusionLayer(nn.Module):
             h = self.right(h)
         return h
 
+    def message(self, x_j: Tensor, block: Tensor) -> Tensor:
+        r"""$B_{ij}\, y_j$: a diagonal `(E, d)` or full `(E, d, d)` block per edge."""
+        if block.dim() == 2:
+            return block.unsqueeze(-1) * x_j
+        return block @ x_j
+
+    def message_and_aggregate(self, edge_index: Tensor, x: Tensor, block: Tensor) -> Tensor:
+        if block.dim() == 2:
+            block = torch.diag_embed(block)
+        plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
+        return sheaf_aggregate(x, plain, block, x.size(0))
+
+    def diffuse(self, lap: SheafLaplacian, h: Tensor) -> Tensor:
+        r"""$\Delta_{\mathcal F} h$ for `h` `(n, d, f)` by message passing (equal to
+        `lap.matmul(h)`)."""
+        n = h.size(0)
+        ei, blocks = lap.off_diagonal()
+        if not torch.compiler.is_compiling():  # compiled graphs take the message path
+            ei, perm = EdgeIndex(ei, sparse_size=(n, n)).sort_by("col")
+            if perm is not None:
+                blocks = blocks[perm]
+        y = lap._scale(h)
+        z = lap.diagonal_apply(y) + self.propagate(ei, x=y, block=blocks)
+        return lap._scale(z)
+
     def _update(self, x: Tensor, lap: SheafLaplacian) -> Tensor:
         n = x.size(0)
         xs = x.view(n, self.stalk_dim, self.f_in)
         h = self._weights(xs)
         if not self.residual:  # Hansen & Gebhart: sigma((I - Delta)(I x W1) X W2)
-            return self.act(h - lap.matmul(h)).reshape(n, self.out_channels)
-        h = self.act(lap.matmul(h))
+            return self.act(h - self.diffuse(lap, h)).reshape(n, self.out_channels)
+        h = self.act(self.diffuse(lap, h))
         x0 = xs if self.skip is None else self.skip(xs)
         if self.epsilon is not None:
             x0 = (1.0 + torch.tanh(self.epsilon)).view(1, -1, 1) * x0
         return (x0 - h).reshape(n, self.out_channels)
+
+    def _inputs(self, x: object, edge_index: object) -> tuple[Tensor, Tensor]:
+        """Checked `x` `(n, d f_in)` and a plain `(2, E)` edge_index from any format."""
+        name = type(self).__name__
+        x = check_node_features(x, layer=name, channels=self.in_channels)
+        if (torch.compiler.is_compiling() and isinstance(edge_index, Tensor)
+                and not isinstance(edge_index, EdgeIndex) and edge_index.layout == torch.strided):
+            return x, edge_index  # the index checks run in eager mode
+        ei, _ = as_edge_index(edge_index, x.size(0), layer=name)
+        if isinstance(ei, EdgeIndex):
+            ei = ei.as_tensor()
+        return x, ei.long()
 
     def _extra_repr(self) -> str:
         return (
@@ -462,64 +545,66 @@ class SheafConv(_SheafDiffusionLayer):
     r"""One layer of Neural Sheaf Diffusion (Bodnar et al., NeurIPS 2022) with restriction
     maps learned from the features at every call.
 
-    Node features are :math:`d`-dimensional stalks with :math:`f` channels each:
-    ``x`` of shape :math:`(n, d f)` is read as :math:`X \in \mathbb R^{n \times d \times f}`
-    (``x.view(n, d, f)``). For every incidence of an (undirected) edge
-    :math:`e = \{v, u\}` the map is predicted from the endpoint features,
+    Node features are $d$-dimensional stalks with $f$ channels each:
+    `x` of shape $(n, d f)$ is read as $X \in \mathbb R^{n \times d \times f}$
+    (`x.view(n, d, f)`). For every incidence of an (undirected) edge
+    $e = \{v, u\}$ the map is predicted from the endpoint features,
 
-    .. math::
-        \mathcal F_{v \trianglelefteq e} = \Phi(\mathbf x_v \,\|\, \mathbf x_u)
+    $$
+    \mathcal F_{v \trianglelefteq e} = \Phi(\mathbf x_v \,\|\, \mathbf x_u)
+    $$
 
-    and shaped as diagonal (``map_type="diag"``, :math:`d` parameters), orthogonal
-    (``"orthogonal"``, :math:`d(d-1)/2` parameters through :func:`orthogonal_from_params`;
-    optionally scaled by a learned edge weight) or general (``"general"``, :math:`d^2`).
-    With :math:`\Delta_{\mathcal F}` the normalised sheaf Laplacian (:class:`SheafLaplacian`)
-    the layer computes (NSD eq. 9 with the authors' :math:`\varepsilon` scaling)
+    and shaped as diagonal (`map_type="diag"`, $d$ parameters), orthogonal
+    (`"orthogonal"`, $d(d-1)/2$ parameters through `orthogonal_from_params`;
+    optionally scaled by a learned edge weight) or general (`"general"`, $d^2$).
+    With $\Delta_{\mathcal F}$ the normalised sheaf Laplacian (`SheafLaplacian`)
+    the layer computes (NSD eq. 9 with the authors' $\varepsilon$ scaling)
 
-    .. math::
-        X' = \big(1 + \tanh\varepsilon\big) \odot X
-             - \sigma\Big(\Delta_{\mathcal F(X)}\, (I_n \otimes W_1)\, X\, W_2\Big),
+    $$
+    X' = \big(1 + \tanh\varepsilon\big) \odot X
+         - \sigma\Big(\Delta_{\mathcal F(X)}\, (I_n \otimes W_1)\, X\, W_2\Big),
+    $$
 
-    with :math:`W_1 \in \mathbb R^{d\times d}` (left weights, init :math:`I`),
-    :math:`W_2 \in \mathbb R^{f_{in} \times f_{out}}` (right weights, init orthogonal),
-    :math:`\varepsilon \in \mathbb R^d` per stalk dimension (init 0) and :math:`\sigma` = ELU.
-    ``residual=False`` gives the sheaf convolution of Hansen & Gebhart instead,
-    :math:`X' = \sigma\big((I - \Delta_{\mathcal F})(I_n \otimes W_1) X W_2\big)`.
+    with $W_1 \in \mathbb R^{d\times d}$ (left weights, init $I$),
+    $W_2 \in \mathbb R^{f_{in} \times f_{out}}$ (right weights, init orthogonal),
+    $\varepsilon \in \mathbb R^d$ per stalk dimension (init 0) and $\sigma$ = ELU.
+    `residual=False` gives the sheaf convolution of Hansen & Gebhart instead,
+    $X' = \sigma\big((I - \Delta_{\mathcal F})(I_n \otimes W_1) X W_2\big)$.
 
-    Channels: ``in_channels = d * f_in`` and ``out_channels = d * f_out`` (default
-    ``in_channels``). Diffusion keeps the width; when ``f_out != f_in`` the residual path
-    uses a bias-free linear map :math:`X W_{skip}` (an extension; the paper keeps widths
+    Channels: `in_channels = d * f_in` and `out_channels = d * f_out` (default
+    `in_channels`). Diffusion keeps the width; when `f_out != f_in` the residual path
+    uses a bias-free linear map $X W_{skip}$ (an extension; the paper keeps widths
     equal and maps inputs in and out with MLPs outside the diffusion layers).
 
-    The layer is inductive: maps and Laplacian are built from ``edge_index`` at every call
-    (a directed ``edge_index`` is symmetrised; self-loops are ignored), and it is
+    The layer is inductive: maps and Laplacian are built from `edge_index` at every call
+    (a directed `edge_index` is symmetrised; self-loops are ignored), and it is
     equivariant to node permutations.
 
     Args:
-        in_channels: :math:`d f_{in}`.
-        out_channels: :math:`d f_{out}` (default ``in_channels``).
-        stalk_dim: :math:`d` (NSD default 2).
-        map_type: ``"diag"``, ``"orthogonal"`` or ``"general"``.
-        orthogonal_map: ``"householder"`` (NSD default), ``"cayley"`` or ``"matrix_exp"``.
-        sheaf_hidden_channels: hidden width of the map learner :math:`\Phi` (``None``: one
+        in_channels: $d f_{in}$.
+        out_channels: $d f_{out}$ (default `in_channels`).
+        stalk_dim: $d$ (NSD default 2).
+        map_type: `"diag"`, `"orthogonal"` or `"general"`.
+        orthogonal_map: `"householder"` (NSD default), `"cayley"` or `"matrix_exp"`.
+        sheaf_hidden_channels: hidden width of the map learner $\Phi$ (`None`: one
             bias-free linear layer, as in NSD).
-        sheaf_act: activation on the map parameters (``"tanh"``, NSD default).
+        sheaf_act: activation on the map parameters (`"tanh"`, NSD default).
         edge_weights: for orthogonal maps, also learn
-            :math:`w_e = s(\mathbf x_v\|\mathbf x_u)\, s(\mathbf x_u\|\mathbf x_v)` with
-            :math:`s = \mathrm{sigmoid}(\text{linear})` and use
-            :math:`\mathcal F_{v\trianglelefteq e} = w_e Q_{v\trianglelefteq e}` (the NSD
+            $w_e = s(\mathbf x_v\|\mathbf x_u)\, s(\mathbf x_u\|\mathbf x_v)$ with
+            $s = \mathrm{sigmoid}(\text{linear})$ and use
+            $\mathcal F_{v\trianglelefteq e} = w_e Q_{v\trianglelefteq e}$ (the NSD
             code's option).
-        augmented: normalise with :math:`D + I` (NSD default) rather than :math:`D`.
-        left_weights: use :math:`W_1`.
-        right_weights: use :math:`W_2`.
-        epsilon: learn the :math:`(1 + \tanh\varepsilon)` scaling (else 1).
-        residual: NSD diffusion update (``True``) or Hansen–Gebhart convolution.
-        act: :math:`\sigma` (``"elu"`` default; a name or a module).
-        dropout: dropout on :math:`X` before the weights.
+        augmented: normalise with $D + I$ (NSD default) rather than $D$.
+        left_weights: use $W_1$.
+        right_weights: use $W_2$.
+        epsilon: learn the $(1 + \tanh\varepsilon)$ scaling (else 1).
+        residual: NSD diffusion update (`True`) or Hansen–Gebhart convolution.
+        act: $\sigma$ (`"elu"` default; a name or a module).
+        dropout: dropout on $X$ before the weights.
 
     Shapes:
-        - **input:** ``x`` :math:`(n, d f_{in})`, ``edge_index`` :math:`(2, E)`.
-        - **output:** :math:`(n, d f_{out})`.
+        - **input:** `x` $(n, d f_{in})$, `edge_index` $(2, E)$.
+        - **output:** $(n, d f_{out})$.
     """
 
     def __init__(
@@ -575,7 +660,7 @@ class SheafConv(_SheafDiffusionLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """NSD initialisation: :math:`W_1 = I`, :math:`W_2` orthogonal, :math:`\\varepsilon=0`,
+        """NSD initialisation: $W_1 = I$, $W_2$ orthogonal, $\\varepsilon=0$,
         PyTorch defaults for the map learner."""
         self._reset_update()
         if self.learner is not None:
@@ -584,9 +669,9 @@ class SheafConv(_SheafDiffusionLayer):
             self.edge_weight_learner.reset_parameters()
 
     def restriction_maps(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""The undirected edges ``(2, E)`` and the maps
-        :math:`\mathcal F_{a\trianglelefteq e}`, :math:`\mathcal F_{b\trianglelefteq e}`
-        (``(E, d)`` for diagonal maps, else ``(E, d, d)``)."""
+        r"""The undirected edges `(2, E)` and the maps
+        $\mathcal F_{a\trianglelefteq e}$, $\mathcal F_{b\trianglelefteq e}$
+        (`(E, d)` for diagonal maps, else `(E, d, d)`)."""
         n, d = x.size(0), self.stalk_dim
         und = undirected_edges(edge_index, n)
         e = und.size(1)
@@ -604,12 +689,15 @@ class SheafConv(_SheafDiffusionLayer):
         return und, maps[:e], maps[e:]
 
     def laplacian(self, x: Tensor, edge_index: Tensor) -> SheafLaplacian:
-        """The normalised sheaf Laplacian :math:`\\Delta_{\\mathcal F(X)}` of this input."""
+        """The normalised sheaf Laplacian $\\Delta_{\\mathcal F(X)}$ of this input."""
         und, fa, fb = self.restriction_maps(x, edge_index)
         return SheafLaplacian(und, fa, fb, x.size(0), self.map_type, self.augmented)
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
-        """One diffusion step; ``x`` is :math:`(n, d f_{in})`, returns :math:`(n, d f_{out})`."""
+        r"""One diffusion step; `x` is $(n, d f_{in})$, returns $(n, d f_{out})$.
+        `edge_index` may be any PyG adjacency format (values of a weighted sparse
+        adjacency are ignored: the maps carry the weights)."""
+        x, edge_index = self._inputs(x, edge_index)
         return self._update(x, self.laplacian(x, edge_index))
 
     def __repr__(self) -> str:
@@ -628,39 +716,45 @@ class ConnectionLaplacian(nn.Module):
     r"""Non-learned orthogonal sheaf from local PCA and Procrustes alignment
     (Barbero et al. 2022, following vector diffusion maps of Singer & Wu).
 
-    For every node :math:`i` with neighbourhood :math:`\mathcal N(i)` (graph neighbours,
-    topped up with the nearest nodes in feature space when fewer than ``min_neighbors``),
+    For every node $i$ with neighbourhood $\mathcal N(i)$ (graph neighbours,
+    topped up with the nearest nodes in feature space when fewer than `min_neighbors`),
     local PCA of the centred neighbours gives an orthonormal basis
-    :math:`O_i \in \mathbb R^{p \times d}` of the approximate tangent space at
-    :math:`\mathbf x_i`: the top :math:`d` left singular vectors of
-    :math:`[\mathbf x_j - \mathbf x_i]_{j \in \mathcal N(i)} \in \mathbb R^{p \times k}`
-    (signs fixed so that each vector's largest-magnitude entry is positive, which makes the
-    result independent of neighbour order). Neighbouring tangent spaces are aligned by the
+    $O_i \in \mathbb R^{p \times d}$ of the approximate tangent space at
+    $\mathbf x_i$: the top $d$ left singular vectors of
+    $[\mathbf x_j - \mathbf x_i]_{j \in \mathcal N(i)} \in \mathbb R^{p \times k}$
+    (the sign of each vector fixed from the neighbours' coordinates in it, so that
+    $\sum_j c_{kj}^3 > 0$ with $c_{kj} = u_k^\top(\mathbf x_j - \mathbf x_i)$; this is
+    independent of neighbour order and *gauge invariant*: rotating, reflecting or
+    translating `pos` by any $\mathbf x \mapsto R\mathbf x + \mathbf b$, $R \in O(p)$,
+    turns every $O_i$ into $R O_i$ and leaves the transports and the Laplacian unchanged,
+    wherever the top $d$ singular values of each neighbourhood are distinct and non-zero,
+    as they are for points in general position). Neighbouring tangent spaces are aligned by the
     closest orthogonal matrix (orthogonal Procrustes)
 
-    .. math::
-        O_{ij} = \operatorname*{arg\,min}_{O \in O(d)} \lVert O - O_i^\top O_j \rVert_F
-               = U V^\top, \qquad O_i^\top O_j = U \Sigma V^\top,
+    $$
+    O_{ij} = \operatorname*{arg\,min}_{O \in O(d)} \lVert O - O_i^\top O_j \rVert_F
+           = U V^\top, \qquad O_i^\top O_j = U \Sigma V^\top,
+    $$
 
-    and the restriction maps of an edge :math:`e = \{a, b\}`, :math:`a < b`, are
-    :math:`\mathcal F_{a\trianglelefteq e} = I`, :math:`\mathcal F_{b\trianglelefteq e} =
-    O_{ab}`, so the transport :math:`\mathcal F_a^\top \mathcal F_b = O_{ab}` (and
-    :math:`O_{ba} = O_{ab}^\top`). The result is the normalised connection Laplacian
-    :math:`\Delta = \tilde D^{-1/2} L \tilde D^{-1/2}`, :math:`\tilde D = (\deg + 1) I`
-    (``augmented``) or :math:`\deg\, I`.
+    and the restriction maps of an edge $e = \{a, b\}$, $a < b$, are
+    $\mathcal F_{a\trianglelefteq e} = I$, $\mathcal F_{b\trianglelefteq e} =
+    O_{ab}$, so the transport $\mathcal F_a^\top \mathcal F_b = O_{ab}$ (and
+    $O_{ba} = O_{ab}^\top$). The result is the normalised connection Laplacian
+    $\Delta = \tilde D^{-1/2} L \tilde D^{-1/2}$, $\tilde D = (\deg + 1) I$
+    (`augmented`) or $\deg\, I$.
 
     The maps are fixed preprocessing: they are computed without gradient. Memory is
-    :math:`O(n k_{max} p)` with :math:`k_{max}` the largest neighbourhood.
+    $O(n k_{max} p)$ with $k_{max}$ the largest neighbourhood.
 
     Args:
-        stalk_dim: :math:`d` (at most the feature size :math:`p`).
-        augmented: normalise with :math:`\deg + 1`.
-        min_neighbors: neighbourhoods smaller than this (default :math:`d`) are topped up
-            with nearest neighbours in feature space (``0`` disables it).
+        stalk_dim: $d$ (at most the feature size $p$).
+        augmented: normalise with $\deg + 1$.
+        min_neighbors: neighbourhoods smaller than this (default $d$) are topped up
+            with nearest neighbours in feature space (`0` disables it).
 
     Shapes:
-        - **input:** ``pos`` :math:`(n, p)`, ``edge_index`` :math:`(2, E)`.
-        - **output:** a :class:`SheafLaplacian` with ``map_type="orthogonal"``.
+        - **input:** `pos` $(n, p)$, `edge_index` $(2, E)$.
+        - **output:** a `SheafLaplacian` with `map_type="orthogonal"`.
     """
 
     def __init__(
@@ -694,7 +788,7 @@ class ConnectionLaplacian(nn.Module):
 
     @torch.no_grad()
     def local_bases(self, pos: Tensor, edge_index: Tensor) -> Tensor:
-        """The local PCA bases :math:`O_i`, ``(n, p, d)``."""
+        """The local PCA bases $O_i$, `(n, p, d)`."""
         n, p = pos.shape
         d = self.stalk_dim
         if d > p:
@@ -715,14 +809,22 @@ class ConnectionLaplacian(nn.Module):
         local = pos.new_zeros(n, p, k)
         local[row, :, slot] = pos[nbr] - pos[row]
         u = torch.linalg.svd(local, full_matrices=False)[0][..., :d]  # (n, p, d)
-        big = u.abs().argmax(dim=1, keepdim=True)
-        sign = torch.sign(torch.gather(u, 1, big))
-        return u * torch.where(sign == 0, torch.ones_like(sign), sign)
+        # gauge: fix the sign of every basis vector u_k from the coordinates of the
+        # neighbours in it, c_kj = u_k . (x_j - x_i), which a rotation or reflection of pos
+        # leaves unchanged (up to that very sign): make sum_j c_kj^3 positive, or, when it
+        # vanishes (a symmetric neighbourhood), the largest-magnitude c_kj
+        coef = u.transpose(-1, -2) @ local  # (n, d, k)
+        skew = coef.pow(3).sum(-1)  # (n, d)
+        scale = coef.abs().amax(-1).pow(3) * k
+        big = torch.gather(coef, -1, coef.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        tiny = skew.abs() <= 1e-9 * scale
+        sign = torch.where(tiny, torch.sign(big), torch.sign(skew))
+        return u * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
 
     @torch.no_grad()
     def transports(self, pos: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Undirected edges ``(2, E)`` and the aligned transports :math:`O_{ab}`
-        ``(E, d, d)``."""
+        r"""Undirected edges `(2, E)` and the aligned transports $O_{ab}$
+        `(E, d, d)`."""
         n, p = pos.shape
         if self.stalk_dim > p:
             raise ValueError(f"stalk_dim={self.stalk_dim} exceeds the feature size {p}")
@@ -746,31 +848,32 @@ class ConnectionLaplacian(nn.Module):
 
 class ConnectionSheafConv(_SheafDiffusionLayer):
     r"""Sheaf diffusion on the connection Laplacian of Barbero et al. (2022): the NSD update
-    of :class:`SheafConv` with fixed orthogonal restriction maps from local PCA and
-    Procrustes alignment (:class:`ConnectionLaplacian`) instead of learned ones,
+    of `SheafConv` with fixed orthogonal restriction maps from local PCA and
+    Procrustes alignment (`ConnectionLaplacian`) instead of learned ones,
 
-    .. math::
-        X' = \big(1 + \tanh\varepsilon\big) \odot X
-             - \sigma\Big(\Delta_{\mathrm{conn}}\, (I_n \otimes W_1)\, X\, W_2\Big).
+    $$
+    X' = \big(1 + \tanh\varepsilon\big) \odot X
+         - \sigma\Big(\Delta_{\mathrm{conn}}\, (I_n \otimes W_1)\, X\, W_2\Big).
+    $$
 
-    The maps come from ``pos`` (the features whose local geometry defines the tangent
-    spaces: in the paper, the raw input node features; default ``x`` itself), or a
-    precomputed ``laplacian`` can be passed so it is built once per graph. Nothing is tied
+    The maps come from `pos` (the features whose local geometry defines the tangent
+    spaces: in the paper, the raw input node features; default `x` itself), or a
+    precomputed `laplacian` can be passed so it is built once per graph. Nothing is tied
     to a graph at construction.
 
     Args:
-        in_channels: :math:`d f_{in}`.
-        out_channels: :math:`d f_{out}` (default ``in_channels``).
-        stalk_dim: :math:`d`.
-        augmented: normalise with :math:`\deg + 1`.
-        min_neighbors: see :class:`ConnectionLaplacian`.
+        in_channels: $d f_{in}$.
+        out_channels: $d f_{out}$ (default `in_channels`).
+        stalk_dim: $d$.
+        augmented: normalise with $\deg + 1$.
+        min_neighbors: see `ConnectionLaplacian`.
         left_weights, right_weights, epsilon, residual, act, dropout: as in
-            :class:`SheafConv`.
+            `SheafConv`.
 
     Shapes:
-        - **input:** ``x`` :math:`(n, d f_{in})`, ``edge_index`` :math:`(2, E)`, ``pos``
-          :math:`(n, p)` with :math:`p \ge d` (optional).
-        - **output:** :math:`(n, d f_{out})`.
+        - **input:** `x` $(n, d f_{in})$, `edge_index` $(2, E)$, `pos`
+          $(n, p)$ with $p \ge d$ (optional).
+        - **output:** $(n, d f_{out})$.
     """
 
     def __init__(
@@ -803,11 +906,11 @@ class ConnectionSheafConv(_SheafDiffusionLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """NSD initialisation: :math:`W_1 = I`, :math:`W_2` orthogonal, :math:`\\varepsilon=0`."""
+        """NSD initialisation: $W_1 = I$, $W_2$ orthogonal, $\\varepsilon=0$."""
         self._reset_update()
 
     def laplacian(self, pos: Tensor, edge_index: Tensor) -> SheafLaplacian:
-        """The normalised connection Laplacian built from ``pos``."""
+        """The normalised connection Laplacian built from `pos`."""
         return self.connection(pos, edge_index)
 
     def forward(
@@ -817,9 +920,16 @@ class ConnectionSheafConv(_SheafDiffusionLayer):
         pos: Tensor | None = None,
         laplacian: SheafLaplacian | None = None,
     ) -> Tensor:
-        """One diffusion step; ``laplacian`` (if given) overrides ``pos``/``edge_index``."""
+        """One diffusion step; `laplacian` (if given) overrides `pos`/`edge_index`."""
+        name = type(self).__name__
+        x, edge_index = self._inputs(x, edge_index)
         if laplacian is None:
+            if pos is not None:
+                check_node_features(pos, "pos", layer=name, num_nodes=x.size(0))
             laplacian = self.connection(x if pos is None else pos, edge_index)
+        elif is_validation_enabled() and laplacian.num_nodes != x.size(0):
+            raise GraphInputError(f"{name}: laplacian has {laplacian.num_nodes} nodes but x "
+                                  f"has shape {tuple(x.shape)}")
         if laplacian.map_type != "orthogonal" or laplacian.stalk_dim != self.stalk_dim:
             raise ValueError("the Laplacian does not match this layer's stalk dimension")
         return self._update(x, laplacian)

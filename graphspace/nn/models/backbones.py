@@ -729,3 +729,150 @@ class SubgraphBlock(nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(ego_hops=1, {self.conv})"
+
+
+# --------------------------------------------------------------------------- gump, connection
+# (issue 18 item 4: the GUMP and connection-sheaf backbones; one block, kept together)
+
+from graphspace.nn.conv.sheaf_conv import ConnectionSheafConv  # noqa: E402
+from graphspace.nn.conv.unitary_conv import (  # noqa: E402
+    GUMPConv,
+    LineDigraph,
+    gump_arcs,
+    line_digraph,
+)
+
+
+class ArcStructure(NamedTuple):
+    """The arcs of a batch's parameter graph (state of the `gump` backbone).
+
+    Attributes:
+        arc_index: `(2, A)` coalesced, bidirected, loop-free node pairs (`gump_arcs`).
+        edge_to_arc: `(E,)`: the arc of every edge `j -> i` (`-1` for a self-loop).
+        structure: the line digraph of the arcs (`line_digraph`).
+    """
+
+    arc_index: Tensor
+    edge_to_arc: Tensor
+    structure: LineDigraph
+
+
+class ArcEncoder(nn.Module):
+    """Computes `ArcStructure` once per forward pass (no parameters, no gradient)."""
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                data: Any) -> ArcStructure:
+        n = x.size(0)
+        arcs = gump_arcs(edge_index, n)
+        key = arcs[0] * n + arcs[1]  # coalesced: sorted
+        src, dst = edge_index[0], edge_index[1]
+        pos = torch.searchsorted(key, src * n + dst).clamp_max(max(key.numel() - 1, 0))
+        edge_to_arc = torch.where(src == dst, torch.full_like(pos, -1), pos)
+        return ArcStructure(arcs, edge_to_arc, line_digraph(arcs, n))
+
+
+@register_backbone("gump")
+class GUMPBlock(nn.Module):
+    r"""A Graph Unitary Message Passing block (Qiu, Bian & Yao, 2024) on the parameter graph.
+
+    Every parameter edge $j \to i$ belongs to the arc $j \to i$ of the bidirected, coalesced
+    neuron graph (`gump_arcs`; parallel kernel-entry edges share an arc). An arc carries
+    $\mathbf h_{u \to v} = W_{in}[\mathbf x_u \,\|\, \mathbf x_v \,\|\,
+    \bar{\mathbf e}_{u \to v}]$ with $\bar{\mathbf e}$ the mean of its (updated) edge
+    features; `GUMPConv` propagates it with the unitary adjacency of the line digraph, and
+    the arcs are pooled back to their head neurons:
+    $$\mathbf e' = \mathbf e + \phi_e([\mathbf x_i \| \mathbf x_j \| \mathbf e]), \qquad
+      \mathbf x'_v = \mathbf x_v + \phi_h\Big(\Big[\mathbf x_v \,\Big\|\,
+      \tfrac{1}{d_v}\sum_{u \to v} (\mathbf U \mathbf H W)_{u \to v}\Big]\Big).$$
+    Node relabelings permute arcs and line edges, under which the polar factor is
+    equivariant, so the block is invariant to hidden-neuron permutations.
+
+    Args (`backbone_kwargs`):
+        projection: `"svd"` (default) or `"newton_schulz"`.
+        grover_prior: add the Grover coin before projecting (default `True`).
+        attention_channels: width of the attention score (default: the hidden width).
+    """
+
+    def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
+                 projection: Literal["svd", "newton_schulz"] = "svd", grover_prior: bool = True,
+                 attention_channels: int | None = None) -> None:
+        super().__init__()
+        self.edge_update = _EdgeUpdate(hidden, edge_channels, dropout=dropout)
+        self.arc_in = nn.Linear(2 * hidden + edge_channels, hidden)
+        self.conv = GUMPConv(hidden, hidden, attention_channels=attention_channels,
+                             projection=projection, grover_prior=grover_prior)
+        self.node_update = _mlp(2 * hidden, hidden, hidden, dropout)
+
+    @staticmethod
+    def make_state(hidden: int, edge_channels: int, **kwargs: Any) -> nn.Module:
+        return ArcEncoder()
+
+    def reset_parameters(self) -> None:
+        self.edge_update.reset_parameters()
+        self.arc_in.reset_parameters()
+        self.conv.reset_parameters()
+        _reset_linears(self.node_update)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                arcs: ArcStructure) -> tuple[Tensor, Tensor, ArcStructure]:
+        n, a = x.size(0), arcs.arc_index.size(1)
+        e = self.edge_update(x, edge_index, edge_attr)
+        keep = arcs.edge_to_arc >= 0
+        e_arc = scatter(e[keep], arcs.edge_to_arc[keep], 0, a, "mean")
+        src, dst = arcs.arc_index[0], arcs.arc_index[1]
+        h = self.arc_in(torch.cat([x.index_select(0, src), x.index_select(0, dst), e_arc], -1))
+        h = self.conv(h, arcs.arc_index, arcs.structure)
+        pooled = scatter(h, dst, 0, n, "mean")
+        return x + self.node_update(torch.cat([x, pooled], dim=-1)), e, arcs
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.conv})"
+
+
+@register_backbone("connection_sheaf")
+class ConnectionSheafBlock(nn.Module):
+    r"""Sheaf diffusion on the connection Laplacian (Barbero et al., 2022) of the neuron
+    graph, with restriction maps from local PCA of the current node features.
+
+    The edge features enter through an edge update and a mean of their projections at each
+    target neuron; the connection Laplacian $\Delta_{conn}$ is then built from those node
+    features (`ConnectionLaplacian`, no gradient; gauge invariant) and drives the NSD update
+    of `ConnectionSheafConv`:
+    $$\mathbf e' = \mathbf e + \phi_e([\mathbf x_i \| \mathbf x_j \| \mathbf e]), \qquad
+      \mathbf h_i = \mathbf x_i + \operatorname{mean}_{j \to i} V \mathbf e'_{ij}, \qquad
+      X' = (1 + \tanh\varepsilon) \odot H - \sigma\big(\Delta_{conn}(H)\,(I \otimes W_1)
+      H W_2\big).$$
+    Neighbourhoods are the neuron's distinct graph neighbours only (`min_neighbors=0`, so
+    networks batched together never exchange neighbours); choose `stalk_dim` at most the
+    smallest neuron degree (default 2) so every local basis is determined by the data.
+
+    Args (`backbone_kwargs`):
+        stalk_dim: $d$ (default 2; must divide the hidden width).
+        augmented, left_weights, right_weights, epsilon, act: as in `ConnectionSheafConv`.
+    """
+
+    def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
+                 stalk_dim: int = 2, augmented: bool = True, left_weights: bool = True,
+                 right_weights: bool = True, epsilon: bool = True, act: str = "elu") -> None:
+        super().__init__()
+        self.edge_update = _EdgeUpdate(hidden, edge_channels, dropout=dropout)
+        self.edge_in = nn.Linear(edge_channels, hidden, bias=False)
+        self.conv = ConnectionSheafConv(hidden, hidden, stalk_dim=stalk_dim, augmented=augmented,
+                                        min_neighbors=0, left_weights=left_weights,
+                                        right_weights=right_weights, epsilon=epsilon, act=act,
+                                        dropout=dropout)
+
+    def reset_parameters(self) -> None:
+        self.edge_update.reset_parameters()
+        self.edge_in.reset_parameters()
+        self.conv.reset_parameters()
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
+                batch: Tensor) -> tuple[Tensor, Tensor]:
+        e = self.edge_update(x, edge_index, edge_attr)
+        h = x + scatter(self.edge_in(e), edge_index[1], 0, x.size(0), "mean")
+        return self.conv(h, edge_index), e
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.conv})"
