@@ -141,7 +141,7 @@ def check_edge_index(edge_index: object, num_nodes: int | None = None, *,
                 if edge_index.dim() == 2 and edge_index.size(1) == 2 else "")
         raise GraphInputError(f"{where} must have shape (2, E), got "
                               f"{_shape(edge_index)}{hint}")
-    if edge_index.numel() and num_nodes is not None:
+    if edge_index.numel() and num_nodes is not None and not torch.compiler.is_compiling():
         lo, hi = int(edge_index.min()), int(edge_index.max())
         if lo < 0:
             raise GraphInputError(f"{where} holds a negative node index ({lo}); indices must "
@@ -221,7 +221,10 @@ def as_edge_index(adj: object, num_nodes: int | None = None, *, name: str = "edg
         n_rows, n_cols = adj.shape
         edge_index, weight = idx.flip(0), coo.values()
     else:
-        return check_edge_index(adj, num_nodes, name=name, layer=layer), None
+        edge_index = check_edge_index(adj, num_nodes, name=name, layer=layer)
+        if hasattr(edge_index, "as_tensor") and type(edge_index) is not Tensor:
+            edge_index = edge_index.as_tensor()  # PyG EdgeIndex: a plain view of its data
+        return edge_index, None
     if _ENABLED and num_nodes is not None and (n_rows != num_nodes or n_cols != num_nodes):
         raise GraphInputError(f"{where}: the sparse adjacency has size ({n_rows}, {n_cols}) "
                               f"but the graph has {num_nodes} nodes")

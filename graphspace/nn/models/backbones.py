@@ -148,7 +148,7 @@ class MetaNetBlock(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
                 batch: Tensor) -> tuple[Tensor, Tensor]:
-        return self.conv(x, edge_index, edge_attr)
+        return self.conv(x, edge_index, edge_attr, return_edge_attr=True)
 
 
 register_backbone("metanet")(MetaNetBlock)
