@@ -31,7 +31,9 @@ __all__ = [
     "as_edge_index",
     "check_edge_features",
     "check_edge_index",
+    "check_index",
     "check_node_features",
+    "has_message_hooks",
     "is_adjacency",
     "is_validation_enabled",
     "set_validation",
@@ -232,3 +234,49 @@ def as_edge_index(adj: object, num_nodes: int | None = None, *, name: str = "edg
         raise GraphInputError(f"{where}: a sparse adjacency must hold one scalar per edge, "
                               f"got values of shape {_shape(weight)}")
     return edge_index, weight
+
+
+def check_index(index: object, length: int, upper: int | None = None, *, name: str,
+                layer: str | None = None) -> Tensor:
+    """Check a 1-D integer index vector (e.g. `node_map`, `batch`): one entry per row of the
+    features it labels, values in `[0, upper)`.
+
+    Args:
+        index: the tensor to check.
+        length: the expected number of entries.
+        upper: the exclusive upper bound of the values, if known.
+        name: its argument name, quoted in the error.
+        layer: the layer's class name, quoted in the error.
+
+    Returns:
+        `index`, unchanged.
+    """
+    where = _where(layer, name)
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor, got {type(index).__name__}")
+    if not _ENABLED:
+        return index
+    if index.dtype not in _INT_DTYPES:
+        raise GraphInputError(f"{where} must be an integer tensor, got {index.dtype}")
+    if index.dim() != 1 or index.numel() != length:
+        raise GraphInputError(f"{where} must have shape ({length},), got {_shape(index)}")
+    if index.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0:
+            raise GraphInputError(f"{where} holds a negative index ({lo})")
+        if upper is not None and hi >= upper:
+            raise GraphInputError(f"{where} holds index {hi}, but must lie in [0, {upper})")
+    return index
+
+
+def has_message_hooks(conv: object) -> bool:
+    """Whether a PyG `MessagePassing` layer has propagate/message/aggregate/edge-update hooks
+    or an explainer attached (then it must run its `message`/`aggregate` reference rather
+    than a fused kernel that never forms the messages)."""
+    names = ("_propagate_forward_pre_hooks", "_propagate_forward_hooks",
+             "_message_forward_pre_hooks", "_message_forward_hooks",
+             "_aggregate_forward_pre_hooks", "_aggregate_forward_hooks",
+             "_message_and_aggregate_forward_pre_hooks", "_message_and_aggregate_forward_hooks",
+             "_edge_update_forward_pre_hooks", "_edge_update_forward_hooks")
+    return any(bool(getattr(conv, n, None)) for n in names) or bool(getattr(conv, "_explain",
+                                                                            False))

@@ -6,17 +6,23 @@ Networks", ICML 2021, https://arxiv.org/abs/2102.09844 (equations 3--7).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch_geometric.nn import MessagePassing
 
-from graphspace.ops import scatter
+from graphspace.nn.validation import (
+    as_edge_index,
+    check_edge_features,
+    check_node_features,
+)
+from graphspace.ops import egnn_coord_aggregate, scatter
 
 __all__ = ["EGNNConv", "EGNN"]
 
 
-class EGNNConv(nn.Module):
+class EGNNConv(MessagePassing):
     r"""One E(n)-equivariant graph convolutional layer (EGCL).
 
     For every edge :math:`j \to i` (``edge_index[0] = j``, ``edge_index[1] = i``):
@@ -100,7 +106,7 @@ class EGNNConv(nn.Module):
         velocity: bool = False,
         eps: float = 1e-8,
     ) -> None:
-        super().__init__()
+        super().__init__(aggr=None)
         if coords_agg not in ("mean", "sum"):
             raise ValueError(f"coords_agg must be 'mean' or 'sum', got {coords_agg!r}")
         hidden = out_channels if hidden_channels is None else hidden_channels
@@ -172,41 +178,69 @@ class EGNNConv(nn.Module):
         self,
         x: Tensor,
         pos: Tensor,
-        edge_index: Tensor,
+        edge_index: Any,
         edge_attr: Tensor | None = None,
         vel: Tensor | None = None,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
         """Run the layer; see the class docstring for shapes and return values."""
-        num_nodes = x.size(0)
+        edge_index, edge_attr = self._check(x, pos, edge_index, edge_attr, vel)
         src, dst = edge_index[0], edge_index[1]  # messages j=src -> i=dst
-        diff = pos[dst] - pos[src]  # x_i - x_j
+        diff = pos.index_select(0, dst) - pos.index_select(0, src)  # x_i - x_j
         radial = (diff * diff).sum(dim=-1, keepdim=True)
-        if self.normalize:
-            diff = diff / (radial.sqrt() + self.eps)
-
-        feats = [x[dst], x[src], radial]
-        if self.edge_dim > 0:
-            if edge_attr is None:
-                raise ValueError(f"edge_dim={self.edge_dim} but no edge_attr was given")
-            feats.append(edge_attr.view(edge_attr.size(0), -1))
-        m = self.edge_mlp(torch.cat(feats, dim=-1))
-        if self.att_mlp is not None:
-            m = m * torch.sigmoid(self.att_mlp(m))
-
-        trans = diff * self._phi_x(m)
-        delta = scatter(trans, dst, dim=0, dim_size=num_nodes, reduce=self.coords_agg)
-
-        agg = scatter(m, dst, dim=0, dim_size=num_nodes, reduce="sum")
+        m = self.edge_updater(edge_index, x=x, radial=radial, edge_attr=edge_attr)
+        # coordinate update (eq. 4), fused: sum_j (x_i - x_j) phi_x(m_ij), mean or sum
+        delta = egnn_coord_aggregate(pos, edge_index, self._phi_x(m), self.coords_agg,
+                                     normalize=self.normalize, eps=self.eps)
+        agg = self.propagate(edge_index, m=m, size=(x.size(0), x.size(0)))  # eq. 5
         h = self.node_mlp(torch.cat([x, agg], dim=-1))
         if self.residual:
             h = x + h
 
         if self.vel_mlp is not None:
-            if vel is None:
-                raise ValueError("velocity=True needs vel")
+            assert vel is not None
             vel_new = self.vel_mlp(x) * vel + delta
             return h, pos + vel_new, vel_new
         return h, pos + delta
+
+    def _check(self, x: Tensor, pos: Tensor, edge_index: Any, edge_attr: Tensor | None,
+               vel: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        name = type(self).__name__
+        check_node_features(x, "x", layer=name, channels=self.in_channels)
+        check_node_features(pos, "pos", layer=name, num_nodes=x.size(0))
+        edge_index, _ = as_edge_index(edge_index, x.size(0), layer=name)
+        if self.edge_dim > 0:
+            if edge_attr is None:
+                raise ValueError(f"{name}: edge_dim={self.edge_dim} but no edge_attr was given")
+            if isinstance(edge_attr, Tensor) and edge_attr.dim() == 1:
+                edge_attr = edge_attr.unsqueeze(-1)
+            check_edge_features(edge_attr, edge_index.size(1), layer=name,
+                                channels=self.edge_dim)
+        else:
+            edge_attr = None
+        if self.vel_mlp is not None:
+            if vel is None:
+                raise ValueError(f"{name}: velocity=True needs vel")
+            check_node_features(vel, "vel", layer=name, channels=pos.size(-1),
+                                num_nodes=x.size(0))
+        return edge_index, edge_attr
+
+    def edge_update(self, x_i: Tensor, x_j: Tensor, radial: Tensor,
+                    edge_attr: Tensor | None) -> Tensor:
+        r"""The message $\mathbf m_{ij} = \phi_e(\mathbf h_i, \mathbf h_j, \lVert \mathbf x_i -
+        \mathbf x_j \rVert^2, \mathbf a_{ij})$ (eq. 3), gated by attention if enabled."""
+        feats = [x_i, x_j, radial] + ([edge_attr] if edge_attr is not None else [])
+        m = self.edge_mlp(torch.cat(feats, dim=-1))
+        if self.att_mlp is not None:
+            m = m * torch.sigmoid(self.att_mlp(m))
+        return m
+
+    def message(self, m: Tensor) -> Tensor:
+        """The messages of `edge_update`, passed on unchanged."""
+        return m
+
+    def aggregate(self, inputs: Tensor, index: Tensor, dim_size: int | None = None) -> Tensor:
+        r"""$\sum_{j \in \mathcal N(i)} \mathbf m_{ij}$ through `graphspace.ops.scatter`."""
+        return scatter(inputs, index, 0, dim_size, "sum")
 
     def __repr__(self) -> str:
         return (
@@ -297,7 +331,9 @@ class EGNN(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Return the final node features and coordinates."""
         if self.velocity and vel is None:
-            raise ValueError("velocity=True needs vel")
+            raise ValueError("EGNN: velocity=True needs vel")
+        check_node_features(x, "x", layer="EGNN", channels=self.in_channels)
+        edge_index, _ = as_edge_index(edge_index, x.size(0), layer="EGNN")
         h = self.embedding_in(x)
         for layer in self.layers:
             if self.velocity:

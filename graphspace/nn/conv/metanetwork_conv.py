@@ -10,7 +10,12 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 
-from graphspace.nn.validation import as_edge_index, check_edge_features, check_node_features
+from graphspace.nn.validation import (
+    as_edge_index,
+    check_edge_features,
+    check_node_features,
+    has_message_hooks,
+)
 from graphspace.ops import scatter
 from graphspace.ops.metanetwork import metanetwork_fusable, metanetwork_messages
 
@@ -184,12 +189,7 @@ class MetaNetworkConv(MessagePassing):
 
     def _fusable(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> bool:
         """The fused CPU path runs unless PyG hooks or an explainer need the messages."""
-        hooked = bool(self._propagate_forward_pre_hooks or self._propagate_forward_hooks
-                      or self._message_forward_pre_hooks or self._message_forward_hooks
-                      or self._aggregate_forward_pre_hooks or self._aggregate_forward_hooks
-                      or self._edge_update_forward_pre_hooks
-                      or self._edge_update_forward_hooks or getattr(self, "_explain", False))
-        return not hooked and metanetwork_fusable(x, edge_index, edge_attr)
+        return not has_message_hooks(self) and metanetwork_fusable(x, edge_index, edge_attr)
 
     def edge_update(self, x_i: Tensor, x_j: Tensor, edge_attr: Tensor) -> Tensor:
         r"""$\mathbf e'_{ij} = [\mathbf e_{ij} +]\, \phi_e([\mathbf x_i \| \mathbf x_j \|

@@ -17,12 +17,19 @@ bag node ``node_map`` and its subgraph ``subgraph_id``.
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch_geometric.nn import MessagePassing
 
-from graphspace.ops import scatter
+from graphspace.nn.validation import (
+    as_edge_index,
+    check_index,
+    check_node_features,
+    has_message_hooks,
+)
+from graphspace.ops import scatter, weighted_aggregate
 
 __all__ = [
     "DSConv",
@@ -34,6 +41,29 @@ __all__ = [
 ]
 
 Reduce = Literal["sum", "mean", "max"]
+
+
+def _size(index: Tensor, given: int | None) -> int:
+    """`given`, or one more than the largest entry of `index` (0 for an empty index)."""
+    if given is not None:
+        return given
+    return int(index.max()) + 1 if index.numel() else 0
+
+
+def _known(channels: object) -> int | None:
+    """A wrapped conv's input size if it is a fixed int (not lazy `-1` or a tuple)."""
+    return channels if isinstance(channels, int) and channels > 0 else None
+
+
+def _check_bag(layer: nn.Module, x: Tensor, edge_index: Any, node_map: Tensor,
+               num_nodes: int | None) -> Tensor:
+    """Validate a bag's node features, adjacency and `node_map`; returns `edge_index` as
+    given (a sparse adjacency stays sparse for the wrapped conv)."""
+    name = type(layer).__name__
+    check_node_features(x, "x", layer=name, channels=_known(layer.in_channels))
+    as_edge_index(edge_index, x.size(0), layer=name)
+    check_index(node_map, x.size(0), num_nodes, name="node_map", layer=name)
+    return edge_index
 
 
 def _call_conv(conv: nn.Module, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None) -> Tensor:
@@ -74,8 +104,7 @@ def bag_to_nodes(
         num_nodes: number of original nodes (pass it to avoid a device sync).
         reduce: ``"sum"``, ``"mean"`` or ``"max"``.
     """
-    n = int(node_map.max()) + 1 if num_nodes is None else num_nodes
-    return scatter(x, node_map, 0, n, reduce)
+    return scatter(x, node_map, 0, _size(node_map, num_nodes), reduce)
 
 
 def subgraph_readout(
@@ -83,11 +112,10 @@ def subgraph_readout(
 ) -> Tensor:
     r"""Pool bag-node features per subgraph, :math:`h_{G_i} = \operatorname{reduce}_{v \in V_i}
     x_{i,v}` (one row per subgraph; ``num_subgraphs = data.subgraph_batch.numel()``)."""
-    m = int(subgraph_id.max()) + 1 if num_subgraphs is None else num_subgraphs
-    return scatter(x, subgraph_id, 0, m, reduce)
+    return scatter(x, subgraph_id, 0, _size(subgraph_id, num_subgraphs), reduce)
 
 
-class DSConv(nn.Module):
+class DSConv(MessagePassing):
     r"""DS-GNN layer (ESAN, eq. 3): a shared graph layer applied to every subgraph
     independently,
 
@@ -108,7 +136,7 @@ class DSConv(nn.Module):
     """
 
     def __init__(self, conv: nn.Module) -> None:
-        super().__init__()
+        super().__init__(aggr=None)
         self.conv = conv
         self.in_channels, self.out_channels = _channels(conv)
 
@@ -116,14 +144,18 @@ class DSConv(nn.Module):
         """Re-initialise the wrapped conv."""
         _reset(self.conv)
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, edge_index: Any, edge_attr: Tensor | None = None) -> Tensor:
+        """Apply the wrapped conv to the bag (its message passing is the layer's)."""
+        name = type(self).__name__
+        check_node_features(x, "x", layer=name, channels=_known(self.in_channels))
+        as_edge_index(edge_index, x.size(0), layer=name)
         return _call_conv(self.conv, x, edge_index, edge_attr)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.conv})"
 
 
-class DSSConv(nn.Module):
+class DSSConv(MessagePassing):
     r"""DSS-GNN layer (ESAN, eq. 4): a Siamese layer on every subgraph plus an
     information-sharing layer on the aggregated graph,
 
@@ -158,7 +190,7 @@ class DSSConv(nn.Module):
     def __init__(
         self, conv: nn.Module, agg_conv: nn.Module | None = None, aggr: Reduce = "sum"
     ) -> None:
-        super().__init__()
+        super().__init__(aggr=None)
         if aggr not in ("sum", "mean", "max"):
             raise ValueError(f"unknown aggr {aggr!r}")
         self.conv = conv
@@ -184,16 +216,29 @@ class DSSConv(nn.Module):
         edge_attr: Tensor | None = None,
         orig_edge_attr: Tensor | None = None,
     ) -> Tensor:
+        _check_bag(self, x, edge_index, node_map, num_nodes)
+        n = _size(node_map, num_nodes)
+        as_edge_index(orig_edge_index, n, name="orig_edge_index", layer=type(self).__name__)
         h = _call_conv(self.conv, x, edge_index, edge_attr)
-        pooled = bag_to_nodes(x, node_map, num_nodes, self.aggr)
+        # sum_j X_j: every bag node k sends its features to its original node node_map[k]
+        copies = torch.stack([torch.arange(x.size(0), device=x.device), node_map.long()])
+        pooled = self.propagate(copies, x=x, size=(x.size(0), n))
         g = _call_conv(self.agg_conv, pooled, orig_edge_index, orig_edge_attr)
-        return h + g[node_map]
+        return h + g.index_select(0, node_map.long())
+
+    def message(self, x_j: Tensor) -> Tensor:
+        """A bag node's features, sent to its original node."""
+        return x_j
+
+    def aggregate(self, inputs: Tensor, index: Tensor, dim_size: int | None = None) -> Tensor:
+        """`aggr` over the copies of every original node (`graphspace.ops.scatter`)."""
+        return scatter(inputs, index, 0, dim_size, self.aggr)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.conv}, {self.agg_conv}, aggr={self.aggr!r})"
 
 
-class SPENConv(nn.Module):
+class SPENConv(MessagePassing):
     r"""A SPEN-style layer on a bag of ego-network subgraphs (Mitton & Murray-Smith), for
     first-order features :math:`h_{i,v}` on (subgraph, node) pairs.
 
@@ -240,7 +285,7 @@ class SPENConv(nn.Module):
         bag_term: bool = True,
         bias: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(aggr=None)
         if aggr not in ("mean", "sum"):
             raise ValueError(f"unknown aggr {aggr!r}")
         self.in_channels = in_channels
@@ -270,20 +315,41 @@ class SPENConv(nn.Module):
         num_subgraphs: int | None = None,
         num_graphs: int | None = None,
     ) -> Tensor:
+        name = type(self).__name__
+        check_node_features(x, "x", layer=name, channels=self.in_channels)
         n_bag = x.size(0)
-        src, dst = edge_index[0], edge_index[1]
+        edge_index, edge_weight = as_edge_index(edge_index, n_bag, layer=name)
+        check_index(node_map, n_bag, num_nodes, name="node_map", layer=name)
+        check_index(subgraph_id, n_bag, num_subgraphs, name="subgraph_id", layer=name)
+        if batch is not None:
+            check_index(batch, n_bag, num_graphs, name="batch", layer=name)
+        if edge_weight is not None:
+            edge_weight = edge_weight.to(x.dtype)
         out = self.lin_self(x)
-        out = out + self.lin_nbr(scatter(x[src], dst, 0, n_bag, "sum"))
-        m = int(subgraph_id.max()) + 1 if num_subgraphs is None else num_subgraphs
+        # sum over neighbours inside the subgraph (weighted by a sparse adjacency's values)
+        if has_message_hooks(self):
+            nbr = self.propagate(edge_index, x=x, edge_weight=edge_weight, size=(n_bag, n_bag))
+        else:  # fused: no (E, F) message tensor
+            nbr = weighted_aggregate(x, edge_index, edge_weight, n_bag, "sum")
+        out = out + self.lin_nbr(nbr)
+        m = _size(subgraph_id, num_subgraphs)
         out = out + self.lin_sub(scatter(x, subgraph_id, 0, m, self.aggr)[subgraph_id])
         out = out + self.lin_node(bag_to_nodes(x, node_map, num_nodes, self.aggr)[node_map])
         if self.lin_bag is not None:
             if batch is None:
                 batch = torch.zeros(n_bag, dtype=torch.long, device=x.device)
                 num_graphs = 1
-            b = int(batch.max()) + 1 if num_graphs is None else num_graphs
+            b = _size(batch, num_graphs)
             out = out + self.lin_bag(scatter(x, batch, 0, b, self.aggr)[batch])
         return out
+
+    def message(self, x_j: Tensor, edge_weight: Tensor | None) -> Tensor:
+        """$h_{i,u}$ of the neighbour $u$ (times the edge weight of a sparse adjacency)."""
+        return x_j if edge_weight is None else x_j * edge_weight.unsqueeze(-1)
+
+    def aggregate(self, inputs: Tensor, index: Tensor, dim_size: int | None = None) -> Tensor:
+        """Sum over the neighbours inside the subgraph (`graphspace.ops.scatter`)."""
+        return scatter(inputs, index, 0, dim_size, "sum")
 
     def __repr__(self) -> str:
         return (
@@ -332,8 +398,14 @@ class SubgraphBagPool(nn.Module):
         subgraph_batch: Tensor,
         num_graphs: int | None = None,
     ) -> Tensor:
+        name = type(self).__name__
+        check_node_features(x, "x", layer=name)
+        check_index(subgraph_id, x.size(0), subgraph_batch.numel(), name="subgraph_id",
+                    layer=name)
+        check_index(subgraph_batch, subgraph_batch.numel(), num_graphs, name="subgraph_batch",
+                    layer=name)
         h_sub = subgraph_readout(x, subgraph_id, subgraph_batch.numel(), self.node_reduce)
-        b = int(subgraph_batch.max()) + 1 if num_graphs is None else num_graphs
+        b = _size(subgraph_batch, num_graphs)
         return scatter(h_sub, subgraph_batch, 0, b, self.bag_reduce)
 
     def __repr__(self) -> str:
