@@ -33,9 +33,9 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 class _PairGather(torch.autograd.Function):
-    r"""``z_c = p_c[dst] + q_c[src]`` for column blocks ``c`` of ``p``, ``q``: ``(N, C * h)``.
+    r"""`z_c = p_c[dst] + q_c[src]` for column blocks `c` of `p`, `q`: `(N, C * h)`.
 
-    The blocks come out as separate contiguous ``(E, h)`` tensors (slicing one ``(E, C h)``
+    The blocks come out as separate contiguous `(E, h)` tensors (slicing one `(E, C h)`
     result would make autograd zero-fill or concatenate full-size gradients). Backward: the
     target half is a product with the cached CSR matrix of the targets (contiguous reads when
     the edges are sorted by target), the source half a scatter-add.
@@ -71,10 +71,10 @@ def _node_coefficients(g: Tensor, aggregators: tuple[str, ...], f: int, cntc: Te
                        std: Tensor | None) -> tuple[Tensor | None, Tensor | None,
                                                     list[tuple[str, Tensor]]]:
     r"""Per-node coefficients of the message gradient of a multi-aggregation with output
-    gradient ``g`` (``(N, len(aggregators) * f)``): ``a = g_sum + g_mean / n`` (of the plain
-    gather), ``c = g_std / (n \sigma)`` (of the centred message) and the ``(name, g)`` blocks
-    of max/min (``None`` where no aggregator contributes; fresh tensors, never views of
-    ``g``)."""
+    gradient `g` (`(N, len(aggregators) * f)`): `a = g_sum + g_mean / n` (of the plain
+    gather), `c = g_std / (n \sigma)` (of the centred message) and the `(name, g)` blocks
+    of max/min (`None` where no aggregator contributes; fresh tensors, never views of
+    `g`)."""
     lin: Tensor | None = None
     cstd: Tensor | None = None
     ext: list[tuple[str, Tensor]] = []
@@ -94,22 +94,23 @@ def _node_coefficients(g: Tensor, aggregators: tuple[str, ...], f: int, cntc: Te
 class _MultiAggregate(torch.autograd.Function):
     r"""Several reductions of the same messages over the same target index in one pass.
 
-    ``out = [agg_1(m) | agg_2(m) | ...]`` (``(N, len(aggregators) * F)``) with the conventions
-    of :func:`graphspace.ops.scatter`: empty rows are 0, ``std`` is
-    :math:`\sqrt{\operatorname{mean}((m - \mu)^2) + 10^{-12}}`, and the gradient of a
+    `out = [agg_1(m) | agg_2(m) | ...]` (`(N, len(aggregators) * F)`) with the conventions
+    of `scatter`: empty rows are 0, `std` is
+    $\sqrt{\operatorname{mean}((m - \mu)^2) + 10^{-12}}$, and the gradient of a
     max/min entry is split evenly between the messages that attain it. All reductions run as
     products with the (cached) sparse CSR matrix of ones of the target index, so the sum that
-    ``mean`` and ``std`` share is taken once and, when the edges are sorted by target, every
+    `mean` and `std` share is taken once and, when the edges are sorted by target, every
     product reads the messages contiguously. The backward pass gathers one per-node
     coefficient per reduction and forms the message gradient in place:
 
-    .. math::
-        \frac{\partial L}{\partial m_e} = \sum_{\text{sum}} g_{i} +
-        \sum_{\text{mean}} \frac{g_{i}}{n_i} + \sum_{\text{max/min}} [m_e = o_i]
-        \frac{g_{i}}{t_i} + \sum_{\text{std}} (m_e - \mu_i)\frac{g_{i}}{n_i\,\sigma_i},
-        \qquad i = \mathrm{index}_e
+    $$
+    \frac{\partial L}{\partial m_e} = \sum_{\text{sum}} g_{i} +
+    \sum_{\text{mean}} \frac{g_{i}}{n_i} + \sum_{\text{max/min}} [m_e = o_i]
+    \frac{g_{i}}{t_i} + \sum_{\text{std}} (m_e - \mu_i)\frac{g_{i}}{n_i\,\sigma_i},
+    \qquad i = \mathrm{index}_e
+    $$
 
-    (:math:`n_i` messages and :math:`t_i` ties at row :math:`i`).
+    ($n_i$ messages and $t_i$ ties at row $i$).
     """
 
     @staticmethod
@@ -178,9 +179,9 @@ KEEP = ("z0", "act", "zm", "gamma", "m")
 class _EdgeChunks:
     """Target-node-aligned chunks of target-sorted edges, built once per CSR layout.
 
-    Chunk ``k`` covers nodes ``n0:n1`` and exactly their incoming edges ``s:t`` (contiguous
-    because the edges are sorted by target); ``ldst`` holds the chunk-local targets
-    (``dst - n0``) and the sparse CSR matrix of ones ``(n1 - n0, t - s)`` sums a chunk's
+    Chunk `k` covers nodes `n0:n1` and exactly their incoming edges `s:t` (contiguous
+    because the edges are sorted by target); `ldst` holds the chunk-local targets
+    (`dst - n0`) and the sparse CSR matrix of ones `(n1 - n0, t - s)` sums a chunk's
     messages per node.
     """
 
@@ -200,7 +201,7 @@ class _EdgeChunks:
         self._ones: dict[torch.dtype, list[Tensor]] = {}
 
     def ones(self, dtype: torch.dtype) -> list[Tensor]:
-        """Per chunk: the ``(n1 - n0, t - s)`` sparse CSR matrix of ones of its targets."""
+        """Per chunk: the `(n1 - n0, t - s)` sparse CSR matrix of ones of its targets."""
         if dtype not in self._ones:
             mats = []
             for n0, n1, s, t in self.chunks:
@@ -216,7 +217,7 @@ class _EdgeChunks:
 
     @staticmethod
     def of(csr: CSR, chunk: int) -> _EdgeChunks | None:
-        """The chunks of ``csr`` (cached on it), or ``None`` unless its edges are sorted."""
+        """The chunks of `csr` (cached on it), or `None` unless its edges are sorted."""
         key = ("edge_chunks", chunk)
         if key not in csr._memo:
             perm = csr.perm
@@ -226,10 +227,10 @@ class _EdgeChunks:
 
 
 class _ChunkPass:
-    """The per-chunk steps shared by the forward and backward of :class:`_ChunkedEdgeLayer`,
-    over the contiguous ``(N, h)`` column blocks of the node projections and the row blocks
-    of ``film``'s weight (split once per call, so every per-edge tensor is contiguous). Each
-    step writes into ``out`` when one is given (a slice of a kept full-size tensor)."""
+    """The per-chunk steps shared by the forward and backward of `_ChunkedEdgeLayer`,
+    over the contiguous `(N, h)` column blocks of the node projections and the row blocks
+    of `film`'s weight (split once per call, so every per-edge tensor is contiguous). Each
+    step writes into `out` when one is given (a slice of a kept full-size tensor)."""
 
     def __init__(self, p: Tensor, q: Tensor, e: Tensor, we: Tensor | None, w2: Tensor | None,
                  wf: Tensor, bf: Tensor, src: Tensor) -> None:
@@ -245,16 +246,16 @@ class _ChunkPass:
         self.bfg, self.bfb = bf[:h], bf[h:]
 
     def pair(self, c: int, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
-        """Block ``c`` of ``p[dst] + q[src]`` for the chunk's edges ``s:t``."""
+        """Block `c` of `p[dst] + q[src]` for the chunk's edges `s:t`."""
         z = torch.index_select(self.ps[c], 0, dst_c, out=out)
         return z.add_(self.qs[c].index_select(0, self.src[s:t]))
 
     def z0(self, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
-        """The edge MLP's pre-activation ``p0[dst] + q0[src] + e W_e^T``."""
+        """The edge MLP's pre-activation `p0[dst] + q0[src] + e W_e^T`."""
         return self.pair(0, dst_c, s, t, out).addmm_(self.e[s:t], self.wet)
 
     def zm(self, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
-        """The message layer's block ``W_m [x_i || x_j] + b``."""
+        """The message layer's block `W_m [x_i || x_j] + b`."""
         return self.pair(len(self.ps) - 1, dst_c, s, t, out)
 
     def gamma(self, ec: Tensor, out: Tensor | None = None) -> Tensor:
@@ -262,45 +263,49 @@ class _ChunkPass:
 
     def message(self, ec: Tensor, gamma: Tensor, zm: Tensor,
                 out: Tensor | None = None) -> Tensor:
-        """``m = gamma * zm + beta``."""
+        """`m = gamma * zm + beta`."""
         beta = torch.addmm(self.bfb, ec, self.wfb.t(), out=out)
         return beta.addcmul_(gamma, zm)
 
 
 class _ChunkedEdgeLayer(torch.autograd.Function):
-    r"""Edge update, FiLM messages and multi-aggregation of :class:`MetaNetworkConv` over
+    r"""Edge update, FiLM messages and multi-aggregation of `MetaNetworkConv` over
     target-sorted edges, one chunk of whole target nodes at a time.
 
-    Inputs: ``p`` ``(N, k h)`` the target halves (biases included) and ``q`` ``(N, k h)`` the
-    source halves of the node projections (``k = 2``: edge-MLP first layer | message layer;
-    ``k = 1``: message layer only), edge features ``e``, the edge MLP's edge weight ``we``
-    ``(h, D)``, second layer ``w2`` ``(D', h)``, ``b2``, and ``film``'s ``wf`` ``(2h, D')``,
-    ``bf``. Per chunk of edges:
+    Inputs: `p` `(N, k h)` the target halves (biases included) and `q` `(N, k h)` the
+    source halves of the node projections (`k = 2`: edge-MLP first layer | message layer;
+    `k = 1`: message layer only), edge features `e`, the edge MLP's edge weight `we`
+    `(h, D)`, second layer `w2` `(D', h)`, `b2`, and `film`'s `wf` `(2h, D')`,
+    `bf`. Per chunk of edges:
 
-    .. math::
-        z &= p_{dst} + q_{src}, \quad
-        \mathbf e' = [\mathbf e +]\, W_2\, \mathrm{SiLU}(z_{:h} + W_e \mathbf e) + b_2, \\
-        [\gamma \| \beta] &= W_f \mathbf e' + b_f, \quad
-        \mathbf m = \gamma \odot z_{h:} + \beta
+    $$
+    \begin{aligned}
+    z &= p_{dst} + q_{src}, \quad
+    \mathbf e' = [\mathbf e +]\, W_2\, \mathrm{SiLU}(z_{:h} + W_e \mathbf e) + b_2, \\
+    [\gamma \| \beta] &= W_f \mathbf e' + b_f, \quad
+    \mathbf m = \gamma \odot z_{h:} + \beta
+    \end{aligned}
+    $$
 
-    and the aggregations of :class:`_MultiAggregate` over the chunk's nodes (the per-node
-    finishing steps of ``mean``/``std``/``max``/``min`` run once over all nodes). Returns
-    ``(agg, e')``. The per-edge intermediates named in :data:`KEEP` (``z0`` the SiLU input,
-    ``act``, ``zm = z_{h:}``, ``gamma``, ``m``) are written into full-size tensors kept for
+    and the aggregations of `_MultiAggregate` over the chunk's nodes (the per-node
+    finishing steps of `mean`/`std`/`max`/`min` run once over all nodes). Returns
+    `(agg, e')`. The per-edge intermediates named in `KEEP` (`z0` the SiLU input,
+    `act`, `zm = z_{h:}`, `gamma`, `m`) are written into full-size tensors kept for
     backward; the others are recomputed chunk by chunk there. Keeping all of them is the
     fastest on CPU when freed memory stays in the process
-    (:func:`graphspace.runtime.tune_cpu_allocator`); recomputing trades GEMMs for ~5 fewer
-    ``(E, h)`` tensors. Max/min ties are taken against chunk extrema of the kept (or
+    (`tune_cpu_allocator`); recomputing trades GEMMs for ~5 fewer
+    `(E, h)` tensors. Max/min ties are taken against chunk extrema of the kept (or
     recomputed) messages, so the gradient is exact for them. With the per-node coefficients
-    of :class:`_MultiAggregate.backward` folded together, the message gradient of an edge
-    into node :math:`i` is
+    of `backward` folded together, the message gradient of an edge
+    into node $i$ is
 
-    .. math::
-        \frac{\partial L}{\partial m} = \big(a_i - c_i \mu_i\big) + c_i\, m +
-        \sum_{\text{max/min}} [m = o_i]\, \frac{g_i}{t_i},
-        \qquad a = g_{sum} + \frac{g_{mean}}{n}, \quad c = \frac{g_{std}}{n \sigma}.
+    $$
+    \frac{\partial L}{\partial m} = \big(a_i - c_i \mu_i\big) + c_i\, m +
+    \sum_{\text{max/min}} [m = o_i]\, \frac{g_i}{t_i},
+    \qquad a = g_{sum} + \frac{g_{mean}}{n}, \quad c = \frac{g_{std}}{n \sigma}.
+    $$
 
-    Every per-edge tensor is contiguous (the column blocks of ``p``, ``q`` and of ``film``'s
+    Every per-edge tensor is contiguous (the column blocks of `p`, `q` and of `film`'s
     weight are split once per call), and the target-half gradient is one CSR product over
     all edges after the loop.
     """
@@ -485,15 +490,15 @@ def _messages_fused(conv: Any, x: Tensor, edge_index: Tensor,
     r"""The layer's edge update, messages and aggregation with fewer passes over the edges.
 
     * The node halves of the edge MLP's first layer and of the message layer (biases
-      included) are one ``[N, F] x [F, 4h]`` product, gathered per edge by
-      :class:`_PairGather` (target half's gradient: a CSR product, no scatter).
-    * ``gamma`` and ``beta`` come from the two halves of ``film``'s weight, so no
-      ``(E, 2h)`` tensor is split (its backward would concatenate the gradients).
-    * All aggregators run in one :class:`_MultiAggregate` on the cached CSR layout of the
+      included) are one `[N, F] x [F, 4h]` product, gathered per edge by
+      `_PairGather` (target half's gradient: a CSR product, no scatter).
+    * `gamma` and `beta` come from the two halves of `film`'s weight, so no
+      `(E, 2h)` tensor is split (its backward would concatenate the gradients).
+    * All aggregators run in one `_MultiAggregate` on the cached CSR layout of the
       targets, which also gives the degrees (no scatter of ones).
     * The residual edge update adds in place into the MLP output.
 
-    Fastest when the edges are sorted by target (as :class:`GraphMetaNetwork` passes
+    Fastest when the edges are sorted by target (as `GraphMetaNetwork` passes
     them): the CSR products then read the messages contiguously.
     """
     src, dst = edge_index[0], edge_index[1]
@@ -525,8 +530,8 @@ def _messages_fused(conv: Any, x: Tensor, edge_index: Tensor,
 
 def _node_halves(conv: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""Target-node and source-node halves of the weights of the layers that read
-    :math:`[\mathbf x_i \| \mathbf x_j \| \dots]` (edge MLP's first layer, if any, then the
-    message layer), stacked ``[k h, F]``, and their biases ``[k h]``."""
+    $[\mathbf x_i \| \mathbf x_j \| \dots]$ (edge MLP's first layer, if any, then the
+    message layer), stacked `[k h, F]`, and their biases `[k h]`."""
     f = conv.in_channels
     lins = [conv.msg] if conv.edge_mlp is None else [conv.edge_mlp[0], conv.msg]
     w_dst = torch.cat([lin.weight[:, :f] for lin in lins], dim=0)
@@ -538,8 +543,8 @@ def _node_halves(conv: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _messages_chunked(conv: Any, x: Tensor, src: Tensor, edge_attr: Tensor,
                       chunks: _EdgeChunks, w_dst: Tensor, w_src: Tensor,
                       bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:meth:`_messages_fused` on target-sorted edges: the node projections as two
-    ``[N, F] x [F, k h]`` products, everything per edge in :class:`_ChunkedEdgeLayer`."""
+    """`_messages_fused` on target-sorted edges: the node projections as two
+    `[N, F] x [F, k h]` products, everything per edge in `_ChunkedEdgeLayer`."""
     f = conv.in_channels
     p = torch.addmm(bias, x, w_dst.t())
     q = x @ w_src.t()

@@ -241,9 +241,9 @@ def test_chunked_path_matches_reference(monkeypatch, aggs, update_edges, edge_ou
 def test_chunked_edge_layer_gradcheck(monkeypatch, update_edges, residual, keep):
     """The hand-written backward of the chunked edge layer passes fp64 gradcheck, whichever
     per-edge intermediates it keeps and whichever it recomputes."""
+    from graphspace.ops import get_csr
     from graphspace.ops import metanetwork as mc
     from graphspace.ops.metanetwork import _ChunkedEdgeLayer, _EdgeChunks
-    from graphspace.ops import get_csr
 
     kept = {"all": mc.KEEP, "none": (), "some": ("z0", "m")}[keep]
     monkeypatch.setattr(mc, "KEEP", kept)

@@ -9,9 +9,9 @@ References:
   https://arxiv.org/abs/2111.11840.
 
 All layers take the disjoint-union bag produced by
-:class:`graphspace.data.subgraph_transforms.ToSubgraphBag` (batched with PyG's
-``DataLoader``): bag-node features ``x``, bag edges ``edge_index``, the original node of every
-bag node ``node_map`` and its subgraph ``subgraph_id``.
+`ToSubgraphBag` (batched with PyG's
+`DataLoader`): bag-node features `x`, bag edges `edge_index`, the original node of every
+bag node `node_map` and its subgraph `subgraph_id`.
 """
 
 from __future__ import annotations
@@ -96,13 +96,13 @@ def bag_to_nodes(
     x: Tensor, node_map: Tensor, num_nodes: int | None = None, reduce: Reduce = "mean"
 ) -> Tensor:
     r"""Aggregate bag-node features over the subgraphs containing each original node,
-    :math:`h_v = \operatorname{reduce}_{i : v \in G_i} x_{i, v}` (node-level readout).
+    $h_v = \operatorname{reduce}_{i : v \in G_i} x_{i, v}$ (node-level readout).
 
     Args:
-        x: bag-node features :math:`(N_{bag}, F)`.
-        node_map: original node of each bag node :math:`(N_{bag},)`.
+        x: bag-node features $(N_{bag}, F)$.
+        node_map: original node of each bag node $(N_{bag},)$.
         num_nodes: number of original nodes (pass it to avoid a device sync).
-        reduce: ``"sum"``, ``"mean"`` or ``"max"``.
+        reduce: `"sum"`, `"mean"` or `"max"`.
     """
     return scatter(x, node_map, 0, _size(node_map, num_nodes), reduce)
 
@@ -110,8 +110,8 @@ def bag_to_nodes(
 def subgraph_readout(
     x: Tensor, subgraph_id: Tensor, num_subgraphs: int | None = None, reduce: Reduce = "mean"
 ) -> Tensor:
-    r"""Pool bag-node features per subgraph, :math:`h_{G_i} = \operatorname{reduce}_{v \in V_i}
-    x_{i,v}` (one row per subgraph; ``num_subgraphs = data.subgraph_batch.numel()``)."""
+    r"""Pool bag-node features per subgraph, $h_{G_i} = \operatorname{reduce}_{v \in V_i}
+    x_{i,v}$ (one row per subgraph; `num_subgraphs = data.subgraph_batch.numel()`)."""
     return scatter(x, subgraph_id, 0, _size(subgraph_id, num_subgraphs), reduce)
 
 
@@ -119,20 +119,22 @@ class DSConv(MessagePassing):
     r"""DS-GNN layer (ESAN, eq. 3): a shared graph layer applied to every subgraph
     independently,
 
-    .. math::
-        X_i' = L(A_i, X_i), \qquad i = 1, \dots, m.
+    $$
+    X_i' = L(A_i, X_i), \qquad i = 1, \dots, m.
+    $$
 
     The bag is a disjoint union of the subgraphs, so one call of the wrapped conv on the bag
     is exactly the per-subgraph computation. Stacking DS layers and pooling with
-    :class:`SubgraphBagPool` gives DS-GNN: :math:`h_G = E_{sets}(\{\!\{ E_{sub}(G_i) \}\!\})`.
+    `SubgraphBagPool` gives DS-GNN: $h_G = E_{sets}(\{\!\{ E_{sub}(G_i) \}\!\})$.
 
     Args:
-        conv: any PyG graph layer ``conv(x, edge_index[, edge_attr])``.
+        conv: any PyG graph layer `conv(x, edge_index[, edge_attr])`.
 
     Shapes:
-        - **input:** ``x`` :math:`(N_{bag}, F_{in})`, ``edge_index`` :math:`(2, E_{bag})`,
-          ``edge_attr`` (optional, passed as the conv's third positional argument).
-        - **output:** :math:`(N_{bag}, F_{out})`.
+        - **input:** `x` $(N_{bag}, F_{in})$, `edge_index` $(2, E_{bag})$ (or any
+          adjacency format of `graphspace.nn.validation.as_edge_index`),
+          `edge_attr` (optional, passed as the conv's third positional argument).
+        - **output:** $(N_{bag}, F_{out})$.
     """
 
     def __init__(self, conv: nn.Module) -> None:
@@ -159,32 +161,34 @@ class DSSConv(MessagePassing):
     r"""DSS-GNN layer (ESAN, eq. 4): a Siamese layer on every subgraph plus an
     information-sharing layer on the aggregated graph,
 
-    .. math::
-        X_i' = L^1(A_i, X_i) + L^2\Big(\sum_{j=1}^m A_j,\ \sum_{j=1}^m X_j\Big),
-        \qquad i = 1, \dots, m,
+    $$
+    X_i' = L^1(A_i, X_i) + L^2\Big(\sum_{j=1}^m A_j,\ \sum_{j=1}^m X_j\Big),
+    \qquad i = 1, \dots, m,
+    $$
 
-    where :math:`\sum_j X_j` sums, for every original node, its features over the
-    subgraphs that contain it (``aggr="sum"``; ``"mean"`` as in the authors' code), and the
-    result of :math:`L^2` is broadcast back to every copy of the node. :math:`L^2` runs on the
-    original graph (``orig_edge_index``), whose support is that of :math:`\sum_j A_j`; pass
-    ``orig_edge_attr=data.agg_edge_weight`` to a conv that takes edge weights (e.g.
-    ``GraphConv``, ``GCNConv``) to use the multiplicities of :math:`\sum_j A_j` exactly
-    (for node- and edge-deleted bags :math:`\sum_j A_j` is a multiple of :math:`A`). The layer
+    where $\sum_j X_j$ sums, for every original node, its features over the
+    subgraphs that contain it (`aggr="sum"`; `"mean"` as in the authors' code), and the
+    result of $L^2$ is broadcast back to every copy of the node. $L^2$ runs on the
+    original graph (`orig_edge_index`), whose support is that of $\sum_j A_j$; pass
+    `orig_edge_attr=data.agg_edge_weight` to a conv that takes edge weights (e.g.
+    `GraphConv`, `GCNConv`) to use the multiplicities of $\sum_j A_j$ exactly
+    (for node- and edge-deleted bags $\sum_j A_j$ is a multiple of $A$). The layer
     is equivariant to permutations of the subgraphs and of the nodes,
-    :math:`S_m \times S_n`.
+    $S_m \times S_n$.
 
     Args:
-        conv: :math:`L^1`, any PyG graph layer ``conv(x, edge_index[, edge_attr])``.
-        agg_conv: :math:`L^2` (default: a freshly initialised deep copy of ``conv``).
-        aggr: ``"sum"`` (the paper's equation) or ``"mean"`` over the bag.
+        conv: $L^1$, any PyG graph layer `conv(x, edge_index[, edge_attr])`.
+        agg_conv: $L^2$ (default: a freshly initialised deep copy of `conv`).
+        aggr: `"sum"` (the paper's equation) or `"mean"` over the bag.
 
     Shapes:
-        - **input:** ``x`` :math:`(N_{bag}, F_{in})`, ``edge_index`` :math:`(2, E_{bag})`,
-          ``node_map`` :math:`(N_{bag},)`, ``orig_edge_index`` :math:`(2, E)`,
-          ``num_nodes`` = number of original nodes (optional),
-          ``edge_attr`` / ``orig_edge_attr`` (optional; third positional argument of
-          :math:`L^1` / :math:`L^2`).
-        - **output:** :math:`(N_{bag}, F_{out})`.
+        - **input:** `x` $(N_{bag}, F_{in})$, `edge_index` $(2, E_{bag})$ (or any
+          adjacency format of `graphspace.nn.validation.as_edge_index`),
+          `node_map` $(N_{bag},)$, `orig_edge_index` $(2, E)$,
+          `num_nodes` = number of original nodes (optional),
+          `edge_attr` / `orig_edge_attr` (optional; third positional argument of
+          $L^1$ / $L^2$).
+        - **output:** $(N_{bag}, F_{out})$.
     """
 
     def __init__(
@@ -240,41 +244,43 @@ class DSSConv(MessagePassing):
 
 class SPENConv(MessagePassing):
     r"""A SPEN-style layer on a bag of ego-network subgraphs (Mitton & Murray-Smith), for
-    first-order features :math:`h_{i,v}` on (subgraph, node) pairs.
+    first-order features $h_{i,v}$ on (subgraph, node) pairs.
 
     Each term is equivariant to relabelling nodes inside a subgraph, to permuting the
     subgraphs and to permuting the original nodes; the layer is the linear
-    :math:`S_m \times S_n`-equivariant basis for first-order bag features (self, pooled
+    $S_m \times S_n$-equivariant basis for first-order bag features (self, pooled
     within the subgraph, pooled over the copies of the node in other subgraphs, pooled over
     the bag) plus message passing inside each subgraph:
 
-    .. math::
-        h'_{i,v} = W_1 h_{i,v}
-            + W_2 \sum_{u \in \mathcal N_i(v)} h_{i,u}
-            + W_3 \operatorname*{agg}_{u \in V_i} h_{i,u}
-            + W_4 \operatorname*{agg}_{j : v \in V_j} h_{j,v}
-            + W_5 \operatorname*{agg}_{j,\, u \in V_j} h_{j,u} + b
+    $$
+    h'_{i,v} = W_1 h_{i,v}
+        + W_2 \sum_{u \in \mathcal N_i(v)} h_{i,u}
+        + W_3 \operatorname*{agg}_{u \in V_i} h_{i,u}
+        + W_4 \operatorname*{agg}_{j : v \in V_j} h_{j,v}
+        + W_5 \operatorname*{agg}_{j,\, u \in V_j} h_{j,u} + b
+    $$
 
-    (:math:`\mathcal N_i(v)`: neighbours of :math:`v` in subgraph :math:`i`; ``agg`` = sum
-    or mean, ``aggr``; the :math:`W_5` bag-level term is optional). Nodes lying in several
-    ego-networks exchange information through the :math:`W_4` term, which ties the
+    ($\mathcal N_i(v)$: neighbours of $v$ in subgraph $i$; `agg` = sum
+    or mean, `aggr`; the $W_5$ bag-level term is optional). Nodes lying in several
+    ego-networks exchange information through the $W_4$ term, which ties the
     per-subgraph updates into one update of the bag. The layer is affine; put a
     non-linearity between layers. Only first-order (node) representations are implemented;
     SPEN's second-order (edge-tensor) representation spaces are not.
 
     Args:
-        in_channels: size of :math:`h_{i,v}`.
-        out_channels: size of :math:`h'_{i,v}`.
-        aggr: ``"mean"`` or ``"sum"`` for the pooled terms :math:`W_3, W_4, W_5`.
-        bag_term: include the :math:`W_5` term.
-        bias: learn :math:`b`.
+        in_channels: size of $h_{i,v}$.
+        out_channels: size of $h'_{i,v}$.
+        aggr: `"mean"` or `"sum"` for the pooled terms $W_3, W_4, W_5$.
+        bag_term: include the $W_5$ term.
+        bias: learn $b$.
 
     Shapes:
-        - **input:** ``x`` :math:`(N_{bag}, F_{in})`, ``edge_index`` :math:`(2, E_{bag})`,
-          ``node_map`` and ``subgraph_id`` :math:`(N_{bag},)`, ``batch`` (bag node to
-          graph, :math:`(N_{bag},)`, optional: one graph), ``num_nodes`` /
-          ``num_subgraphs`` / ``num_graphs`` (optional sizes; pass them to avoid syncs).
-        - **output:** :math:`(N_{bag}, F_{out})`.
+        - **input:** `x` $(N_{bag}, F_{in})$, `edge_index` $(2, E_{bag})$ (or any
+          adjacency format of `graphspace.nn.validation.as_edge_index`),
+          `node_map` and `subgraph_id` $(N_{bag},)$, `batch` (bag node to
+          graph, $(N_{bag},)$, optional: one graph), `num_nodes` /
+          `num_subgraphs` / `num_graphs` (optional sizes; pass them to avoid syncs).
+        - **output:** $(N_{bag}, F_{out})$.
     """
 
     def __init__(
@@ -360,24 +366,25 @@ class SPENConv(MessagePassing):
 
 class SubgraphBagPool(nn.Module):
     r"""Readout of a bag: per-subgraph pooling, then pooling over the bag (ESAN's
-    :math:`E_{sets}` aggregation; follow it with an MLP for the full DeepSets form),
+    $E_{sets}$ aggregation; follow it with an MLP for the full DeepSets form),
 
-    .. math::
-        h_{G_i} = \operatorname{pool}_{v \in V_i} x_{i,v}, \qquad
-        h_G = \operatorname{agg}_{i=1}^m h_{G_i}.
+    $$
+    h_{G_i} = \operatorname{pool}_{v \in V_i} x_{i,v}, \qquad
+    h_G = \operatorname{agg}_{i=1}^m h_{G_i}.
+    $$
 
     Invariant to the order of the subgraphs and of the nodes.
 
     Args:
-        node_reduce: ``"mean"`` (ESAN code default), ``"sum"`` or ``"max"`` within each
+        node_reduce: `"mean"` (ESAN code default), `"sum"` or `"max"` within each
             subgraph.
-        bag_reduce: ``"mean"`` (ESAN code default), ``"sum"`` or ``"max"`` over the bag.
+        bag_reduce: `"mean"` (ESAN code default), `"sum"` or `"max"` over the bag.
 
     Shapes:
-        - **input:** ``x`` :math:`(N_{bag}, F)`, ``subgraph_id`` :math:`(N_{bag},)`,
-          ``subgraph_batch`` :math:`(m,)` (graph of each subgraph), ``num_graphs``
+        - **input:** `x` $(N_{bag}, F)$, `subgraph_id` $(N_{bag},)$,
+          `subgraph_batch` $(m,)$ (graph of each subgraph), `num_graphs`
           (optional).
-        - **output:** :math:`(B, F)`.
+        - **output:** $(B, F)$.
     """
 
     def __init__(self, node_reduce: Reduce = "mean", bag_reduce: Reduce = "mean") -> None:
