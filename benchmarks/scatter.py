@@ -7,7 +7,6 @@ round-robin so that they see the same machine conditions. Ops (``--op``):
 * ``scalar``   (default) ``out_i = sum_j w_ji x_j``, one weight per edge
 * ``channel``  per-channel edge weights ``w_ji (.) x_j``
 * ``max``      ``max_j w_ji x_j``
-* ``edgecond`` ``x_j (.) (e_ji W)`` with 8 edge features (the metanetwork gate)
 * ``egnn``     ``sum_j phi_ji (p_i - p_j)`` on 3-D coordinates (``F`` is ignored)
 * ``sheaf``    ``sum_j F_ji x_j`` with 4 x 4 maps on ``(N, 4, F / 4)`` stalk features
 * ``scatter``  plain reduction of an ``E x F`` tensor (``--reduce sum|mean|max``)
@@ -50,8 +49,7 @@ from graphspace import ops
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
 DEFAULT_SIZES = ["100k,1M,64", "1M,10M,64", "1M,10M,128"]
-OPS = ["scalar", "channel", "max", "edgecond", "egnn", "sheaf", "scatter"]
-EDGE_DIM = 8
+OPS = ["scalar", "channel", "max", "egnn", "sheaf", "scatter"]
 STALK = 4
 STAT = "median"
 
@@ -177,19 +175,6 @@ def make_problem(op: str, n: int, e: int, f: int, device: torch.device, reduce: 
             kind = "cuSPARSE" if device.type == "cuda" else "torch.sparse"
             p.sparse = (f"sparse CSR spmm ({kind}, prebuilt)", spmm, [x, w[perm]])
         return p
-    if op == "edgecond":
-        x, ea, wt = rnd(n, f), rnd(e, EDGE_DIM), rnd(EDGE_DIM, f)
-        conv = WeightedConv("sum")
-
-        def msg_g(x: Tensor, ea: Tensor, wt: Tensor) -> Tensor:
-            return x.index_select(0, src) * (ea @ wt)
-
-        return Problem(
-            [x, ea, wt], lambda x, ea, wt: ops.edge_conditioned_aggregate(x, ei, ea, wt, n),
-            lambda x, ea, wt: conv(x, ei, ea @ wt),
-            lambda x, ea, wt: _plain_reduce(msg_g(x, ea, wt), dst, n, "sum"), msg_g, "sum", dst,
-            floor=(idx + 4 * e * EDGE_DIM + 8 * n * f,
-                   2 * idx + 12 * e * EDGE_DIM + 20 * n * f))
     if op == "egnn":
         pos, coef = rnd(n, 3), rnd(e)
         conv_c = CoordConv()

@@ -7,7 +7,8 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = ["index.md", "quickstart.md", "parameter-graphs.md", "symmetries.md", "extending.md",
-         "augmentations.md", "datasets.md", "ops.md", "layers/sheaf.md", "layers/subgraph.md",
+         "augmentations.md", "datasets.md", "ops.md", "layers/metanetwork.md", "layers/sheaf.md",
+         "layers/subgraph.md",
          "layers/unitary.md", "tasks/contrastive.md", "tasks/generalization.md", "tasks/inr.md",
          pytest.param("layers/egnn.md", marks=pytest.mark.slow)]
 

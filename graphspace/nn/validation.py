@@ -31,7 +31,9 @@ __all__ = [
     "as_edge_index",
     "check_edge_features",
     "check_edge_index",
+    "check_index",
     "check_node_features",
+    "has_message_hooks",
     "is_adjacency",
     "is_validation_enabled",
     "set_validation",
@@ -141,7 +143,7 @@ def check_edge_index(edge_index: object, num_nodes: int | None = None, *,
                 if edge_index.dim() == 2 and edge_index.size(1) == 2 else "")
         raise GraphInputError(f"{where} must have shape (2, E), got "
                               f"{_shape(edge_index)}{hint}")
-    if edge_index.numel() and num_nodes is not None:
+    if edge_index.numel() and num_nodes is not None and not torch.compiler.is_compiling():
         lo, hi = int(edge_index.min()), int(edge_index.max())
         if lo < 0:
             raise GraphInputError(f"{where} holds a negative node index ({lo}); indices must "
@@ -221,7 +223,10 @@ def as_edge_index(adj: object, num_nodes: int | None = None, *, name: str = "edg
         n_rows, n_cols = adj.shape
         edge_index, weight = idx.flip(0), coo.values()
     else:
-        return check_edge_index(adj, num_nodes, name=name, layer=layer), None
+        edge_index = check_edge_index(adj, num_nodes, name=name, layer=layer)
+        if hasattr(edge_index, "as_tensor") and type(edge_index) is not Tensor:
+            edge_index = edge_index.as_tensor()  # PyG EdgeIndex: a plain view of its data
+        return edge_index, None
     if _ENABLED and num_nodes is not None and (n_rows != num_nodes or n_cols != num_nodes):
         raise GraphInputError(f"{where}: the sparse adjacency has size ({n_rows}, {n_cols}) "
                               f"but the graph has {num_nodes} nodes")
@@ -229,3 +234,49 @@ def as_edge_index(adj: object, num_nodes: int | None = None, *, name: str = "edg
         raise GraphInputError(f"{where}: a sparse adjacency must hold one scalar per edge, "
                               f"got values of shape {_shape(weight)}")
     return edge_index, weight
+
+
+def check_index(index: object, length: int, upper: int | None = None, *, name: str,
+                layer: str | None = None) -> Tensor:
+    """Check a 1-D integer index vector (e.g. `node_map`, `batch`): one entry per row of the
+    features it labels, values in `[0, upper)`.
+
+    Args:
+        index: the tensor to check.
+        length: the expected number of entries.
+        upper: the exclusive upper bound of the values, if known.
+        name: its argument name, quoted in the error.
+        layer: the layer's class name, quoted in the error.
+
+    Returns:
+        `index`, unchanged.
+    """
+    where = _where(layer, name)
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor, got {type(index).__name__}")
+    if not _ENABLED:
+        return index
+    if index.dtype not in _INT_DTYPES:
+        raise GraphInputError(f"{where} must be an integer tensor, got {index.dtype}")
+    if index.dim() != 1 or index.numel() != length:
+        raise GraphInputError(f"{where} must have shape ({length},), got {_shape(index)}")
+    if index.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0:
+            raise GraphInputError(f"{where} holds a negative index ({lo})")
+        if upper is not None and hi >= upper:
+            raise GraphInputError(f"{where} holds index {hi}, but must lie in [0, {upper})")
+    return index
+
+
+def has_message_hooks(conv: object) -> bool:
+    """Whether a PyG `MessagePassing` layer has propagate/message/aggregate/edge-update hooks
+    or an explainer attached (then it must run its `message`/`aggregate` reference rather
+    than a fused kernel that never forms the messages)."""
+    names = ("_propagate_forward_pre_hooks", "_propagate_forward_hooks",
+             "_message_forward_pre_hooks", "_message_forward_hooks",
+             "_aggregate_forward_pre_hooks", "_aggregate_forward_hooks",
+             "_message_and_aggregate_forward_pre_hooks", "_message_and_aggregate_forward_hooks",
+             "_edge_update_forward_pre_hooks", "_edge_update_forward_hooks")
+    return any(bool(getattr(conv, n, None)) for n in names) or bool(getattr(conv, "_explain",
+                                                                            False))

@@ -13,7 +13,6 @@ from graphspace.ops.backend import (
     resolve_backend,
 )
 from graphspace.ops.fused import (
-    edge_conditioned_aggregate,
     egnn_coord_aggregate,
     sheaf_aggregate,
     weighted_aggregate,
@@ -28,7 +27,6 @@ __all__ = [
     "REDUCTIONS",
     "available_backends",
     "clear_layout_cache",
-    "edge_conditioned_aggregate",
     "egnn_coord_aggregate",
     "get_csr",
     "last_backend",

@@ -103,33 +103,6 @@ class WeightedFn(torch.autograd.Function):
         return _out(gx, x), _out(gw, w), None, None, None
 
 
-class EdgeCondFn(torch.autograd.Function):
-    """``out_i = reduce_{j -> i} x_j * (e_ij W)``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, ea: Tensor, weight: Tensor, csr: CSR, reduce: str,
-                impl: ModuleType) -> Tensor:
-        extremum = reduce in ("max", "min")
-        need_ties = extremum and any(ctx.needs_input_grad[:3])
-        out, ties = impl.edge_cond_forward(_in(x, impl), _in(ea, impl), _in(weight, impl), csr,
-                                           reduce, need_ties)
-        ctx.csr, ctx.reduce, ctx.impl = csr, reduce, impl
-        ctx.save_for_backward(x, ea, weight, out if extremum else None, ties)
-        return out.to(x.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, ea, weight, out, ties = ctx.saved_tensors
-        impl = ctx.impl
-        need = ctx.needs_input_grad
-        gx, gea, gw = impl.edge_cond_backward(
-            g.to(acc_dtype(x.dtype)), _in(x, impl), _in(ea, impl), _in(weight, impl), out, ties,
-            ctx.csr, ctx.reduce, need[0], need[1], need[2],
-        )
-        return _out(gx, x), _out(gea, ea), _out(gw, weight), None, None, None
-
-
 class EgnnCoordFn(torch.autograd.Function):
     """``out_i = reduce_{j -> i} phi_ij (p_i - p_j) [/ (|p_i - p_j| + eps)]``."""
 

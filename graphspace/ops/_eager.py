@@ -71,12 +71,6 @@ def weighted(x: Tensor, edge_index: Tensor, w: Tensor | None, dim_size: int, red
     return fn(msg, edge_index[1], dim_size, reduce).to(x.dtype)
 
 
-def edge_conditioned(x: Tensor, edge_index: Tensor, ea: Tensor, weight: Tensor, dim_size: int,
-                     reduce: str, fn: ScatterFn) -> Tensor:
-    msg = upcast(x).index_select(0, edge_index[0]) * (upcast(ea) @ upcast(weight))
-    return fn(msg, edge_index[1], dim_size, reduce).to(x.dtype)
-
-
 def egnn_coord(pos: Tensor, edge_index: Tensor, coef: Tensor, reduce: str, normalize: bool,
                eps: float, fn: ScatterFn) -> Tensor:
     p = upcast(pos)

@@ -320,42 +320,6 @@ def weighted_backward(
     return gx, gw
 
 
-# ------------------------------------------------------ (b) edge-conditioned x_j * (e_ij W)
-
-def _gate_coef(ea: Tensor, weight: Tensor) -> CoefFn:
-    def coef(ids: Tensor) -> Tensor:
-        return torch.mm(_gather("ea", ea, ids), weight,
-                        out=_buffer("coef", (ids.numel(), weight.size(1)), weight))
-    return coef
-
-
-def edge_cond_forward(
-    x: Tensor, ea: Tensor, weight: Tensor, csr: CSR, reduce: str, need_ties: bool = False
-) -> tuple[Tensor, None]:
-    """``out_i = reduce_{j -> i} x_j * (e_ij @ W)``."""
-    return _reduce_chunks(x, _gate_coef(ea, weight), csr, reduce), None
-
-
-def edge_cond_backward(
-    g: Tensor, x: Tensor, ea: Tensor, weight: Tensor, out: Tensor, ties: Tensor | None,
-    csr: CSR, reduce: str, need_x: bool, need_ea: bool, need_w: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    gea = torch.empty_like(ea) if need_ea else None
-    gw = torch.zeros_like(weight) if need_w else None
-
-    def coef_grad(s: int, e: int, gc: Tensor) -> None:
-        ids = csr.perm[s:e]
-        if gea is not None:
-            gea.index_copy_(0, ids, torch.mm(gc, weight.t(),
-                                             out=_buffer("gea", (e - s, ea.size(1)), ea)))
-        if gw is not None:
-            gw.addmm_(_gather("ea", ea, ids).t(), gc)
-
-    gx = _backward_chunks(g, x, _gate_coef(ea, weight), out, csr, reduce, need_x,
-                          coef_grad if (need_ea or need_w) else None)
-    return gx, gea, gw
-
-
 # ------------------------------------------- (c1) EGNN coordinates sum_j (p_i - p_j) phi_ij
 
 def _unit(d: Tensor, normalize: bool, eps: float) -> tuple[Tensor, Tensor | None]:

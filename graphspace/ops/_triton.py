@@ -459,32 +459,6 @@ def weighted_backward(
     return gx, None
 
 
-def edge_cond_forward(
-    x: Tensor, ea: Tensor, weight: Tensor, csr: CSR, reduce: str, need_ties: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    return _csr_reduce(x, csr, reduce, 3, ea=ea, weight=weight, need_ties=need_ties)
-
-
-def edge_cond_backward(
-    g: Tensor, x: Tensor, ea: Tensor, weight: Tensor, out: Tensor, ties: Tensor | None,
-    csr: CSR, reduce: str, need_x: bool, need_ea: bool, need_w: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    extremum = reduce in ("max", "min")
-    gx = None
-    if need_x and not extremum:
-        gx = _csr_reduce(_scale_mean(g, csr, reduce), csr.transpose(), "sum", 3, ea=ea,
-                         weight=weight)[0]
-    gea = gw = None
-    if need_ea or need_w or (need_x and extremum):
-        gh = g if extremum else _scale_mean(g, csr, reduce)
-        gxa, _, gea, gw = _edge_backward(gh, x, out, ties, csr, reduce, 3, None,
-                                         ea, weight, gx_atomic=need_x and extremum,
-                                         need_w=False, need_ea=need_ea, need_wt=need_w)
-        if extremum:
-            gx = gxa
-    return gx, gea, gw
-
-
 def egnn_forward(
     pos: Tensor, coef: Tensor, csr: CSR, reduce: str, normalize: bool, eps: float,
     keep: bool = False,

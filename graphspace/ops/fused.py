@@ -11,7 +11,6 @@ from torch import Tensor
 
 from graphspace.ops import _eager
 from graphspace.ops._autograd import (
-    EdgeCondFn,
     EgnnCoordFn,
     SheafFn,
     WeightedFn,
@@ -28,10 +27,6 @@ from graphspace.ops._checks import (
 )
 from graphspace.ops.backend import _record, resolve_backend
 from graphspace.ops.layout import CSR, edge_list, get_csr
-
-#: largest edge-feature width the Triton edge-conditioned kernel keeps in registers; wider
-#: edge features run on the ``torch`` backend.
-TRITON_MAX_EDGE_DIM = 128
 
 
 def _edge_csr(edge_index: Tensor, num_targets: int, num_sources: int) -> CSR:
@@ -111,68 +106,6 @@ def weighted_aggregate(
         out = WeightedFn.apply(x2, w, csr, reduce, impl_module(name))
     _record(name)
     return out.squeeze(-1) if squeeze else out
-
-
-def edge_conditioned_aggregate(
-    x: Tensor,
-    edge_index: Tensor,
-    edge_attr: Tensor,
-    weight: Tensor,
-    dim_size: int | None = None,
-    reduce: str = "sum",
-    *,
-    backend: str | None = None,
-) -> Tensor:
-    r"""Edge-conditioned aggregation :math:`\mathbf{x}_j \odot (\mathbf{e}_{ji} W)`, fused.
-
-    .. math::
-        \mathbf{out}_i = \operatorname*{reduce}_{(j \to i) \in \mathcal{E}}
-            \mathbf{x}_j \odot (\mathbf{e}_{ji} W)
-
-    The per-edge channel gates :math:`\mathbf{e}_{ji} W` (the message modulation of the
-    metanetwork layer) are formed tile by tile next to the gathered features; neither they nor
-    the messages are written out. Gradients flow to ``x``, ``edge_attr`` and ``weight``.
-
-    Args:
-        x: source node features.
-        edge_index: ``(2, E)``, row 0 sources, row 1 targets.
-        edge_attr: ``(E, D_e)`` edge features, same dtype as ``x``.
-        weight: ``(D_e, F)`` projection, same dtype as ``x``.
-        dim_size: number of target nodes. (default: ``x.size(0)``)
-        reduce: ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``. (default: ``"sum"``)
-        backend: force a backend. (default: ``None``)
-
-    Shapes:
-        - **x:** :math:`(N_{src}, F)`, **edge_attr:** :math:`(E, D_e)`,
-          **weight:** :math:`(D_e, F)`
-        - **output:** :math:`(N_{dst}, F)`
-    """
-    op = "edge_conditioned_aggregate"
-    x = check_float(x, "x", op, ndim=(2,))
-    reduce = check_reduce(reduce, ("sum", "mean", "max", "min"), op)
-    edge_index, size = _common(x, edge_index, dim_size, op)
-    ea = check_float(edge_attr, "edge_attr", op, ndim=(2,))
-    weight = check_float(weight, "weight", op, ndim=(2,))
-    check_like(ea, x, "edge_attr", "x", op)
-    check_like(weight, x, "weight", "x", op)
-    check_length(ea.size(0), edge_index.size(1), "edge_attr vs edge_index.size(1)", op)
-    if weight.shape != (ea.size(1), x.size(1)):
-        raise ValueError(f"{op}: weight must have shape (edge_attr.size(1), x.size(1)) = "
-                         f"{(ea.size(1), x.size(1))}, got {tuple(weight.shape)}")
-    if torch.compiler.is_compiling():
-        return _eager.edge_conditioned(x, edge_index, ea, weight, size, reduce,
-                                       _eager.torch_scatter_2d)
-    name = resolve_backend(x.device, op, backend)
-    if name == "triton" and ea.size(1) > TRITON_MAX_EDGE_DIM:
-        name = "torch"
-    if name == "torch_scatter":
-        out = _eager.edge_conditioned(x, edge_index, ea, weight, size, reduce,
-                                      _eager.torch_scatter_ext)
-    else:
-        csr = _edge_csr(edge_index, size, x.size(0))
-        out = EdgeCondFn.apply(x, ea, weight, csr, reduce, impl_module(name))
-    _record(name)
-    return out
 
 
 def egnn_coord_aggregate(

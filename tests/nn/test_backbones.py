@@ -22,7 +22,7 @@ from graphspace.nn.models.backbones import (
 from graphspace.testing import swap_io_neurons
 from graphspace.testing.models import MLP, ResNet, SmallCNN
 
-NEW = ["egnn", "sheaf", "unitary", "subgraph", "gump", "connection_sheaf"]
+NEW = ["egnn", "sheaf", "unitary", "subgraph", "gump", "connection_sheaf", "ds", "dss"]
 # (backbone, backbone_kwargs): every registered family, plus the main options
 CONFIGS = [(name, {}) for name in sorted(BACKBONES)] + [
     ("egnn", {"coords": "positional"}),

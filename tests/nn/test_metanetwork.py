@@ -21,17 +21,17 @@ def test_conv_shapes_repr_and_node_equivariance():
     x = torch.randn(10, 8, dtype=torch.float64)
     ei = torch.randint(0, 10, (2, 30))
     ea = torch.randn(30, 4, dtype=torch.float64)
-    out, e = conv(x, ei, ea)
+    out, e = conv(x, ei, ea, return_edge_attr=True)
     assert out.shape == (10, 16) and e.shape == (30, 6)
     assert "MetaNetworkConv(8, 16" in repr(conv)
     perm = torch.randperm(10)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(10)
-    out_p, e_p = conv(x[perm], inv[ei], ea)
+    out_p, e_p = conv(x[perm], inv[ei], ea, return_edge_attr=True)
     assert torch.allclose(out_p, out[perm], atol=1e-10)
     assert torch.allclose(e_p, e, atol=1e-10)
     # negative control: permuting node features without relabelling edges changes the output
-    out_bad, _ = conv(x[perm], ei, ea)
+    out_bad = conv(x[perm], ei, ea)
     assert not torch.allclose(out_bad, out[perm], atol=1e-4)
     # gradients reach every parameter
     (out.sum() + e.sum()).backward()
@@ -42,7 +42,8 @@ def test_conv_isolated_nodes_and_bad_aggregator():
     conv = MetaNetworkConv(4, 4, edge_dim=2)
     x = torch.randn(5, 4)
     ei = torch.tensor([[0, 1], [1, 2]])
-    out, _ = conv(x, ei, torch.randn(2, 2))
+    out = conv(x, ei, torch.randn(2, 2))
+    assert out.shape == (5, 4)
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="aggregator"):
         MetaNetworkConv(4, 4, 2, aggregators=("median",))
@@ -168,7 +169,7 @@ def test_fused_cpu_path_matches_reference(aggs, update_edges, edge_out, sort):
         x, ea = x0.clone().requires_grad_(), ea0.clone().requires_grad_()
         conv._fusable = (lambda *a: True) if fused else (lambda *a: False)
         try:
-            out, e = conv(x, ei, ea)
+            out, e = conv(x, ei, ea, return_edge_attr=True)
         finally:
             del conv._fusable
         g = torch.Generator().manual_seed(1)
@@ -193,7 +194,7 @@ def test_chunked_path_matches_reference(monkeypatch, aggs, update_edges, edge_ou
     inputs and parameters without edge update, so every message is exact whatever the
     summation order and two equal messages into one node are an exact max/min tie (whose
     gradient both paths split evenly)."""
-    from graphspace.nn.conv import metanetwork_conv as mc
+    from graphspace.ops import metanetwork as mc
 
     if integer and update_edges:
         pytest.skip("the SiLU edge update makes messages inexact")
@@ -220,7 +221,7 @@ def test_chunked_path_matches_reference(monkeypatch, aggs, update_edges, edge_ou
         if not fused:
             conv._fusable = lambda *a: False
         try:
-            out, e = conv(x, ei, ea)
+            out, e = conv(x, ei, ea, return_edge_attr=True)
         finally:
             conv.__dict__.pop("_fusable", None)
         g = torch.Generator().manual_seed(1)
@@ -240,9 +241,9 @@ def test_chunked_path_matches_reference(monkeypatch, aggs, update_edges, edge_ou
 def test_chunked_edge_layer_gradcheck(monkeypatch, update_edges, residual, keep):
     """The hand-written backward of the chunked edge layer passes fp64 gradcheck, whichever
     per-edge intermediates it keeps and whichever it recomputes."""
-    from graphspace.nn.conv import metanetwork_conv as mc
-    from graphspace.nn.conv.metanetwork_conv import _ChunkedEdgeLayer, _EdgeChunks
     from graphspace.ops import get_csr
+    from graphspace.ops import metanetwork as mc
+    from graphspace.ops.metanetwork import _ChunkedEdgeLayer, _EdgeChunks
 
     kept = {"all": mc.KEEP, "none": (), "some": ("z0", "m")}[keep]
     monkeypatch.setattr(mc, "KEEP", kept)

@@ -79,13 +79,6 @@ def ref_weighted(x: Tensor, ei: Tensor, w: Tensor | None, n: int, reduce: str) -
     return ref_reduce(msgs, ei[1], n, reduce)
 
 
-def ref_edge_conditioned(x: Tensor, ei: Tensor, ea: Tensor, weight: Tensor, n: int,
-                         reduce: str) -> Tensor:
-    gates = torch.stack([ea[e] @ weight for e in range(ea.size(0))]) if ea.size(0) else \
-        x.new_zeros(0, x.size(1))
-    return ref_reduce(x[ei[0]] * gates, ei[1], n, reduce)
-
-
 def ref_egnn(pos: Tensor, ei: Tensor, coef: Tensor, reduce: str, normalize: bool,
              eps: float) -> Tensor:
     diff = pos[ei[1]] - pos[ei[0]]

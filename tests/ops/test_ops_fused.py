@@ -11,7 +11,6 @@ from ops_reference import (
     grads,
     leaf,
     random_graph,
-    ref_edge_conditioned,
     ref_egnn,
     ref_sheaf,
     ref_weighted,
@@ -99,37 +98,11 @@ def test_chunked_torch_path_spans_many_chunks(monkeypatch):
     ei = random_graph(N_SRC, N_DST, N_EDGES, seed=6)
     x64 = torch.randn(N_SRC, 6, dtype=torch.float64)
     w64 = torch.randn(ei.size(1), 6, dtype=torch.float64)
-    ea64 = torch.randn(ei.size(1), 3, dtype=torch.float64)
-    wt64 = torch.randn(3, 6, dtype=torch.float64)
     for reduce in ("sum", "max"):
         rx, rw = leaf(x64, torch.float64, "cpu"), leaf(w64, torch.float64, "cpu")
         x, w = leaf(x64, torch.float64, "cpu"), leaf(w64, torch.float64, "cpu")
         out = ops.weighted_aggregate(x, ei, w, N_DST, reduce, backend="torch")
         _check(out, ref_weighted(rx, ei, rw, N_DST, reduce), [x, w], [rx, rw])
-        ins = [leaf(t, torch.float64, "cpu") for t in (x64, ea64, wt64)]
-        rins = [leaf(t, torch.float64, "cpu") for t in (x64, ea64, wt64)]
-        out = ops.edge_conditioned_aggregate(ins[0], ei, ins[1], ins[2], N_DST, reduce,
-                                             backend="torch")
-        _check(out, ref_edge_conditioned(rins[0], ei, rins[1], rins[2], N_DST, reduce), ins,
-               rins)
-
-
-# ---------------------------------------------------------------- edge_conditioned_aggregate
-
-@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min"])
-@pytest.mark.parametrize("edge_dim", [3, 20])
-def test_edge_conditioned_aggregate(bd, reduce, edge_dim):
-    backend, device = bd
-    ei = random_graph(N_SRC, N_DST, N_EDGES, seed=7)
-    ts = (torch.randn(N_SRC, 6, dtype=torch.float64),
-          torch.randn(ei.size(1), edge_dim, dtype=torch.float64),
-          torch.randn(edge_dim, 6, dtype=torch.float64))
-    rins = [leaf(t, torch.float64, "cpu") for t in ts]
-    ins = [leaf(t, torch.float64, device) for t in ts]
-    out = ops.edge_conditioned_aggregate(ins[0], ei.to(device), ins[1], ins[2], N_DST, reduce,
-                                         backend=backend)
-    assert ops.last_backend() == backend and out.shape == (N_DST, 6)
-    _check(out, ref_edge_conditioned(rins[0], ei, rins[1], rins[2], N_DST, reduce), ins, rins)
 
 
 # ----------------------------------------------------------------------- egnn_coord_aggregate
@@ -235,10 +208,6 @@ def test_fused_ops_without_edges(bd):
         ops.weighted_aggregate(x, ei, w, 3, "mean", backend=backend),
         ops.weighted_aggregate(x, ei, torch.zeros(0, 4, dtype=torch.float64, device=device), 3,
                                backend=backend),
-        ops.edge_conditioned_aggregate(x, ei, torch.zeros(0, 2, dtype=torch.float64,
-                                                          device=device),
-                                       torch.zeros(2, 4, dtype=torch.float64, device=device), 3,
-                                       backend=backend),
         ops.egnn_coord_aggregate(x[:, :3], ei, torch.zeros(0, dtype=torch.float64,
                                                            device=device), backend=backend),
         ops.sheaf_aggregate(x[:, :2], ei, torch.zeros(0, 2, 2, dtype=torch.float64,
@@ -257,12 +226,9 @@ def test_gradcheck_torch_backend():
     def dbl(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
-    x, w, ea, wt = dbl(5, 3), dbl(e), dbl(e, 2), dbl(2, 3)
+    x, w = dbl(5, 3), dbl(e)
     assert torch.autograd.gradcheck(
         lambda x, w: ops.weighted_aggregate(x, ei, w, 6, "mean", backend="torch"), (x, w))
-    assert torch.autograd.gradcheck(
-        lambda x, ea, wt: ops.edge_conditioned_aggregate(x, ei, ea, wt, 6, "max",
-                                                         backend="torch"), (x, ea, wt))
     sq = ei[:, (ei[0] != ei[1]) & (ei[1] < 5)]
     pos, coef = dbl(5, 3), dbl(sq.size(1))
     assert torch.autograd.gradcheck(
@@ -295,10 +261,6 @@ def _bad_cases():
         (lambda x, ei: ops.weighted_aggregate(x, ei.float()), TypeError, "int64 or int32"),
         (lambda x, ei: ops.weighted_aggregate(x, ei[:1]), ValueError, r"\(2, E\)"),
         (lambda x, ei: ops.weighted_aggregate(x, ei, reduce="std"), ValueError, "reduce"),
-        (lambda x, ei: ops.edge_conditioned_aggregate(x, ei, torch.ones(3, 2), torch.ones(3, 3)),
-         ValueError, "weight must have shape"),
-        (lambda x, ei: ops.edge_conditioned_aggregate(x, ei, torch.ones(4, 2), torch.ones(2, 3)),
-         ValueError, "mismatched lengths"),
         (lambda x, ei: ops.egnn_coord_aggregate(x, ei, torch.ones(3, 2)), ValueError, r"\(E, 1\)"),
         (lambda x, ei: ops.egnn_coord_aggregate(x, ei, torch.ones(3), "max"), ValueError,
          "reduce"),

@@ -32,5 +32,6 @@ def test_triton_kernels_under_interpreter():
     report = run.stdout[-6000:] + run.stderr[-3000:]
     assert run.returncode == 0, report
     passed = re.search(r"(\d+) passed", run.stdout)
-    assert passed is not None and int(passed.group(1)) >= 50, report
+    # 48 interpreter cases since edge_conditioned_aggregate (8 cases) left the package
+    assert passed is not None and int(passed.group(1)) >= 45, report
     assert re.search(r"\d+ (failed|errors?)\b", run.stdout) is None, report

@@ -6,82 +6,96 @@ Networks", ICML 2021, https://arxiv.org/abs/2102.09844 (equations 3--7).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch_geometric.nn import MessagePassing
 
-from graphspace.ops import scatter
+from graphspace.nn.validation import (
+    as_edge_index,
+    check_edge_features,
+    check_node_features,
+)
+from graphspace.ops import egnn_coord_aggregate, scatter
 
 __all__ = ["EGNNConv", "EGNN"]
 
 
-class EGNNConv(nn.Module):
+class EGNNConv(MessagePassing):
     r"""One E(n)-equivariant graph convolutional layer (EGCL).
 
-    For every edge :math:`j \to i` (``edge_index[0] = j``, ``edge_index[1] = i``):
+    For every edge $j \to i$ (`edge_index[0] = j`, `edge_index[1] = i`):
 
-    .. math::
-        \mathbf{m}_{ij} &= \phi_e\big(\mathbf{h}_i, \mathbf{h}_j,
-            \lVert \mathbf{x}_i - \mathbf{x}_j \rVert^2, \mathbf{a}_{ij}\big) \\
-        \mathbf{x}_i' &= \mathbf{x}_i + C \sum_{j \in \mathcal{N}(i)}
-            (\mathbf{x}_i - \mathbf{x}_j)\, \phi_x(\mathbf{m}_{ij}) \\
-        \mathbf{h}_i' &= \phi_h\Big(\mathbf{h}_i, \sum_{j \in \mathcal{N}(i)}
-            \mathbf{m}_{ij}\Big) \;\big(+\, \mathbf{h}_i \text{ if residual}\big)
+    $$
+    \begin{aligned}
+    \mathbf{m}_{ij} &= \phi_e\big(\mathbf{h}_i, \mathbf{h}_j,
+        \lVert \mathbf{x}_i - \mathbf{x}_j \rVert^2, \mathbf{a}_{ij}\big) \\
+    \mathbf{x}_i' &= \mathbf{x}_i + C \sum_{j \in \mathcal{N}(i)}
+        (\mathbf{x}_i - \mathbf{x}_j)\, \phi_x(\mathbf{m}_{ij}) \\
+    \mathbf{h}_i' &= \phi_h\Big(\mathbf{h}_i, \sum_{j \in \mathcal{N}(i)}
+        \mathbf{m}_{ij}\Big) \;\big(+\, \mathbf{h}_i \text{ if residual}\big)
+    \end{aligned}
+    $$
 
-    with :math:`C = 1/|\mathcal{N}(i)|` (``coords_agg="mean"``; equal to the paper's
-    :math:`1/(M-1)` on a fully connected graph, and the default of the authors' code) or
-    :math:`C = 1` (``coords_agg="sum"``).
+    with $C = 1/|\mathcal{N}(i)|$ (`coords_agg="mean"`; equal to the paper's
+    $1/(M-1)$ on a fully connected graph, and the default of the authors' code) or
+    $C = 1$ (`coords_agg="sum"`).
 
     Options (all from the paper or the authors' reference code):
 
-    * ``attention``: messages are gated, :math:`\mathbf{m}_{ij} \leftarrow e_{ij}
-      \mathbf{m}_{ij}` with :math:`e_{ij} = \sigma(\phi_{inf}(\mathbf{m}_{ij}))` (eq. 8).
-    * ``normalize``: use :math:`(\mathbf{x}_i - \mathbf{x}_j) / (\lVert \mathbf{x}_i -
-      \mathbf{x}_j \rVert + \epsilon)` in the coordinate update (numerical stability).
-    * ``tanh``: bound the coordinate weight,
-      :math:`\phi_x(\mathbf{m}) = r \tanh(\mathrm{MLP}(\mathbf{m}))` with
-      :math:`r` = ``coords_range``.
-    * ``velocity`` (eq. 7): the layer also takes the (initial) velocity :math:`\mathbf{v}_i`
+    * `attention`: messages are gated, $\mathbf{m}_{ij} \leftarrow e_{ij}
+      \mathbf{m}_{ij}$ with $e_{ij} = \sigma(\phi_{inf}(\mathbf{m}_{ij}))$ (eq. 8).
+    * `normalize`: use $(\mathbf{x}_i - \mathbf{x}_j) / (\lVert \mathbf{x}_i -
+      \mathbf{x}_j \rVert + \epsilon)$ in the coordinate update (numerical stability).
+    * `tanh`: bound the coordinate weight,
+      $\phi_x(\mathbf{m}) = r \tanh(\mathrm{MLP}(\mathbf{m}))$ with
+      $r$ = `coords_range`.
+    * `velocity` (eq. 7): the layer also takes the (initial) velocity $\mathbf{v}_i$
       and returns an updated velocity,
 
-      .. math::
-          \mathbf{v}_i' &= \phi_v(\mathbf{h}_i)\, \mathbf{v}_i + C \sum_{j \ne i}
-              (\mathbf{x}_i - \mathbf{x}_j)\, \phi_x(\mathbf{m}_{ij}) \\
-          \mathbf{x}_i' &= \mathbf{x}_i + \mathbf{v}_i'
+      $$
+      \begin{aligned}
+      \mathbf{v}_i' &= \phi_v(\mathbf{h}_i)\, \mathbf{v}_i + C \sum_{j \ne i}
+          (\mathbf{x}_i - \mathbf{x}_j)\, \phi_x(\mathbf{m}_{ij}) \\
+      \mathbf{x}_i' &= \mathbf{x}_i + \mathbf{v}_i'
+      \end{aligned}
+      $$
 
-    All MLPs use ``act`` (SiLU by default, as in the paper). The last layer of
-    :math:`\phi_x` has no bias and is initialised with Xavier-uniform gain 0.001, as in
+    All MLPs use `act` (SiLU by default, as in the paper). The last layer of
+    $\phi_x$ has no bias and is initialised with Xavier-uniform gain 0.001, as in
     the authors' code, so a freshly initialised layer moves coordinates very little.
 
-    The layer is equivariant to rotations/reflections :math:`Q \in O(n)` and translations
-    :math:`t` of ``pos`` (and rotations of ``vel``), invariant in ``h``, and equivariant to
+    The layer is equivariant to rotations/reflections $Q \in O(n)$ and translations
+    $t$ of `pos` (and rotations of `vel`), invariant in `h`, and equivariant to
     node permutations.
 
     Args:
-        in_channels: size of the input node features :math:`\mathbf{h}_i`.
+        in_channels: size of the input node features $\mathbf{h}_i$.
         out_channels: size of the output node features.
         hidden_channels: width of the message / MLP hidden layers (default
-            ``out_channels``).
-        edge_dim: size of the edge attributes :math:`\mathbf{a}_{ij}` (0: none).
-        act: activation module used inside all MLPs (default :class:`torch.nn.SiLU`).
-        attention: gate messages with :math:`\sigma(\phi_{inf}(\mathbf{m}_{ij}))`.
-        normalize: normalise coordinate differences by their length (+ ``eps``).
-        tanh: bound :math:`\phi_x` by ``coords_range * tanh(.)``.
-        coords_range: the bound :math:`r` used when ``tanh=True``.
-        coords_agg: ``"mean"`` (paper's :math:`C=1/(M-1)`) or ``"sum"`` (:math:`C=1`).
-        residual: add :math:`\mathbf{h}_i` to the node update (only when
-            ``in_channels == out_channels``; the paper's code default).
-        velocity: the eq. 7 velocity variant (``forward`` then needs ``vel`` and also
+            `out_channels`).
+        edge_dim: size of the edge attributes $\mathbf{a}_{ij}$ (0: none).
+        act: activation module used inside all MLPs (default `SiLU`).
+        attention: gate messages with $\sigma(\phi_{inf}(\mathbf{m}_{ij}))$.
+        normalize: normalise coordinate differences by their length (+ `eps`).
+        tanh: bound $\phi_x$ by `coords_range * tanh(.)`.
+        coords_range: the bound $r$ used when `tanh=True`.
+        coords_agg: `"mean"` (paper's $C=1/(M-1)$) or `"sum"` ($C=1$).
+        residual: add $\mathbf{h}_i$ to the node update (only when
+            `in_channels == out_channels`; the paper's code default).
+        velocity: the eq. 7 velocity variant (`forward` then needs `vel` and also
             returns the new velocity).
-        eps: the :math:`\epsilon` of ``normalize``.
+        eps: the $\epsilon$ of `normalize`.
 
     Shapes:
-        - **input:** ``x`` :math:`(N, F_{in})`, ``pos`` :math:`(N, D)`, ``edge_index``
-          :math:`(2, E)`, ``edge_attr`` :math:`(E, F_e)` (optional), ``vel``
-          :math:`(N, D)` (velocity variant only).
-        - **output:** ``(h, pos)`` with ``h`` :math:`(N, F_{out})` and ``pos``
-          :math:`(N, D)`, or ``(h, pos, vel)`` when ``velocity=True``.
+        - **input:** `x` $(N, F_{in})$ (floating point), `pos` $(N, D)$, `edge_index`
+          $(2, E)$ (a `Tensor` or PyG `EdgeIndex`) or a transposed sparse adjacency `adj_t`
+          $(N, N)$ (`torch.sparse` COO/CSR/CSC or `SparseTensor`; structure only, with
+          `edge_attr`'s rows in the order of its non-zeros, row-major), `edge_attr`
+          $(E, F_e)$ (optional), `vel` $(N, D)$ (velocity variant only).
+        - **output:** `(h, pos)` with `h` $(N, F_{out})$ and `pos`
+          $(N, D)$, or `(h, pos, vel)` when `velocity=True`.
     """
 
     def __init__(
@@ -100,7 +114,7 @@ class EGNNConv(nn.Module):
         velocity: bool = False,
         eps: float = 1e-8,
     ) -> None:
-        super().__init__()
+        super().__init__(aggr=None)
         if coords_agg not in ("mean", "sum"):
             raise ValueError(f"coords_agg must be 'mean' or 'sum', got {coords_agg!r}")
         hidden = out_channels if hidden_channels is None else hidden_channels
@@ -172,41 +186,69 @@ class EGNNConv(nn.Module):
         self,
         x: Tensor,
         pos: Tensor,
-        edge_index: Tensor,
+        edge_index: Any,
         edge_attr: Tensor | None = None,
         vel: Tensor | None = None,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
         """Run the layer; see the class docstring for shapes and return values."""
-        num_nodes = x.size(0)
+        edge_index, edge_attr = self._check(x, pos, edge_index, edge_attr, vel)
         src, dst = edge_index[0], edge_index[1]  # messages j=src -> i=dst
-        diff = pos[dst] - pos[src]  # x_i - x_j
+        diff = pos.index_select(0, dst) - pos.index_select(0, src)  # x_i - x_j
         radial = (diff * diff).sum(dim=-1, keepdim=True)
-        if self.normalize:
-            diff = diff / (radial.sqrt() + self.eps)
-
-        feats = [x[dst], x[src], radial]
-        if self.edge_dim > 0:
-            if edge_attr is None:
-                raise ValueError(f"edge_dim={self.edge_dim} but no edge_attr was given")
-            feats.append(edge_attr.view(edge_attr.size(0), -1))
-        m = self.edge_mlp(torch.cat(feats, dim=-1))
-        if self.att_mlp is not None:
-            m = m * torch.sigmoid(self.att_mlp(m))
-
-        trans = diff * self._phi_x(m)
-        delta = scatter(trans, dst, dim=0, dim_size=num_nodes, reduce=self.coords_agg)
-
-        agg = scatter(m, dst, dim=0, dim_size=num_nodes, reduce="sum")
+        m = self.edge_updater(edge_index, x=x, radial=radial, edge_attr=edge_attr)
+        # coordinate update (eq. 4), fused: sum_j (x_i - x_j) phi_x(m_ij), mean or sum
+        delta = egnn_coord_aggregate(pos, edge_index, self._phi_x(m), self.coords_agg,
+                                     normalize=self.normalize, eps=self.eps)
+        agg = self.propagate(edge_index, m=m, size=(x.size(0), x.size(0)))  # eq. 5
         h = self.node_mlp(torch.cat([x, agg], dim=-1))
         if self.residual:
             h = x + h
 
         if self.vel_mlp is not None:
-            if vel is None:
-                raise ValueError("velocity=True needs vel")
+            assert vel is not None
             vel_new = self.vel_mlp(x) * vel + delta
             return h, pos + vel_new, vel_new
         return h, pos + delta
+
+    def _check(self, x: Tensor, pos: Tensor, edge_index: Any, edge_attr: Tensor | None,
+               vel: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        name = type(self).__name__
+        check_node_features(x, "x", layer=name, channels=self.in_channels)
+        check_node_features(pos, "pos", layer=name, num_nodes=x.size(0))
+        edge_index, _ = as_edge_index(edge_index, x.size(0), layer=name)
+        if self.edge_dim > 0:
+            if edge_attr is None:
+                raise ValueError(f"{name}: edge_dim={self.edge_dim} but no edge_attr was given")
+            if isinstance(edge_attr, Tensor) and edge_attr.dim() == 1:
+                edge_attr = edge_attr.unsqueeze(-1)
+            check_edge_features(edge_attr, edge_index.size(1), layer=name,
+                                channels=self.edge_dim)
+        else:
+            edge_attr = None
+        if self.vel_mlp is not None:
+            if vel is None:
+                raise ValueError(f"{name}: velocity=True needs vel")
+            check_node_features(vel, "vel", layer=name, channels=pos.size(-1),
+                                num_nodes=x.size(0))
+        return edge_index, edge_attr
+
+    def edge_update(self, x_i: Tensor, x_j: Tensor, radial: Tensor,
+                    edge_attr: Tensor | None) -> Tensor:
+        r"""The message $\mathbf m_{ij} = \phi_e(\mathbf h_i, \mathbf h_j, \lVert \mathbf x_i -
+        \mathbf x_j \rVert^2, \mathbf a_{ij})$ (eq. 3), gated by attention if enabled."""
+        feats = [x_i, x_j, radial] + ([edge_attr] if edge_attr is not None else [])
+        m = self.edge_mlp(torch.cat(feats, dim=-1))
+        if self.att_mlp is not None:
+            m = m * torch.sigmoid(self.att_mlp(m))
+        return m
+
+    def message(self, m: Tensor) -> Tensor:
+        """The messages of `edge_update`, passed on unchanged."""
+        return m
+
+    def aggregate(self, inputs: Tensor, index: Tensor, dim_size: int | None = None) -> Tensor:
+        r"""$\sum_{j \in \mathcal N(i)} \mathbf m_{ij}$ through `graphspace.ops.scatter`."""
+        return scatter(inputs, index, 0, dim_size, "sum")
 
     def __repr__(self) -> str:
         return (
@@ -218,33 +260,34 @@ class EGNNConv(nn.Module):
 
 
 class EGNN(nn.Module):
-    r"""A stack of :class:`EGNNConv` layers with input/output embeddings, as used for the
-    N-body experiment of Satorras et al. (2021) (their ``EGNN_vel`` model).
+    r"""A stack of `EGNNConv` layers with input/output embeddings, as used for the
+    N-body experiment of Satorras et al. (2021) (their `EGNN_vel` model).
 
-    .. math::
-        \mathbf{h}^0 = W_{in} \mathbf{h} + b, \qquad
-        (\mathbf{h}^{l+1}, \mathbf{x}^{l+1}) = \mathrm{EGCL}(\mathbf{h}^l, \mathbf{x}^l,
-            \mathbf{a}, \mathbf{v}^{init}), \qquad
-        \mathbf{h}^{out} = W_{out} \mathbf{h}^L + b
+    $$
+    \mathbf{h}^0 = W_{in} \mathbf{h} + b, \qquad
+    (\mathbf{h}^{l+1}, \mathbf{x}^{l+1}) = \mathrm{EGCL}(\mathbf{h}^l, \mathbf{x}^l,
+        \mathbf{a}, \mathbf{v}^{init}), \qquad
+    \mathbf{h}^{out} = W_{out} \mathbf{h}^L + b
+    $$
 
     In the velocity variant every layer receives the *initial* velocity
-    :math:`\mathbf{v}^{init}` (eq. 7 of the paper).
+    $\mathbf{v}^{init}$ (eq. 7 of the paper).
 
     Args:
         in_channels: size of the input node features.
         hidden_channels: width of every layer (64 in the paper's N-body experiment).
-        out_channels: size of the returned node features (``None``: return the hidden
+        out_channels: size of the returned node features (`None`: return the hidden
             features without an output embedding).
-        num_layers: number of :class:`EGNNConv` layers (4 in the paper's N-body run).
+        num_layers: number of `EGNNConv` layers (4 in the paper's N-body run).
         edge_dim: size of the edge attributes.
-        velocity: use the velocity variant (``forward`` then needs ``vel``).
-        **kwargs: further :class:`EGNNConv` options (``attention``, ``normalize``,
-            ``tanh``, ``coords_range``, ``coords_agg``, ``residual``, ``act``).
+        velocity: use the velocity variant (`forward` then needs `vel`).
+        **kwargs: further `EGNNConv` options (`attention`, `normalize`,
+            `tanh`, `coords_range`, `coords_agg`, `residual`, `act`).
 
     Shapes:
-        - **input:** ``x`` :math:`(N, F_{in})`, ``pos`` :math:`(N, D)`, ``edge_index``
-          :math:`(2, E)`, ``edge_attr`` :math:`(E, F_e)`, ``vel`` :math:`(N, D)`.
-        - **output:** ``(h, pos)``: :math:`(N, F_{out})` and :math:`(N, D)`.
+        - **input:** `x` $(N, F_{in})$, `pos` $(N, D)$, `edge_index`
+          $(2, E)$, `edge_attr` $(E, F_e)$, `vel` $(N, D)$.
+        - **output:** `(h, pos)`: $(N, F_{out})$ and $(N, D)$.
     """
 
     def __init__(
@@ -297,7 +340,9 @@ class EGNN(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Return the final node features and coordinates."""
         if self.velocity and vel is None:
-            raise ValueError("velocity=True needs vel")
+            raise ValueError("EGNN: velocity=True needs vel")
+        check_node_features(x, "x", layer="EGNN", channels=self.in_channels)
+        edge_index, _ = as_edge_index(edge_index, x.size(0), layer="EGNN")
         h = self.embedding_in(x)
         for layer in self.layers:
             if self.velocity:

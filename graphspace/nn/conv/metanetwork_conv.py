@@ -1,17 +1,23 @@
-r"""Edge- and node-updating message passing for parameter graphs."""
+r"""Edge- and node-updating message passing for parameter graphs (Graph Metanetworks)."""
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch_geometric.nn import MessagePassing
 
-from graphspace.ops import CSR, get_csr, scatter
+from graphspace.nn.validation import (
+    as_edge_index,
+    check_edge_features,
+    check_node_features,
+    has_message_hooks,
+)
+from graphspace.ops import scatter
+from graphspace.ops.metanetwork import metanetwork_fusable, metanetwork_messages
 
 AGGREGATORS = ("mean", "max", "min", "std", "sum")
 SCALERS = ("identity", "amplification", "attenuation")
@@ -22,465 +28,72 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Seq
                          nn.Linear(hidden, out_dim))
 
 
-#: dtypes of the fused CPU path (others take the reference path through :func:`scatter`).
-_FUSED_DTYPES = (torch.float32, torch.float64)
-
-
-class _PairGather(torch.autograd.Function):
-    r"""``z_c = p_c[dst] + q_c[src]`` for column blocks ``c`` of ``p``, ``q``: ``(N, C * h)``.
-
-    The blocks come out as separate contiguous ``(E, h)`` tensors (slicing one ``(E, C h)``
-    result would make autograd zero-fill or concatenate full-size gradients). Backward: the
-    target half is a product with the cached CSR matrix of the targets (contiguous reads when
-    the edges are sorted by target), the source half a scatter-add.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, p: Tensor, q: Tensor, dst: Tensor, src: Tensor, csr: CSR,
-                h: int) -> tuple[Tensor, ...]:
-        outs = []
-        for c in range(p.size(1) // h):
-            z = p[:, c * h:(c + 1) * h].index_select(0, dst)
-            outs.append(z.add_(q[:, c * h:(c + 1) * h].index_select(0, src)))
-        ctx.csr, ctx.h = csr, h
-        ctx.save_for_backward(src)
-        return tuple(outs)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        (src,) = ctx.saved_tensors
-        csr: CSR = ctx.csr
-        gp = gq = None
-        if ctx.needs_input_grad[0]:
-            ones = csr.sparse_ones(grads[0].dtype)
-            gp = torch.cat([torch.sparse.mm(ones, g) for g in grads], dim=1)
-        if ctx.needs_input_grad[1]:
-            gq = torch.cat([g.new_zeros(csr.num_rows, g.size(1)).index_add_(0, src, g)
-                            for g in grads], dim=1)
-        return gp, gq, None, None, None, None
-
-
-def _node_coefficients(g: Tensor, aggregators: tuple[str, ...], f: int, cntc: Tensor,
-                       std: Tensor | None) -> tuple[Tensor | None, Tensor | None,
-                                                    list[tuple[str, Tensor]]]:
-    r"""Per-node coefficients of the message gradient of a multi-aggregation with output
-    gradient ``g`` (``(N, len(aggregators) * f)``): ``a = g_sum + g_mean / n`` (of the plain
-    gather), ``c = g_std / (n \sigma)`` (of the centred message) and the ``(name, g)`` blocks
-    of max/min (``None`` where no aggregator contributes; fresh tensors, never views of
-    ``g``)."""
-    lin: Tensor | None = None
-    cstd: Tensor | None = None
-    ext: list[tuple[str, Tensor]] = []
-    for k, a in enumerate(aggregators):
-        gk = g[:, k * f:(k + 1) * f]
-        if a in ("sum", "mean"):
-            term = gk.clone() if a == "sum" else gk / cntc
-            lin = term if lin is None else lin.add_(term)
-        elif a == "std":
-            term = gk / (cntc * torch.where(std > 0, std, torch.ones_like(std)))
-            cstd = term if cstd is None else cstd.add_(term)
-        else:
-            ext.append((a, gk))
-    return lin, cstd, ext
-
-
-class _MultiAggregate(torch.autograd.Function):
-    r"""Several reductions of the same messages over the same target index in one pass.
-
-    ``out = [agg_1(m) | agg_2(m) | ...]`` (``(N, len(aggregators) * F)``) with the conventions
-    of :func:`graphspace.ops.scatter`: empty rows are 0, ``std`` is
-    :math:`\sqrt{\operatorname{mean}((m - \mu)^2) + 10^{-12}}`, and the gradient of a
-    max/min entry is split evenly between the messages that attain it. All reductions run as
-    products with the (cached) sparse CSR matrix of ones of the target index, so the sum that
-    ``mean`` and ``std`` share is taken once and, when the edges are sorted by target, every
-    product reads the messages contiguously. The backward pass gathers one per-node
-    coefficient per reduction and forms the message gradient in place:
-
-    .. math::
-        \frac{\partial L}{\partial m_e} = \sum_{\text{sum}} g_{i} +
-        \sum_{\text{mean}} \frac{g_{i}}{n_i} + \sum_{\text{max/min}} [m_e = o_i]
-        \frac{g_{i}}{t_i} + \sum_{\text{std}} (m_e - \mu_i)\frac{g_{i}}{n_i\,\sigma_i},
-        \qquad i = \mathrm{index}_e
-
-    (:math:`n_i` messages and :math:`t_i` ties at row :math:`i`).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, m: Tensor, index: Tensor, csr: CSR,
-                aggregators: tuple[str, ...]) -> Tensor:
-        ones = csr.sparse_ones(m.dtype)
-        cnt = csr.counts(m.dtype).unsqueeze(-1)
-        cntc = cnt.clamp(min=1)
-        empty = cnt == 0
-        total = mean = centred = None
-        if any(a in ("sum", "mean", "std") for a in aggregators):
-            total = torch.sparse.mm(ones, m)
-            mean = total / cntc
-        outs: dict[str, Tensor] = {}
-        for a in aggregators:
-            if a in outs:
-                continue
-            if a == "sum":
-                outs[a] = total
-            elif a == "mean":
-                outs[a] = mean
-            elif a in ("max", "min"):
-                ext = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
-                outs[a] = ext.masked_fill_(empty, 0.0)
-            else:  # std
-                centred = mean.index_select(0, index)
-                torch.sub(m, centred, out=centred)
-                var = torch.sparse.mm(ones, centred.square()).div_(cntc)
-                outs[a] = var.add_(1e-12).sqrt_().masked_fill_(empty, 0.0)
-        ctx.csr, ctx.aggregators = csr, aggregators
-        ctx.save_for_backward(m, index, centred, outs.get("max"), outs.get("min"),
-                              outs.get("std"))
-        return torch.cat([outs[a] for a in aggregators], dim=-1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        m, index, centred, mx, mn, std = ctx.saved_tensors
-        csr: CSR = ctx.csr
-        f = m.size(1)
-        cntc = csr.counts(m.dtype).clamp(min=1).unsqueeze(-1)
-        lin, cstd, ext = _node_coefficients(g, ctx.aggregators, f, cntc, std)
-        grad: Tensor | None = None
-        if cstd is not None:
-            grad = cstd.index_select(0, index).mul_(centred)
-        for a, gk in ext:  # max / min: split between the messages equal to the output
-            hit = (mx if a == "max" else mn).index_select(0, index)
-            torch.eq(m, hit, out=hit)  # 1.0 / 0.0 in m's dtype
-            ties = torch.sparse.mm(csr.sparse_ones(m.dtype), hit).clamp_(min=1)
-            part = (gk / ties).index_select(0, index).mul_(hit)
-            grad = part if grad is None else grad.add_(part)
-        if lin is not None:
-            part = lin.index_select(0, index)
-            grad = part if grad is None else grad.add_(part)
-        return grad, None, None, None
-
-
-#: target number of edges per chunk of the chunked CPU path (chunks end at node boundaries).
-EDGE_CHUNK = 16384
-#: per-edge intermediates of the chunked path kept for backward (the others are recomputed)
-KEEP = ("z0", "act", "zm", "gamma", "m")
-
-
-class _EdgeChunks:
-    """Target-node-aligned chunks of target-sorted edges, built once per CSR layout.
-
-    Chunk ``k`` covers nodes ``n0:n1`` and exactly their incoming edges ``s:t`` (contiguous
-    because the edges are sorted by target); ``ldst`` holds the chunk-local targets
-    (``dst - n0``) and the sparse CSR matrix of ones ``(n1 - n0, t - s)`` sums a chunk's
-    messages per node.
-    """
-
-    def __init__(self, csr: CSR, chunk: int) -> None:
-        ptr = csr.ptr
-        e = csr.num_edges
-        targets = torch.tensor(list(range(chunk, e, chunk)), dtype=ptr.dtype, device=ptr.device)
-        nodes = sorted({0, csr.num_rows, *torch.searchsorted(ptr, targets).tolist()})
-        bounds = ptr[nodes].tolist()
-        self.csr = csr
-        self.chunks: list[tuple[int, int, int, int]] = []
-        self.ldst: list[Tensor] = []
-        for (n0, n1), (s, t) in zip(zip(nodes[:-1], nodes[1:]), zip(bounds[:-1], bounds[1:])):
-            if t > s:
-                self.chunks.append((n0, n1, s, t))
-                self.ldst.append(csr.row[s:t] - n0)
-        self._ones: dict[torch.dtype, list[Tensor]] = {}
-
-    def ones(self, dtype: torch.dtype) -> list[Tensor]:
-        """Per chunk: the ``(n1 - n0, t - s)`` sparse CSR matrix of ones of its targets."""
-        if dtype not in self._ones:
-            mats = []
-            for n0, n1, s, t in self.chunks:
-                crow = self.csr.ptr[n0:n1 + 1] - s
-                col = torch.arange(t - s, device=crow.device)
-                vals = torch.ones(t - s, dtype=dtype, device=crow.device)
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-                    mats.append(torch.sparse_csr_tensor(crow, col, vals, (n1 - n0, t - s),
-                                                        check_invariants=False))
-            self._ones[dtype] = mats
-        return self._ones[dtype]
-
-    @staticmethod
-    def of(csr: CSR, chunk: int) -> _EdgeChunks | None:
-        """The chunks of ``csr`` (cached on it), or ``None`` unless its edges are sorted."""
-        key = ("edge_chunks", chunk)
-        if key not in csr._memo:
-            perm = csr.perm
-            ordered = perm.numel() < 2 or bool((perm[1:] > perm[:-1]).all())
-            csr._memo[key] = _EdgeChunks(csr, chunk) if ordered else None
-        return csr._memo[key]
-
-
-class _ChunkPass:
-    """The per-chunk steps shared by the forward and backward of :class:`_ChunkedEdgeLayer`,
-    over the contiguous ``(N, h)`` column blocks of the node projections and the row blocks
-    of ``film``'s weight (split once per call, so every per-edge tensor is contiguous). Each
-    step writes into ``out`` when one is given (a slice of a kept full-size tensor)."""
-
-    def __init__(self, p: Tensor, q: Tensor, e: Tensor, we: Tensor | None, w2: Tensor | None,
-                 wf: Tensor, bf: Tensor, src: Tensor) -> None:
-        h = wf.size(0) // 2
-        k = p.size(1) // h
-        self.h, self.mlp = h, we is not None
-        self.ps = [p[:, c * h:(c + 1) * h].contiguous() for c in range(k)]
-        self.qs = [q[:, c * h:(c + 1) * h].contiguous() for c in range(k)]
-        self.e, self.src = e, src
-        self.wet = we.t() if self.mlp else None
-        self.w2t = w2.t() if self.mlp else None
-        self.wfg, self.wfb = wf[:h], wf[h:]  # row blocks: contiguous
-        self.bfg, self.bfb = bf[:h], bf[h:]
-
-    def pair(self, c: int, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
-        """Block ``c`` of ``p[dst] + q[src]`` for the chunk's edges ``s:t``."""
-        z = torch.index_select(self.ps[c], 0, dst_c, out=out)
-        return z.add_(self.qs[c].index_select(0, self.src[s:t]))
-
-    def z0(self, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
-        """The edge MLP's pre-activation ``p0[dst] + q0[src] + e W_e^T``."""
-        return self.pair(0, dst_c, s, t, out).addmm_(self.e[s:t], self.wet)
-
-    def zm(self, dst_c: Tensor, s: int, t: int, out: Tensor | None = None) -> Tensor:
-        """The message layer's block ``W_m [x_i || x_j] + b``."""
-        return self.pair(len(self.ps) - 1, dst_c, s, t, out)
-
-    def gamma(self, ec: Tensor, out: Tensor | None = None) -> Tensor:
-        return torch.addmm(self.bfg, ec, self.wfg.t(), out=out)
-
-    def message(self, ec: Tensor, gamma: Tensor, zm: Tensor,
-                out: Tensor | None = None) -> Tensor:
-        """``m = gamma * zm + beta``."""
-        beta = torch.addmm(self.bfb, ec, self.wfb.t(), out=out)
-        return beta.addcmul_(gamma, zm)
-
-
-class _ChunkedEdgeLayer(torch.autograd.Function):
-    r"""Edge update, FiLM messages and multi-aggregation of :class:`MetaNetworkConv` over
-    target-sorted edges, one chunk of whole target nodes at a time.
-
-    Inputs: ``p`` ``(N, k h)`` the target halves (biases included) and ``q`` ``(N, k h)`` the
-    source halves of the node projections (``k = 2``: edge-MLP first layer | message layer;
-    ``k = 1``: message layer only), edge features ``e``, the edge MLP's edge weight ``we``
-    ``(h, D)``, second layer ``w2`` ``(D', h)``, ``b2``, and ``film``'s ``wf`` ``(2h, D')``,
-    ``bf``. Per chunk of edges:
-
-    .. math::
-        z &= p_{dst} + q_{src}, \quad
-        \mathbf e' = [\mathbf e +]\, W_2\, \mathrm{SiLU}(z_{:h} + W_e \mathbf e) + b_2, \\
-        [\gamma \| \beta] &= W_f \mathbf e' + b_f, \quad
-        \mathbf m = \gamma \odot z_{h:} + \beta
-
-    and the aggregations of :class:`_MultiAggregate` over the chunk's nodes (the per-node
-    finishing steps of ``mean``/``std``/``max``/``min`` run once over all nodes). Returns
-    ``(agg, e')``. The per-edge intermediates named in :data:`KEEP` (``z0`` the SiLU input,
-    ``act``, ``zm = z_{h:}``, ``gamma``, ``m``) are written into full-size tensors kept for
-    backward; the others are recomputed chunk by chunk there. Keeping all of them is the
-    fastest on CPU when freed memory stays in the process
-    (:func:`graphspace.runtime.tune_cpu_allocator`); recomputing trades GEMMs for ~5 fewer
-    ``(E, h)`` tensors. Max/min ties are taken against chunk extrema of the kept (or
-    recomputed) messages, so the gradient is exact for them. With the per-node coefficients
-    of :class:`_MultiAggregate.backward` folded together, the message gradient of an edge
-    into node :math:`i` is
-
-    .. math::
-        \frac{\partial L}{\partial m} = \big(a_i - c_i \mu_i\big) + c_i\, m +
-        \sum_{\text{max/min}} [m = o_i]\, \frac{g_i}{t_i},
-        \qquad a = g_{sum} + \frac{g_{mean}}{n}, \quad c = \frac{g_{std}}{n \sigma}.
-
-    Every per-edge tensor is contiguous (the column blocks of ``p``, ``q`` and of ``film``'s
-    weight are split once per call), and the target-half gradient is one CSR product over
-    all edges after the loop.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, p: Tensor, q: Tensor, e: Tensor, we: Tensor | None,
-                w2: Tensor | None, b2: Tensor | None, wf: Tensor, bf: Tensor,
-                src: Tensor, plan: _EdgeChunks, aggregators: tuple[str, ...],
-                residual: bool) -> tuple[Tensor, Tensor]:
-        cp = _ChunkPass(p, q, e, we, w2, wf, bf, src)
-        h, mlp, n = cp.h, cp.mlp, p.size(0)
-        cnt = plan.csr.counts(p.dtype).unsqueeze(-1)
-        cntc = cnt.clamp(min=1)
-        aset = set(aggregators)
-        need_sum = bool(aset & {"sum", "mean", "std"})
-        # zero-filled: the node ranges without edges belong to no chunk
-        total = p.new_zeros(n, h) if "sum" in aset else None
-        mean = p.new_zeros(n, h) if need_sum else None
-        sq = p.new_zeros(n, h) if "std" in aset else None
-        ext = {a: p.new_zeros(n, h) for a in ("max", "min") if a in aset}
-        eo = e.new_empty(e.size(0), w2.size(0)) if mlp else e
-        names = [k for k in KEEP if mlp or k not in ("z0", "act")]
-        kept = {k: e.new_empty(e.size(0), h) for k in names}  # written chunk by chunk
-        for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
-            dst_c = plan.csr.row[s:t]
-            out = {k: v[s:t] for k, v in kept.items()}
-            if mlp:
-                z0 = cp.z0(dst_c, s, t, out.get("z0"))
-                act = nn.functional.silu(z0) if "act" not in out else \
-                    torch.ops.aten.silu.out(z0, out=out["act"])
-                ec = eo[s:t]
-                if residual:
-                    torch.add(e[s:t], b2, out=ec)
-                else:
-                    ec.copy_(b2)
-                ec.addmm_(act, cp.w2t)
-            else:
-                ec = e[s:t]
-            zm = cp.zm(dst_c, s, t, out.get("zm"))
-            m = cp.message(ec, cp.gamma(ec, out.get("gamma")), zm, out.get("m"))
-            for a, buf in ext.items():
-                buf[n0:n1] = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
-            if need_sum:
-                sums = torch.mm(ones, m, out=total[n0:n1]) if total is not None else \
-                    torch.sparse.mm(ones, m)
-                mean_c = torch.div(sums, cntc[n0:n1], out=mean[n0:n1])
-                if sq is not None:
-                    cen = mean_c.index_select(0, ldst)
-                    cen = torch.sub(m, cen, out=cen) if "m" in out else m.sub_(cen)
-                    torch.mm(ones, cen.square_(), out=sq[n0:n1])
-        empty = cnt == 0
-        outs: dict[str, Tensor] = {"sum": total, "mean": mean}
-        for a, buf in ext.items():
-            outs[a] = buf.masked_fill_(empty, 0.0)
-        if sq is not None:
-            outs["std"] = sq.div_(cntc).add_(1e-12).sqrt_().masked_fill_(empty, 0.0)
-        ctx.plan, ctx.aggregators, ctx.residual = plan, aggregators, residual
-        ctx.kept = tuple(kept)
-        ctx.save_for_backward(p, q, e, we, w2, b2, wf, bf, src, eo if mlp else None,
-                              mean, outs.get("std"), *kept.values())
-        ctx.set_materialize_grads(False)
-        agg = torch.cat([outs[a] for a in aggregators], dim=-1)
-        return agg, eo if mlp else e.new_empty(0)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g_agg: Tensor, g_eo: Tensor | None) -> tuple[Tensor | None, ...]:
-        p, q, e, we, w2, b2, wf, bf, src, eo, mean, std, *kept_t = ctx.saved_tensors
-        kept = dict(zip(ctx.kept, kept_t))
-        plan: _EdgeChunks = ctx.plan
-        aggregators: tuple[str, ...] = ctx.aggregators
-        cp = _ChunkPass(p, q, e, we, w2, wf, bf, src)
-        h, mlp = cp.h, cp.mlp
-        n, kh = p.shape
-        if g_agg is None:
-            g_agg = p.new_zeros(n, len(aggregators) * h)
-        if not mlp:
-            g_eo = None
-        cntc = plan.csr.counts(p.dtype).unsqueeze(-1).clamp(min=1)
-        # per-node coefficients of the message gradient (see the class docstring)
-        lin, cstd, ext = _node_coefficients(g_agg, aggregators, h, cntc, std)
-        if lin is None:
-            lin = p.new_zeros(n, h)
-        if cstd is not None:  # folded: a - c mu per node, c m per edge
-            lin.addcmul_(cstd, mean, value=-1.0)
-        need_m = cstd is not None or bool(ext)
-        gzs = [e.new_empty(e.size(0), h) for _ in range(kh // h)]  # d z per column block
-        ge_in = torch.empty_like(e)
-        gwe = torch.zeros_like(we) if mlp else None
-        gw2 = torch.zeros_like(w2) if mlp else None
-        gb2 = torch.zeros_like(b2) if mlp else None
-        gwf, gbf = torch.zeros_like(wf), torch.zeros_like(bf)
-        for (n0, n1, s, t), ldst, ones in zip(plan.chunks, plan.ldst, plan.ones(p.dtype)):
-            dst_c = plan.csr.row[s:t]
-            ec = eo[s:t] if mlp else e[s:t]
-            got = {k: v[s:t] for k, v in kept.items()}
-            if mlp:
-                z0 = got["z0"] if "z0" in got else cp.z0(dst_c, s, t)
-                act = got["act"] if "act" in got else nn.functional.silu(z0)
-            zm = got["zm"] if "zm" in got else cp.zm(dst_c, s, t)
-            gamma = got["gamma"] if "gamma" in got else cp.gamma(ec)
-            m = got["m"] if "m" in got else cp.message(ec, gamma, zm) if need_m else None
-            gm = lin.index_select(0, dst_c)
-            if cstd is not None:
-                gm.addcmul_(cstd.index_select(0, dst_c), m)
-            for a, gk in ext:
-                red = torch.sparse.mm(ones, m, "amax" if a == "max" else "amin")
-                hit = red.index_select(0, ldst)
-                torch.eq(m, hit, out=hit)  # 1.0 / 0.0 in m's dtype
-                ties = torch.sparse.mm(ones, hit).clamp_(min=1)
-                gm.addcmul_((gk[n0:n1] / ties).index_select(0, ldst), hit)
-            # film: d gamma = gm * zm, d beta = gm; message-layer block: gm * gamma
-            ggamma = gm * zm
-            torch.mul(gm, gamma, out=gzs[-1][s:t])
-            gwf[:h].addmm_(ggamma.t(), ec)
-            gwf[h:].addmm_(gm.t(), ec)
-            gbf[:h].add_(ggamma.sum(0))
-            gbf[h:].add_(gm.sum(0))
-            gec = ge_in[s:t] if not mlp or ctx.residual else e.new_empty(t - s, ec.size(1))
-            torch.mm(ggamma, cp.wfg, out=gec).addmm_(gm, cp.wfb)
-            if g_eo is not None:
-                gec.add_(g_eo[s:t])
-            if not mlp:
-                continue  # gec is ge_in[s:t] already
-            gw2.addmm_(gec.t(), act)
-            gb2.add_(gec.sum(0))
-            gz0 = gzs[0][s:t]
-            torch.ops.aten.silu_backward.grad_input(gec @ w2, z0, grad_input=gz0)
-            gwe.addmm_(gz0.t(), e[s:t])
-            if ctx.residual:
-                gec.addmm_(gz0, we)  # in place: gec is ge_in[s:t]
-            else:
-                torch.mm(gz0, we, out=ge_in[s:t])
-        # the source- and target-half gradients: one CSR product each over all edges
-        ones_dst = plan.csr.sparse_ones(p.dtype)
-        gp = torch.cat([torch.sparse.mm(ones_dst, gzb) for gzb in gzs], dim=1)
-        gq = None
-        if ctx.needs_input_grad[1]:
-            ones_src = get_csr(src, n).sparse_ones(p.dtype)
-            gq = torch.cat([torch.sparse.mm(ones_src, gzb) for gzb in gzs], dim=1)
-        return (gp, gq, ge_in, gwe, gw2, gb2, gwf, gbf, None, None, None, None)
-
-
-class MetaNetworkConv(nn.Module):
+class MetaNetworkConv(MessagePassing):
     r"""The graph-metanetwork layer: edge update, edge-conditioned (FiLM) messages, and a
     PNA-style multi-aggregator node update.
 
-    From *Graph Metanetworks for Processing Diverse Neural Architectures* (Lim et al., ICLR 2024)
-    and *Graph Neural Networks for Learning Equivariant Representations of Neural Networks*
-    (Kofinas et al., ICLR 2024), whose layer is PNA (Corso et al., NeurIPS 2020) with edge
-    updates and FiLM-conditioned messages. With source :math:`j` and target :math:`i`:
+    From *Graph Metanetworks for Processing Diverse Neural Architectures* (Lim et al., ICLR
+    2024, https://arxiv.org/abs/2312.04501) and *Graph Neural Networks for Learning
+    Equivariant Representations of Neural Networks* (Kofinas et al., ICLR 2024), whose layer
+    is PNA (Corso et al., NeurIPS 2020) with edge updates and FiLM-conditioned messages. With
+    source $j$ and target $i$ (`edge_index[0] = j`, `edge_index[1] = i`):
 
-    .. math::
-        \mathbf{e}'_{ij} &= \mathbf{e}_{ij} + \phi_e\big([\mathbf{x}_i \,\|\, \mathbf{x}_j \,\|\,
-            \mathbf{e}_{ij}]\big) \\
-        \mathbf{m}_{ij} &= \gamma(\mathbf{e}'_{ij}) \odot \mathbf{W}_m [\mathbf{x}_i \,\|\,
-            \mathbf{x}_j] + \beta(\mathbf{e}'_{ij}) \\
-        \mathbf{a}_i &= \Big[\, s(d_i) \cdot \textstyle\bigoplus_{j \in \mathcal{N}(i)}
-            \mathbf{m}_{ij} \Big]_{\oplus \in \mathcal{A},\, s \in \mathcal{S}} \\
-        \mathbf{x}'_i &= \mathbf{W}_r \mathbf{x}_i + \phi_u\big([\mathbf{x}_i \,\|\,
-            \mathbf{a}_i]\big)
+    $$
+    \begin{aligned}
+    \mathbf{e}'_{ij} &= \mathbf{e}_{ij} + \phi_e\big([\mathbf{x}_i \,\|\, \mathbf{x}_j \,\|\,
+        \mathbf{e}_{ij}]\big) \\
+    \mathbf{m}_{ij} &= \gamma(\mathbf{e}'_{ij}) \odot \mathbf{W}_m [\mathbf{x}_i \,\|\,
+        \mathbf{x}_j] + \beta(\mathbf{e}'_{ij}) \\
+    \mathbf{a}_i &= \Big[\, s(d_i) \cdot \textstyle\bigoplus_{j \in \mathcal{N}(i)}
+        \mathbf{m}_{ij} \Big]_{\oplus \in \mathcal{A},\, s \in \mathcal{S}} \\
+    \mathbf{x}'_i &= \mathbf{W}_r \mathbf{x}_i + \phi_u\big([\mathbf{x}_i \,\|\,
+        \mathbf{a}_i]\big)
+    \end{aligned}
+    $$
 
-    with aggregators :math:`\mathcal{A} \subseteq` {mean, max, min, std, sum} and PNA degree
-    scalers :math:`s(d) \in \{1,\ (\log(d+1)/\delta),\ (\delta/\log(d+1))\}` where
-    :math:`\delta` is the average of :math:`\log(d+1)` over training graphs. Isolated nodes
-    aggregate to zero. The layer is equivariant to any permutation of the nodes (every function
-    of a node uses only its features and its neighbours' multiset), so a model built on it is
-    invariant to permutations of a network's hidden neurons.
+    with aggregators $\mathcal{A} \subseteq$ {mean, max, min, std, sum} (conventions of
+    `graphspace.ops.scatter`: an empty neighbourhood gives 0, std is
+    $\sqrt{\mathrm{var} + 10^{-12}}$, and the gradient of a max/min is split evenly between
+    the messages that attain it) and PNA degree scalers
+    $s(d) \in \{1,\ \log(d+1)/\delta,\ \delta/\log(d+1)\}$, where $\delta$ is the average of
+    $\log(d+1)$ over training graphs. The residual in $\mathbf{e}'$ applies when the edge
+    output size equals `edge_dim`. The layer is equivariant to any permutation of the nodes,
+    so a model built on it is invariant to permutations of a network's hidden neurons.
+
+    `edge_update` / `message` / `aggregate` are the readable reference (they run under
+    `torch.compile`, on accelerators, and whenever PyG hooks or explainers are attached);
+    on CPU float32/float64 tensors in eager mode the same function runs through the fused
+    kernels of `graphspace.ops.metanetwork`.
 
     Args:
-        in_channels (int): node feature size.
-        out_channels (int): output node feature size.
-        edge_dim (int): edge feature size.
-        edge_out_channels (int, optional): output edge feature size (default: ``edge_dim``).
-        hidden_channels (int, optional): MLP width (default: ``out_channels``).
-        aggregators (Sequence[str]): default ``("mean", "max", "std")``.
-        scalers (Sequence[str]): default ``("identity", "amplification", "attenuation")``.
-        avg_log_degree (float): :math:`\delta` (default 1.0; see :meth:`compute_avg_log_degree`).
-        update_edges (bool): apply the edge update (default ``True``).
-        dropout (float): dropout inside the MLPs (default 0).
+        in_channels: node feature size.
+        out_channels: output node feature size.
+        edge_dim: edge feature size.
+        edge_out_channels: output edge feature size (default: `edge_dim`).
+        hidden_channels: MLP width (default: `out_channels`).
+        aggregators: default `("mean", "max", "std")`.
+        scalers: default `("identity", "amplification", "attenuation")`.
+        avg_log_degree: $\delta$ (default 1.0; see `compute_avg_log_degree`).
+        update_edges: apply the edge update (default `True`).
+        dropout: dropout inside the MLPs (default 0).
 
     Shapes:
-        - **input:** node features :math:`(|\mathcal{V}|, F_{in})`, edge indices
-          :math:`(2, |\mathcal{E}|)`, edge features :math:`(|\mathcal{E}|, D)`
-        - **output:** node features :math:`(|\mathcal{V}|, F_{out})`, edge features
-          :math:`(|\mathcal{E}|, D_{out})`
+        - **input:** node features $(|\mathcal{V}|, F_{in})$; `edge_index` $(2, |\mathcal{E}|)$
+          (a `Tensor` or PyG `EdgeIndex`) or a transposed sparse adjacency `adj_t`
+          $(|\mathcal{V}|, |\mathcal{V}|)$ (`torch.sparse` COO/CSR/CSC or `SparseTensor`;
+          only its structure is used, and `edge_attr`'s rows then follow its non-zeros in
+          row-major order, i.e. `adj_t.to_sparse_coo().coalesce().indices()`); edge features
+          $(|\mathcal{E}|, D)$.
+        - **output:** node features $(|\mathcal{V}|, F_{out})$; with
+          `return_edge_attr=True` the tuple `(x', e')` with $\mathbf{e}'$ of shape
+          $(|\mathcal{E}|, D_{out})$ ($D_{out}$ = `edge_dim` when `update_edges=False`).
+
+    Example:
+        ```python
+        conv = MetaNetworkConv(8, 16, edge_dim=4)
+        x_new = conv(x, edge_index, edge_attr)                                # (N, 16)
+        x_new, e_new = conv(x, edge_index, edge_attr, return_edge_attr=True)  # + (E, 4)
+        ```
     """
 
     def __init__(
@@ -496,7 +109,7 @@ class MetaNetworkConv(nn.Module):
         update_edges: bool = True,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(aggr=None)
         for a in aggregators:
             if a not in AGGREGATORS:
                 raise ValueError(f"unknown aggregator {a!r}; choose from {AGGREGATORS}")
@@ -519,9 +132,17 @@ class MetaNetworkConv(nn.Module):
         self.msg = nn.Linear(2 * in_channels, h)
         self.film = nn.Linear(e_dim, 2 * h)
         n_agg = len(self.aggregators) * len(self.scalers)
-        self.update = _mlp(in_channels + n_agg * h, h, out_channels, dropout)
+        # `update` is MessagePassing's hook, so the node MLP is `update_mlp` (checkpoints
+        # that call it `update` still load: see `_load_old_names`)
+        self.update_mlp = _mlp(in_channels + n_agg * h, h, out_channels, dropout)
         self.root = nn.Linear(in_channels, out_channels, bias=False)
+        self._register_load_state_dict_pre_hook(self._load_old_names)
         self.reset_parameters()
+
+    @staticmethod
+    def _load_old_names(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix + "update.")]:
+            state_dict[prefix + "update_mlp." + key[len(prefix) + 7:]] = state_dict.pop(key)
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -530,7 +151,7 @@ class MetaNetworkConv(nn.Module):
 
     @staticmethod
     def compute_avg_log_degree(edge_indices: Sequence[Tensor], num_nodes: Sequence[int]) -> float:
-        """:math:`\\delta = \\operatorname{mean}_i \\log(d_i + 1)` over training graphs."""
+        r"""$\delta = \mathrm{mean}_i \log(d_i + 1)$ over training graphs (in-degrees)."""
         total, count = 0.0, 0
         for ei, n in zip(edge_indices, num_nodes):
             deg = torch.bincount(ei[1], minlength=n).double()
@@ -538,111 +159,58 @@ class MetaNetworkConv(nn.Module):
             count += n
         return total / max(count, 1)
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, edge_index: Any, edge_attr: Tensor,
+                return_edge_attr: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Run the layer.
+
+        Args:
+            x: node features `(N, in_channels)`.
+            edge_index: `(2, E)` edges or a transposed sparse adjacency (see the class).
+            edge_attr: edge features `(E, edge_dim)`.
+            return_edge_attr: also return the updated edge features.
+
+        Returns:
+            The new node features `(N, out_channels)`, or `(x', e')` when
+            `return_edge_attr` is set.
+        """
+        name = type(self).__name__
+        check_node_features(x, "x", layer=name, channels=self.in_channels)
+        edge_index, _ = as_edge_index(edge_index, x.size(0), layer=name)
+        check_edge_features(edge_attr, edge_index.size(1), layer=name, channels=self.edge_dim)
         if self._fusable(x, edge_index, edge_attr):
-            agg, deg, edge_attr = self._messages_fused(x, edge_index, edge_attr)
+            agg, deg, edge_attr = metanetwork_messages(self, x, edge_index, edge_attr)
         else:
-            agg, deg, edge_attr = self._messages_reference(x, edge_index, edge_attr)
-        return self._update(x, agg, deg), edge_attr
+            if self.edge_mlp is not None:
+                edge_attr = self.edge_updater(edge_index, x=x, edge_attr=edge_attr)
+            agg = self.propagate(edge_index, x=x, edge_attr=edge_attr)
+            deg = scatter(x.new_ones(edge_index.size(1)), edge_index[1], 0, x.size(0), "sum")
+        out = self._node_update(x, agg, deg)
+        return (out, edge_attr) if return_edge_attr else out
 
     def _fusable(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> bool:
-        """The fused path: CPU float32/float64 tensors, at least one edge, eager mode (under
-        ``torch.compile`` and on accelerators the reference path runs, whose scatters
-        dispatch to the compiled / Triton kernels)."""
-        return (not torch.compiler.is_compiling() and x.device.type == "cpu"
-                and x.dtype in _FUSED_DTYPES and edge_attr.dtype == x.dtype
-                and edge_index.size(1) > 0 and x.size(0) > 0)
+        """The fused CPU path runs unless PyG hooks or an explainer need the messages."""
+        return not has_message_hooks(self) and metanetwork_fusable(x, edge_index, edge_attr)
 
-    def _messages_reference(self, x: Tensor, edge_index: Tensor,
-                            edge_attr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Edge update, messages and aggregation with one :func:`scatter` per aggregator."""
-        src, dst = edge_index[0], edge_index[1]
-        n = x.size(0)
-        if self.edge_mlp is not None:
-            lin, rest = self.edge_mlp[0], self.edge_mlp[1:]
-            upd = rest(self._pair_linear(lin, x, src, dst, edge_attr))
-            edge_attr = upd + edge_attr if upd.shape == edge_attr.shape else upd
+    def edge_update(self, x_i: Tensor, x_j: Tensor, edge_attr: Tensor) -> Tensor:
+        r"""$\mathbf e'_{ij} = [\mathbf e_{ij} +]\, \phi_e([\mathbf x_i \| \mathbf x_j \|
+        \mathbf e_{ij}])$."""
+        upd = self.edge_mlp(torch.cat([x_i, x_j, edge_attr], dim=-1))
+        return upd + edge_attr if upd.shape == edge_attr.shape else upd
+
+    def message(self, x_i: Tensor, x_j: Tensor, edge_attr: Tensor) -> Tensor:
+        r"""$\mathbf m_{ij} = \gamma(\mathbf e'_{ij}) \odot \mathbf W_m [\mathbf x_i \|
+        \mathbf x_j] + \beta(\mathbf e'_{ij})$."""
         gamma, beta = self.film(edge_attr).chunk(2, dim=-1)
-        m = gamma * self._pair_linear(self.msg, x, src, dst) + beta
-        deg = scatter(torch.ones_like(dst, dtype=x.dtype), dst, 0, n, "sum")
-        aggs = [scatter(m, dst, 0, n, a) for a in self.aggregators]
-        return torch.cat(aggs, dim=-1), deg, edge_attr
+        return gamma * self.msg(torch.cat([x_i, x_j], dim=-1)) + beta
 
-    def _messages_fused(self, x: Tensor, edge_index: Tensor,
-                        edge_attr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""The same function as :meth:`_messages_reference` with fewer passes over the edges.
+    def aggregate(self, inputs: Tensor, index: Tensor, dim_size: int | None = None) -> Tensor:
+        """Every aggregator of `aggregators`, concatenated along the channels."""
+        return torch.cat([scatter(inputs, index, 0, dim_size, a) for a in self.aggregators],
+                         dim=-1)
 
-        * The node halves of the edge MLP's first layer and of the message layer (biases
-          included) are one ``[N, F] x [F, 4h]`` product, gathered per edge by
-          :class:`_PairGather` (target half's gradient: a CSR product, no scatter).
-        * ``gamma`` and ``beta`` come from the two halves of ``film``'s weight, so no
-          ``(E, 2h)`` tensor is split (its backward would concatenate the gradients).
-        * All aggregators run in one :class:`_MultiAggregate` on the cached CSR layout of the
-          targets, which also gives the degrees (no scatter of ones).
-        * The residual edge update adds in place into the MLP output.
-
-        Fastest when the edges are sorted by target (as :class:`GraphMetaNetwork` passes
-        them): the CSR products then read the messages contiguously.
-        """
-        src, dst = edge_index[0], edge_index[1]
-        n, f, h = x.size(0), self.in_channels, self.hidden_channels
-        csr = get_csr(dst, n, names=("edge_index[1]", "edge_index[0]"))
-        dropout = self.edge_mlp is not None and self.training and self.edge_mlp[2].p > 0
-        chunks = None if dropout else _EdgeChunks.of(csr, EDGE_CHUNK)
-        w_dst, w_src, bias = self._node_halves(x)
-        if chunks is not None:
-            return self._messages_chunked(x, src, edge_attr, chunks, w_dst, w_src, bias)
-        proj = x @ torch.cat([w_dst, w_src], dim=0).t()  # [N, 2kh]: target | source halves
-        k = w_dst.size(0)
-        p_dst = proj[:, :k] + bias
-        zs = _PairGather.apply(p_dst, proj[:, k:], dst, src, csr, h)  # [E, h] per layer
-        z = zs[-1]  # W_m [x_i || x_j] + b
-        if self.edge_mlp is not None:
-            lin, rest = self.edge_mlp[0], self.edge_mlp[1:]
-            upd = rest(torch.addmm(zs[0], edge_attr, lin.weight[:, 2 * f:].t()))
-            # the residual adds in place: the last Linear's backward does not need its output
-            edge_attr = upd.add_(edge_attr) if upd.shape == edge_attr.shape else upd
-        # gamma and beta as two products with the halves of film's weight: their gradients
-        # are then separate tensors (no (E, 2h) split / concatenation round trip)
-        wf, bf = self.film.weight, self.film.bias
-        gamma = nn.functional.linear(edge_attr, wf[:h], bf[:h])
-        beta = nn.functional.linear(edge_attr, wf[h:], bf[h:])
-        m = torch.addcmul(beta, gamma, z)  # gamma * (W_m [x_i || x_j] + b) + beta
-        agg = _MultiAggregate.apply(m, dst.long(), csr, self.aggregators)
-        return agg, csr.counts(x.dtype), edge_attr
-
-    def _node_halves(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""Target-node and source-node halves of the weights of the layers that read
-        :math:`[\mathbf x_i \| \mathbf x_j \| \dots]` (edge MLP's first layer, if any, then the
-        message layer), stacked ``[k h, F]``, and their biases ``[k h]``."""
-        f = self.in_channels
-        lins = [self.msg] if self.edge_mlp is None else [self.edge_mlp[0], self.msg]
-        w_dst = torch.cat([lin.weight[:, :f] for lin in lins], dim=0)
-        w_src = torch.cat([lin.weight[:, f:2 * f] for lin in lins], dim=0)
-        bias = torch.cat([lin.bias if lin.bias is not None else x.new_zeros(lin.out_features)
-                          for lin in lins])
-        return w_dst, w_src, bias
-
-    def _messages_chunked(self, x: Tensor, src: Tensor, edge_attr: Tensor,
-                          chunks: _EdgeChunks, w_dst: Tensor, w_src: Tensor,
-                          bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_messages_fused` on target-sorted edges: the node projections as two
-        ``[N, F] x [F, k h]`` products, everything per edge in :class:`_ChunkedEdgeLayer`."""
-        f = self.in_channels
-        p = torch.addmm(bias, x, w_dst.t())
-        q = x @ w_src.t()
-        we = w2 = b2 = None
-        residual = False
-        if self.edge_mlp is not None:
-            we = self.edge_mlp[0].weight[:, 2 * f:]
-            w2, b2 = self.edge_mlp[3].weight, self.edge_mlp[3].bias
-            residual = w2.size(0) == edge_attr.size(1)
-        agg, eo = _ChunkedEdgeLayer.apply(p, q, edge_attr, we, w2, b2, self.film.weight,
-                                          self.film.bias, src.long(), chunks,
-                                          self.aggregators, residual)
-        return agg, chunks.csr.counts(x.dtype), eo if self.edge_mlp is not None else edge_attr
-
-    def _update(self, x: Tensor, agg: Tensor, deg: Tensor) -> Tensor:
+    def _node_update(self, x: Tensor, agg: Tensor, deg: Tensor) -> Tensor:
+        r"""PNA degree scalers, then $\mathbf W_r \mathbf x_i + \phi_u([\mathbf x_i \|
+        \mathbf a_i])$."""
         log_deg = torch.log1p(deg).unsqueeze(-1)
         scaled = []
         for s in self.scalers:
@@ -652,23 +220,7 @@ class MetaNetworkConv(nn.Module):
                 scaled.append(agg * (log_deg / self.avg_log_degree))
             else:
                 scaled.append(agg * (self.avg_log_degree / log_deg.clamp_min(math.log(2.0))))
-        return self.root(x) + self.update(torch.cat([x] + scaled, dim=-1))
-
-    def _pair_linear(self, lin: nn.Linear, x: Tensor, src: Tensor, dst: Tensor,
-                     edge_attr: Tensor | None = None) -> Tensor:
-        r""":math:`W[\mathbf x_i \,\|\, \mathbf x_j \,\|\, \mathbf e_{ij}] + b` computed as
-        :math:`(W_1 \mathbf x)_i + (W_2 \mathbf x)_j + W_3 \mathbf e_{ij} + b`: the node
-        projections are taken once per node and gathered, so no :math:`|\mathcal E| \times
-        (2F + D)` concatenation is materialised (same result, about half the memory
-        traffic on parameter graphs, where edges outnumber nodes ~100x)."""
-        f = self.in_channels
-        w = lin.weight
-        xw = x @ torch.cat([w[:, :f], w[:, f:2 * f]], dim=0).t()  # [N, 2h]
-        h = w.size(0)
-        out = xw[:, :h].index_select(0, dst) + xw[:, h:].index_select(0, src)
-        if edge_attr is not None:
-            out = torch.addmm(out, edge_attr, w[:, 2 * f:].t())
-        return out + lin.bias if lin.bias is not None else out
+        return self.root(x) + self.update_mlp(torch.cat([x] + scaled, dim=-1))
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "

@@ -14,6 +14,9 @@ name           block
                edge-feature-weighted operator
 ``subgraph``   :class:`SubgraphBlock`: :class:`~graphspace.nn.conv.SPENConv` on the bag of
                node-marked 1-hop ego-networks
+``ds``         :class:`DSBlock`: ESAN's DS-GNN (:class:`~graphspace.nn.conv.DSConv`) on the
+               same bag, with ESAN bag subsampling (``fraction`` / ``k``, :func:`esan_vote`)
+``dss``        :class:`DSSBlock`: ESAN's DSS-GNN (:class:`~graphspace.nn.conv.DSSConv`), idem
 =============  ==============================================================================
 
 The block protocol. A block maps ``(x, edge_index, edge_attr, batch) -> (x, edge_attr)``.
@@ -40,18 +43,22 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch_geometric.nn import GraphConv
 
 from graphspace.nn.conv.egnn_conv import EGNNConv
 from graphspace.nn.conv.metanetwork_conv import MetaNetworkConv
 from graphspace.nn.conv.sheaf_conv import SheafConv, SheafLaplacian, maps_from_params
-from graphspace.nn.conv.subgraph_conv import SPENConv, bag_to_nodes
+from graphspace.nn.conv.subgraph_conv import DSConv, DSSConv, SPENConv, bag_to_nodes
 from graphspace.nn.conv.unitary_conv import LieUnitaryConv, UnitaryConv
 from graphspace.ops import scatter
 
 __all__ = [
     "BACKBONES",
     "CoordinateEncoder",
+    "DSBlock",
+    "DSSBlock",
     "EGNNBlock",
+    "ESANBag",
     "EgoNetBag",
     "EgoNets",
     "MetaNetBlock",
@@ -60,9 +67,11 @@ __all__ = [
     "SymmetricOperator",
     "SymmetricPairs",
     "UnitaryBlock",
+    "esan_vote",
     "make_block",
     "make_state",
     "register_backbone",
+    "subsample_bag",
 ]
 
 BlockFactory = Callable[..., nn.Module]
@@ -148,7 +157,7 @@ class MetaNetBlock(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
                 batch: Tensor) -> tuple[Tensor, Tensor]:
-        return self.conv(x, edge_index, edge_attr)
+        return self.conv(x, edge_index, edge_attr, return_edge_attr=True)
 
 
 register_backbone("metanet")(MetaNetBlock)
@@ -876,3 +885,231 @@ class ConnectionSheafBlock(nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.conv})"
+
+
+# --------------------------------------------------------------------------- ds / dss (ESAN)
+# Two ego-net bag builders exist (`data.subgraph_transforms.ToSubgraphBag(policy="ego")` for
+# datasets, `EgoNetBag` here for parameter graphs); consolidating them is left to a later
+# issue.
+
+
+def subsample_bag(bag: EgoNets, fraction: float | None = None, k: int | None = None,
+                  generator: torch.Generator | None = None) -> EgoNets:
+    r"""ESAN's stochastic bag subsampling (Bevilacqua et al., ICLR 2022, sec. 5): keep, in
+    every graph, a uniformly random subset of its $m_g$ ego-nets, $\lceil f\, m_g \rceil$ of
+    them (`fraction` $f$) or $\min(k, m_g)$ (`k`).
+
+    The kept ego-nets keep all their bag nodes and bag edges (re-indexed); an edge of the
+    original graph whose target's ego-net is dropped gets `edge_to_bag = -1`. The subgraph
+    ids stay those of the full bag (the root node of each ego-net).
+
+    Args:
+        bag: the full bag of `EgoNetBag`.
+        fraction: the fraction of ego-nets per graph to keep, in $(0, 1]$.
+        k: the number of ego-nets per graph to keep (exclusive with `fraction`).
+        generator: random generator (default: the global one).
+
+    Returns:
+        The sub-bag, as an `EgoNets`.
+    """
+    if (fraction is None) == (k is None):
+        raise ValueError("subsample_bag: give exactly one of fraction and k")
+    n = bag.num_nodes
+    device = bag.node_map.device
+    graph = bag.bag_batch[:n]  # graph of every ego-net (= of its root)
+    size = torch.bincount(graph, minlength=bag.num_graphs)
+    keep_n = (torch.ceil(size.double() * fraction).long() if fraction is not None
+              else size.clamp(max=k))
+    # a random rank of every ego-net inside its graph
+    score = torch.rand(n, generator=generator, device=device if generator is None else
+                       generator.device).to(device)
+    order = torch.argsort(graph.double() * 2.0 + score)
+    start = torch.cumsum(size, 0) - size
+    rank = torch.empty(n, dtype=torch.long, device=device)
+    rank[order] = torch.arange(n, device=device) - start[graph[order]]
+    kept_net = rank < keep_n[graph]  # (n,) per ego-net (indexed by root)
+    kept_node = kept_net[bag.subgraph_id]  # (N_bag,)
+    new_id = torch.cumsum(kept_node.long(), 0) - 1
+    e_keep = kept_node[bag.bag_edge_index[0]]
+    bag_edge_index = new_id[bag.bag_edge_index[:, e_keep]]
+    edge_to_bag = torch.where(kept_node[bag.edge_to_bag], new_id[bag.edge_to_bag],
+                              torch.full_like(bag.edge_to_bag, -1))
+    return EgoNets(bag.node_map[kept_node], bag.subgraph_id[kept_node],
+                   bag.bag_batch[kept_node], bag_edge_index, edge_to_bag, n, bag.num_graphs,
+                   bag.num_triangles)
+
+
+class ESANBag(EgoNetBag):
+    r"""`EgoNetBag` with ESAN's bag subsampling: in training, every forward pass keeps a
+    random `fraction` (or `k`) of the ego-nets of every graph (`subsample_bag`); in
+    evaluation, all of them, unless voting (`esan_vote`) switches sampling on.
+
+    Args:
+        fraction: fraction of ego-nets kept per graph in training (default: all).
+        k: number of ego-nets kept per graph in training (exclusive with `fraction`).
+        chunk: see `EgoNetBag`.
+    """
+
+    def __init__(self, fraction: float | None = None, k: int | None = None,
+                 chunk: int = 1 << 22) -> None:
+        super().__init__(chunk)
+        if fraction is not None and k is not None:
+            raise ValueError("ESANBag: give at most one of fraction and k")
+        if fraction is not None and not 0.0 < fraction <= 1.0:
+            raise ValueError(f"ESANBag: fraction must lie in (0, 1], got {fraction}")
+        if k is not None and k < 1:
+            raise ValueError(f"ESANBag: k must be at least 1, got {k}")
+        self.fraction, self.k = fraction, k
+        self.sample_at_eval = False
+        self.generator: torch.Generator | None = None
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                data: Any) -> EgoNets:
+        bag = super().forward(x, edge_index, edge_attr, batch, data)
+        sampling = self.training or self.sample_at_eval
+        if sampling and (self.fraction is not None or self.k is not None):
+            bag = subsample_bag(bag, self.fraction, self.k, self.generator)
+        return bag
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(hops=1, fraction={self.fraction}, k={self.k})"
+
+
+@torch.no_grad()
+def esan_vote(model: nn.Module, data: Any, num_votes: int = 5,
+              generator: torch.Generator | None = None) -> Tensor:
+    """ESAN's inference by voting: the mean of `num_votes` evaluation-mode predictions, each
+    on a freshly subsampled bag (the `fraction` / `k` of the model's `ESANBag`).
+
+    Args:
+        model: a `GraphMetaNetwork` with a `ds` or `dss` backbone.
+        data: the batch.
+        num_votes: number of sampled bags.
+        generator: random generator of the bag samples (default: the global one).
+
+    Returns:
+        The averaged prediction.
+    """
+    bags = [m for m in model.modules() if isinstance(m, ESANBag)]
+    if not bags:
+        raise ValueError("esan_vote: the model has no ESANBag (use backbone='ds' or 'dss')")
+    if num_votes < 1:
+        raise ValueError(f"esan_vote: num_votes must be at least 1, got {num_votes}")
+    was_training = model.training
+    model.eval()
+    for b in bags:
+        b.sample_at_eval, b.generator = True, generator
+    try:
+        return torch.stack([model(data) for _ in range(num_votes)]).mean(0)
+    finally:
+        for b in bags:
+            b.sample_at_eval, b.generator = False, None
+        model.train(was_training)
+
+
+class _BagBlock(nn.Module):
+    r"""Shared by the `ds` and `dss` blocks: bag features from the node features, the
+    edges into each ego-net's root and a root marker (as in `SubgraphBlock`), one bag
+    layer, and the mean over the kept copies of every node back to the nodes:
+
+    $$\mathbf h_{i,v} = \mathbf x_v + [v = i]\,\mathbf m + [v \ne i]\,
+    \mathrm{mean}_{(v \to i)} W_e \mathbf e'_{iv}, \quad
+    \mathbf x'_v = \mathbf x_v + \phi_h([\mathbf x_v \,\|\, \mathrm{mean}_{i : v \in
+    \mathrm{ego}(i)} \sigma(L(\mathbf h))_{i,v}])$$
+    """
+
+    def __init__(self, hidden: int, edge_channels: int, dropout: float, conv: nn.Module) -> None:
+        super().__init__()
+        self.edge_update = _EdgeUpdate(hidden, edge_channels, dropout=dropout)
+        self.edge_in = nn.Linear(edge_channels, hidden, bias=False)
+        self.marker = nn.Parameter(torch.empty(hidden))
+        self.conv = conv
+        self.act = nn.SiLU()
+        self.node_update = _mlp(2 * hidden, hidden, hidden, dropout)
+        self.reset_parameters()
+
+    @staticmethod
+    def make_state(hidden: int, edge_channels: int, fraction: float | None = None,
+                   k: int | None = None, **kwargs: Any) -> nn.Module:
+        return ESANBag(fraction, k)
+
+    def reset_parameters(self) -> None:
+        self.edge_update.reset_parameters()
+        self.edge_in.reset_parameters()
+        nn.init.normal_(self.marker, 0.0, 1.0 / math.sqrt(self.marker.numel()))
+        self.conv.reset_parameters()
+        _reset_linears(self.node_update)
+
+    def _bag_features(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
+                      bag: EgoNets) -> tuple[Tensor, Tensor]:
+        n_bag = bag.node_map.numel()
+        e = self.edge_update(x, edge_index, edge_attr)
+        slot = torch.where(bag.edge_to_bag >= 0, bag.edge_to_bag,
+                           torch.full_like(bag.edge_to_bag, n_bag))  # dropped: a spare row
+        eta = scatter(self.edge_in(e), slot, 0, n_bag + 1, "mean")[:n_bag]
+        is_root = (bag.node_map == bag.subgraph_id).unsqueeze(-1).to(x.dtype)
+        return x.index_select(0, bag.node_map) + eta + is_root * self.marker, e
+
+    def _readout(self, x: Tensor, h: Tensor, bag: EgoNets) -> Tensor:
+        pooled = bag_to_nodes(self.act(h), bag.node_map, bag.num_nodes, "mean")
+        return x + self.node_update(torch.cat([x, pooled], dim=-1))
+
+
+@register_backbone("ds")
+class DSBlock(_BagBlock):
+    r"""A DS-GNN block (ESAN, Bevilacqua et al., ICLR 2022, eq. 3) on the bag of
+    node-marked 1-hop ego-networks: `DSConv(GraphConv)` applies one shared layer to every
+    ego-net independently (see `_BagBlock` for the bag features and the readout).
+
+    Args (`backbone_kwargs`):
+        fraction: ESAN subsampling, fraction of ego-nets kept per graph in training
+            (default: all; see `ESANBag`, `esan_vote`).
+        k: ESAN subsampling, number of ego-nets kept per graph in training.
+        aggr: neighbourhood aggregation of the `GraphConv`, `"mean"` (default) or `"sum"`.
+    """
+
+    def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
+                 fraction: float | None = None, k: int | None = None,
+                 aggr: Literal["mean", "sum"] = "mean") -> None:
+        super().__init__(hidden, edge_channels, dropout,
+                         DSConv(GraphConv(hidden, hidden, aggr=aggr)))
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                bag: EgoNets) -> tuple[Tensor, Tensor, EgoNets]:
+        h, e = self._bag_features(x, edge_index, edge_attr, bag)
+        return self._readout(x, self.conv(h, bag.bag_edge_index), bag), e, bag
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(ego_hops=1, {self.conv})"
+
+
+@register_backbone("dss")
+class DSSBlock(_BagBlock):
+    r"""A DSS-GNN block (ESAN, Bevilacqua et al., ICLR 2022, eq. 4) on the bag of
+    node-marked 1-hop ego-networks: `DSSConv(GraphConv)`, a shared layer on every ego-net
+    plus a layer on the original graph of the features pooled over each node's copies
+    (see `_BagBlock` for the bag features and the readout).
+
+    Args (`backbone_kwargs`):
+        fraction: ESAN subsampling, fraction of ego-nets kept per graph in training
+            (default: all; see `ESANBag`, `esan_vote`).
+        k: ESAN subsampling, number of ego-nets kept per graph in training.
+        aggr: neighbourhood aggregation of both `GraphConv`s and the pooling over copies,
+            `"mean"` (default) or `"sum"`.
+    """
+
+    def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
+                 fraction: float | None = None, k: int | None = None,
+                 aggr: Literal["mean", "sum"] = "mean") -> None:
+        super().__init__(hidden, edge_channels, dropout,
+                         DSSConv(GraphConv(hidden, hidden, aggr=aggr), aggr=aggr))
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
+                bag: EgoNets) -> tuple[Tensor, Tensor, EgoNets]:
+        h, e = self._bag_features(x, edge_index, edge_attr, bag)
+        h = self.conv(h, bag.bag_edge_index, bag.node_map, edge_index, bag.num_nodes)
+        return self._readout(x, h, bag), e, bag
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(ego_hops=1, {self.conv})"
