@@ -33,11 +33,12 @@ from torch import Tensor, nn
 from graphspace.merge._utils import batch_input, batch_target, state_of
 from graphspace.merge.api import METHODS, REPAIRS, align, merge
 from graphspace.merge.interpolation import interpolation_curve, plot_curves
+from graphspace.tasks.outputs import PredictionsFile
 
 _TASK_METHODS = tuple(m for m in METHODS if m != "ste")  # STE is its own task (STEMatching)
 
 
-class MergeEvaluation(pl.LightningModule):
+class MergeEvaluation(PredictionsFile, pl.LightningModule):
     r"""Merge checkpoints with one method and evaluate the result (run with ``test``).
 
     Args:
@@ -59,7 +60,14 @@ class MergeEvaluation(pl.LightningModule):
         endpoint_lr: learning rate of that training (default ``1e-3``).
         endpoint_seed: first initialisation seed (default 0).
         output: if set, the merged state dict is written there (atomically).
-        plot: PNG path of the interpolation curves (default: ``<log_dir>/interpolation.png``).
+        plot: PNG path of the interpolation curves (default: ``<log_dir>/interpolation.png``);
+            the path written is printed and kept in ``plot_path``.
+
+    ``predict`` (e.g. ``graphspace predict --config experiments/merge_wm_digits.yaml``) merges
+    the same way (no barrier) and writes ``predictions.csv`` (or ``.parquet``) to the run
+    directory: one row per sample of the datamodule's predict (else test) loader with the
+    ``target``, and for every model (``merged``, ``naive_average``, ``endpoint_<i>``) its
+    predicted class ``pred_<model>`` and cross-entropy ``loss_<model>``.
     """
 
     def __init__(
@@ -101,6 +109,7 @@ class MergeEvaluation(pl.LightningModule):
         self.merged: nn.Module | None = None
         self._sums: dict[str, list[float]] = {}
         self.results: dict[str, float] = {}
+        self.plot_path: Path | None = None
         # a parameter so Lightning has something to place on the device; never trained
         self._anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
 
@@ -132,8 +141,9 @@ class MergeEvaluation(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         # runs before Lightning enters inference mode: endpoint training needs autograd
-        if stage != "test":
-            raise ValueError("MergeEvaluation runs with `graphspace test` (or Trainer.test)")
+        if stage not in ("test", "predict"):
+            raise ValueError("MergeEvaluation runs with `graphspace test` / `graphspace "
+                             f"predict` (Trainer.test / predict), got stage {stage!r}")
         dm = self.trainer.datamodule  # type: ignore[attr-defined]
         if dm is None:
             raise ValueError("MergeEvaluation needs a datamodule with train and test loaders")
@@ -153,14 +163,48 @@ class MergeEvaluation(pl.LightningModule):
             save_state_dict(state_of(self.merged), self.output)
             print(f"merged model -> {self.output}")
         self.results = {}
-        if len(self.endpoints) == 2 and self.method != "ot_fusion":
+        if stage == "test" and len(self.endpoints) == 2 and self.method != "ot_fusion":
             self._barriers(train, dm.test_dataloader())
 
-    def on_test_start(self) -> None:
+    def _to_device(self) -> None:
         assert self.merged is not None
         self.endpoints = [m.to(self.device) for m in self.endpoints]
         self.merged, self.naive = self.merged.to(self.device), self.naive.to(self.device)
+
+    def on_test_start(self) -> None:
+        self._to_device()
         self._sums = {}
+
+    def on_predict_start(self) -> None:
+        self._to_device()
+
+    def _models(self) -> list[tuple[str, nn.Module]]:
+        assert self.merged is not None
+        return [("merged", self.merged), ("naive_average", self.naive),
+                *((f"endpoint_{i}", m) for i, m in enumerate(self.endpoints))]
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+                     ) -> dict[str, Tensor]:
+        """Per-sample predictions of the merged model, the naive average and the endpoints.
+
+        Returns:
+            `{"target": [B], "pred_<model>": [B], "loss_<model>": [B], ...}` for the models
+            `merged`, `naive_average`, `endpoint_<i>` (per-sample cross-entropy).
+        """
+        x, y = batch_input(batch), batch_target(batch)
+        out: dict[str, Tensor] = {}
+        if y is not None:
+            out["target"] = y
+        for name, m in self._models():
+            logits = m(x)
+            out[f"pred_{name}"] = logits.argmax(-1)
+            if y is not None:
+                out[f"loss_{name}"] = F.cross_entropy(logits.float(), y, reduction="none")
+        return out
+
+    def predict_dataloader(self) -> Any:
+        """The datamodule's test loader (used when the datamodule has no predict loader)."""
+        return self.trainer.datamodule.test_dataloader()  # type: ignore[attr-defined]
 
     # -- evaluation -------------------------------------------------------------------------
     def _accumulate(self, name: str, model: nn.Module, x: Any, y: Tensor) -> None:
@@ -208,7 +252,8 @@ class MergeEvaluation(pl.LightningModule):
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         path = self.plot or (os.path.join(log_dir, "interpolation.png") if log_dir else None)
         if path and self.trainer.is_global_zero:
-            plot_curves(curves, Path(path), title=f"{self.method} ({Path(self.factory).name})")
+            self.plot_path = plot_curves(curves, Path(path),
+                                         title=f"{self.method} ({Path(self.factory).name})")
 
     def results_table(self) -> str:
         """Markdown table of the test results (printed and saved by ``graphspace``)."""
@@ -220,6 +265,8 @@ class MergeEvaluation(pl.LightningModule):
         for k, v in self.results.items():
             if k.startswith("barrier/"):
                 rows.append(f"| loss barrier, {k.split('/', 1)[1]} path | {v:.4f} | |")
+        if self.plot_path is not None:
+            rows.append(f"\nInterpolation plot: `{self.plot_path}`")
         return "\n".join(rows)
 
     def configure_optimizers(self) -> None:
