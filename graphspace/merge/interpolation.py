@@ -150,7 +150,7 @@ def interpolation_curve(
 
 def interpolation_figure(plt: Any, curves: Mapping[str, InterpolationCurve],
                          title: str = "Linear interpolation") -> Any:
-    """Loss (and accuracy, when the curves have it) against $\lambda$, one line per curve.
+    r"""Loss (and accuracy, when the curves have it) against $\lambda$, one line per curve.
 
     The legends sit below the axes, outside the plotting area, so they never cover a curve.
 
@@ -187,7 +187,7 @@ def interpolation_figure(plt: Any, curves: Mapping[str, InterpolationCurve],
 
 def plot_curves(curves: Mapping[str, InterpolationCurve], path: str | Path,
                 title: str = "Linear interpolation") -> Path | None:
-    """Save loss (and accuracy) against $\lambda$ as a PNG (atomically; see
+    r"""Save loss (and accuracy) against $\lambda$ as a PNG (atomically; see
     `interpolation_figure`) and print where.
 
     Args:

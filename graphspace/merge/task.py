@@ -144,6 +144,7 @@ class MergeEvaluation(PredictionsFile, pl.LightningModule):
         if stage not in ("test", "predict"):
             raise ValueError("MergeEvaluation runs with `graphspace test` / `graphspace "
                              f"predict` (Trainer.test / predict), got stage {stage!r}")
+        self.predict_on_test_loader(stage)
         dm = self.trainer.datamodule  # type: ignore[attr-defined]
         if dm is None:
             raise ValueError("MergeEvaluation needs a datamodule with train and test loaders")
@@ -201,10 +202,6 @@ class MergeEvaluation(PredictionsFile, pl.LightningModule):
             if y is not None:
                 out[f"loss_{name}"] = F.cross_entropy(logits.float(), y, reduction="none")
         return out
-
-    def predict_dataloader(self) -> Any:
-        """The datamodule's test loader (used when the datamodule has no predict loader)."""
-        return self.trainer.datamodule.test_dataloader()  # type: ignore[attr-defined]
 
     # -- evaluation -------------------------------------------------------------------------
     def _accumulate(self, name: str, model: nn.Module, x: Any, y: Tensor) -> None:

@@ -403,7 +403,7 @@ def weight_matching(
         if not improved:
             converged = True
             break
-    if not converged:
+    if not converged and history:
         last = history[-1] - (history[-2] if len(history) > 1 else start)
         warnings.warn(
             f"weight matching did not converge: {passes} passes (max_passes={max_passes}) and "

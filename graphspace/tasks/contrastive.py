@@ -826,14 +826,6 @@ class GraphContrastive(PredictionsFile, pl.LightningModule):
             out["y"] = y.view(-1)
         return out
 
-    def predict_dataloader(self) -> Any:
-        """The datamodule's test loader (used when the datamodule has no predict loader)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None:
-            raise ValueError("GraphContrastive.predict needs a dataloader or a datamodule with "
-                             "a test_dataloader, got neither")
-        return dm.test_dataloader()
-
     def _probe(self, stage: str) -> None:
         if not self._eval:
             return

@@ -172,6 +172,7 @@ class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
         """Fit the baselines' input standardisation on the whole training split (before DDP
         wraps the module, so the lazy layers exist and every process holds the same
         statistics)."""
+        self.predict_on_test_loader(stage)
         if stage != "fit" or all(m.fitted for m in self.baselines.values()):
             return
         dm = self.trainer.datamodule if self._trainer is not None else None

@@ -151,9 +151,27 @@ class PredictionsFile:
     leading `index` column (the sample's position in the predict loader; per process under
     DDP, where each process writes `predictions.rank<r>.*`). The path is printed and kept in
     `predictions_path`.
+
+    A datamodule without a `predict_dataloader` predicts on its `test_dataloader` (set in
+    `setup("predict")` by `predict_on_test_loader`).
     """
 
     predictions_path: Path | None = None
+
+    def predict_on_test_loader(self, stage: str) -> None:
+        """At `stage == "predict"`, give a datamodule without `predict_dataloader` its
+        `test_dataloader` as the predict loader (an attribute of that datamodule instance)."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        trainer = getattr(self, "_trainer", None)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if stage != "predict" or dm is None or is_overridden("predict_dataloader", dm):
+            return
+        if is_overridden("test_dataloader", dm):
+            dm.predict_dataloader = dm.test_dataloader
+
+    def setup(self, stage: str) -> None:
+        self.predict_on_test_loader(stage)
 
     def on_predict_epoch_start(self) -> None:
         self._predict_rows: list[dict[str, Tensor]] = []
@@ -172,7 +190,8 @@ class PredictionsFile:
             columns[key] = torch.cat([r[key] for r in rows])
         n = next(iter(columns.values())).size(0)
         trainer = self.trainer  # type: ignore[attr-defined]
-        stem = "predictions" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}"
+        stem = "predictions" if trainer.world_size == 1 else \
+            f"predictions.rank{trainer.global_rank}"
         path = write_table({"index": torch.arange(n), **columns}, run_dir(trainer) / stem)
         self.predictions_path = path
         self._predict_rows = []
