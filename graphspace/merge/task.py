@@ -39,35 +39,35 @@ _TASK_METHODS = tuple(m for m in METHODS if m != "ste")  # STE is its own task (
 
 
 class MergeEvaluation(PredictionsFile, pl.LightningModule):
-    r"""Merge checkpoints with one method and evaluate the result (run with ``test``).
+    r"""Merge checkpoints with one method and evaluate the result (run with `test`).
 
     Args:
-        model: model factory ``"package.module:Factory"``.
-        checkpoints: two or more checkpoint paths (safetensors or ``torch.save``, loaded with
-            ``weights_only=True``); the first is the reference the others are aligned to.
+        model: model factory `"package.module:Factory"`.
+        checkpoints: two or more checkpoint paths (safetensors or `torch.save`, loaded with
+            `weights_only=True`); the first is the reference the others are aligned to.
         model_kwargs: keyword arguments of the factory.
-        method: ``"weight_matching"``, ``"activation_matching"``, ``"ot_fusion"`` or
-            ``"average"`` (see :func:`graphspace.merge.merge`).
-        method_kwargs: extra arguments of the method (e.g. ``max_passes``, ``solver``).
-        repair: ``None``, ``"bn_reset"`` or ``"repair"``.
+        method: `"weight_matching"`, `"activation_matching"`, `"ot_fusion"` or
+            `"average"` (see `graphspace.merge.merge`).
+        method_kwargs: extra arguments of the method (e.g. `max_passes`, `solver`).
+        repair: `None`, `"bn_reset"` or `"repair"`.
         lambdas: number of interpolation points for the barrier (default 11).
         num_batches: limit the train batches used for matching / repair.
         seed: seed of randomised steps (weight-matching group order).
         train_missing: train endpoints whose checkpoint file does not exist (Adam,
-            ``endpoint_epochs`` epochs, endpoint ``i`` initialised with seed
-            ``endpoint_seed + i``) and save them atomically at that path.
+            `endpoint_epochs` epochs, endpoint `i` initialised with seed
+            `endpoint_seed + i`) and save them atomically at that path.
         endpoint_epochs: epochs of that training (default 30).
-        endpoint_lr: learning rate of that training (default ``1e-3``).
+        endpoint_lr: learning rate of that training (default `1e-3`).
         endpoint_seed: first initialisation seed (default 0).
         output: if set, the merged state dict is written there (atomically).
-        plot: PNG path of the interpolation curves (default: ``<log_dir>/interpolation.png``);
-            the path written is printed and kept in ``plot_path``.
+        plot: PNG path of the interpolation curves (default: `<log_dir>/interpolation.png`);
+            the path written is printed and kept in `plot_path`.
 
-    ``predict`` (e.g. ``graphspace predict --config experiments/merge_wm_digits.yaml``) merges
-    the same way (no barrier) and writes ``predictions.csv`` (or ``.parquet``) to the run
+    `predict` (e.g. `graphspace predict --config experiments/merge_wm_digits.yaml`) merges
+    the same way (no barrier) and writes `predictions.csv` (or `.parquet`) to the run
     directory: one row per sample of the datamodule's predict (else test) loader with the
-    ``target``, and for every model (``merged``, ``naive_average``, ``endpoint_<i>``) its
-    predicted class ``pred_<model>`` and cross-entropy ``loss_<model>``.
+    `target`, and for every model (`merged`, `naive_average`, `endpoint_<i>`) its
+    predicted class `pred_<model>` and cross-entropy `loss_<model>`.
     """
 
     def __init__(

@@ -31,13 +31,13 @@ class FeatureMLP(nn.Module):
     r"""MLP on a per-network feature vector (StatNN: Unterthiner et al. 2020 use per-layer
     statistics followed by a small fully connected network).
 
-    Inputs are standardised, :math:`(\mathbf f - \boldsymbol\mu) / \boldsymbol\sigma`, with
-    statistics of the training split set by :meth:`fit_normalizer` (which
-    :class:`GeneralizationPredictor` calls in ``setup`` with the whole training split, before
+    Inputs are standardised, $(\mathbf f - \boldsymbol\mu) / \boldsymbol\sigma$, with
+    statistics of the training split set by `fit_normalizer` (which
+    `GeneralizationPredictor` calls in `setup` with the whole training split, before
     any distributed wrapping); if it was never called, the first training batch is used.
 
     Args:
-        attr: batch attribute holding the ``[batch, F]`` features.
+        attr: batch attribute holding the `[batch, F]` features.
         hidden: hidden width (64).
         out_channels: outputs (1).
         dropout: dropout after the first layer (0).
@@ -90,15 +90,15 @@ class FeatureMLP(nn.Module):
 class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
     r"""Predict test accuracy from a parameter graph (plus baselines, side by side).
 
-    Every predictor :math:`f` (the graph metanetwork ``gmn`` and each baseline) is trained with
-    the mean squared error :math:`\frac1B\sum_b (f(G_b) - y_b)^2` on the same batches; the
+    Every predictor $f$ (the graph metanetwork `gmn` and each baseline) is trained with
+    the mean squared error $\frac1B\sum_b (f(G_b) - y_b)^2$ on the same batches; the
     summed loss trains each one independently because their parameters are disjoint (AdamW is
     a per-parameter method; do not combine with gradient-norm clipping, which would couple
-    them). Validation and test report Kendall's :math:`\tau` and :math:`R^2` per predictor,
+    them). Validation and test report Kendall's $\tau$ and $R^2$ per predictor,
     computed over the whole split (gathered across processes under DDP).
 
-    **Model selection.** With ``select_best=True`` each predictor keeps a copy of its weights
-    from the validation epoch with its highest Kendall :math:`\tau` (stored in checkpoints) and
+    **Model selection.** With `select_best=True` each predictor keeps a copy of its weights
+    from the validation epoch with its highest Kendall $\tau$ (stored in checkpoints) and
     is tested with them, as if it had been trained alone with early stopping; the baselines
     are thus not judged at the metanetwork's best epoch.
 
@@ -112,16 +112,16 @@ class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
     batch has one; predictors use their best-epoch weights as in `test`.
 
     Args:
-        model: the graph model (default: :class:`GraphMetaNetwork` with 1 output).
-        baselines: any of ``"statnn"`` (batch attribute ``stats``), ``"norms"`` (``norms``),
-            ``"flat"`` (``flat``, fixed architectures); see
-            :class:`graphspace.tasks.features.AttachWeightFeatures`.
+        model: the graph model (default: `GraphMetaNetwork` with 1 output).
+        baselines: any of `"statnn"` (batch attribute `stats`), `"norms"` (`norms`),
+            `"flat"` (`flat`, fixed architectures); see
+            `graphspace.tasks.features.AttachWeightFeatures`.
         lr, weight_decay: AdamW settings (default 1e-3, 0).
-        target: batch attribute holding the targets (default ``y``).
+        target: batch attribute holding the targets (default `y`).
         baseline_hidden: hidden width of the baselines' MLPs (64).
-        select_best: test every predictor at its best validation epoch (default ``True``).
-        lr_schedule: ``"constant"`` (default) or ``"cosine"`` (annealed to 0 over
-            ``trainer.max_epochs``, stepped per epoch).
+        select_best: test every predictor at its best validation epoch (default `True`).
+        lr_schedule: `"constant"` (default) or `"cosine"` (annealed to 0 over
+            `trainer.max_epochs`, stepped per epoch).
     """
 
     def __init__(

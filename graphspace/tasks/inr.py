@@ -34,8 +34,8 @@ class INRClassifier(PredictionsFile, pl.LightningModule):
 
     Args:
         num_classes: number of image classes (default 10).
-        model: the metanetwork (default ``GraphMetaNetwork(num_classes)``); it must return
-            ``[batch, num_classes]`` logits.
+        model: the metanetwork (default `GraphMetaNetwork(num_classes)`); it must return
+            `[batch, num_classes]` logits.
         lr, weight_decay: AdamW settings.
         label_smoothing: cross-entropy label smoothing (default 0).
     """
