@@ -285,7 +285,7 @@ class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
         row = {"epoch": float(self.current_epoch), **self._mean_losses("train"),
                **getattr(self, "_val_row", {})}
         self._val_row = {}
-        keys = set(self.history) | set(row)
+        keys = list(self.history) + [k for k in row if k not in self.history]
         done = len(self.history.get("epoch", []))
         for k in keys:
             self.history.setdefault(k, [float("nan")] * done).append(row.get(k, float("nan")))

@@ -73,14 +73,20 @@ def learning_curves(plt: Any, history: Mapping[str, Sequence[float]],
     """
     fig, (ax_loss, ax_tau) = plt.subplots(1, 2, figsize=(10, 4))
     x = list(epochs)
-    for name, values in history.items():
+    # one colour per predictor (the part after the last "_"), solid = train, dashed = val
+    predictors = list(dict.fromkeys(name.rsplit("_", 1)[-1] for name in history))
+    colour = {n: f"C{i % 10}" for i, n in enumerate(predictors)}
+    for name in sorted(history, key=lambda k: (predictors.index(k.rsplit("_", 1)[-1]), k)):
+        values = history[name]
         if len(values) != len(x):
             raise ValueError(f"history {name!r}: expected {len(x)} values (one per epoch), "
                              f"got {len(values)}")
+        style = {"marker": ".", "label": name, "color": colour[name.rsplit("_", 1)[-1]],
+                 "ls": "-" if name.startswith("train/") else "--"}
         if name.startswith(("train/loss", "val/loss")):
-            ax_loss.plot(x, list(values), marker=".", label=name)
+            ax_loss.plot(x, list(values), **style)
         elif name.startswith("val/tau"):
-            ax_tau.plot(x, list(values), marker=".", label=name)
+            ax_tau.plot(x, list(values), **{**style, "ls": "-"})
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("MSE loss")
     if ax_loss.lines and all(v > 0 for ln in ax_loss.lines for v in ln.get_ydata()):
@@ -89,6 +95,7 @@ def learning_curves(plt: Any, history: Mapping[str, Sequence[float]],
     ax_tau.set_ylabel("validation Kendall τ")
     for ax in (ax_loss, ax_tau):
         if ax.lines:
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     return fig
