@@ -167,7 +167,7 @@ def interpolation_figure(plt: Any, curves: Mapping[str, InterpolationCurve],
         raise ValueError("interpolation_figure needs at least one curve, got none")
     has_acc = any(c.accuracy and c.accuracy[0] is not None for c in curves.values())
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 4.5),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     axes = list(axes[0])
     for label, c in curves.items():
         axes[0].plot(c.lambdas, c.loss, marker="o", label=f"{label} (barrier {c.barrier:.3f})")
@@ -181,7 +181,6 @@ def interpolation_figure(plt: Any, curves: Mapping[str, InterpolationCurve],
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(2, len(curves)),
                   frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 

@@ -40,7 +40,8 @@ def prediction_scatter(plt: Any, predictions: Mapping[str, Tensor | Sequence[flo
     if not names:
         raise ValueError("prediction_scatter needs at least one predictor, got none")
     y = _list(target)
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False,
+                             layout="constrained")
     lo_all = min(y + [v for n in names for v in _list(predictions[n])])
     hi_all = max(y + [v for n in names for v in _list(predictions[n])])
     for ax, name in zip(axes[0], names):
@@ -53,7 +54,6 @@ def prediction_scatter(plt: Any, predictions: Mapping[str, Tensor | Sequence[flo
         ax.set_xlabel(f"actual {quantity}")
         ax.set_ylabel(f"predicted {quantity}")
         ax.set_title(f"{name}: Kendall τ = {taus.get(name, float('nan')):.3f}")
-    fig.tight_layout()
     return fig
 
 
@@ -71,7 +71,7 @@ def learning_curves(plt: Any, history: Mapping[str, Sequence[float]],
         The `Figure`; every series is one `Line2D` labelled with its name, whose y data are
         the logged values.
     """
-    fig, (ax_loss, ax_tau) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_tau) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     x = list(epochs)
     # one colour per predictor (the part after the last "_"), solid = train, dashed = val
     predictors = list(dict.fromkeys(name.rsplit("_", 1)[-1] for name in history))
@@ -97,5 +97,4 @@ def learning_curves(plt: Any, history: Mapping[str, Sequence[float]],
         if ax.lines:
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small")
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout()
     return fig
