@@ -122,6 +122,7 @@ class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
         select_best: test every predictor at its best validation epoch (default `True`).
         lr_schedule: `"constant"` (default) or `"cosine"` (annealed to 0 over
             `trainer.max_epochs`, stepped per epoch).
+        plots: save the figures (default `True`; `False` for benchmarks and sweeps).
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
         baseline_hidden: int = 64,
         select_best: bool = True,
         lr_schedule: str = "constant",
+        plots: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -291,7 +293,7 @@ class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
             self.history.setdefault(k, [float("nan")] * done).append(row.get(k, float("nan")))
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and self.history.get("epoch"):
+        if self.hparams.plots and self.trainer.is_global_zero and self.history.get("epoch"):
             self.plot_learning_curves(run_dir(self.trainer) / "learning_curves.png")
 
     def _load_best(self) -> None:
@@ -319,7 +321,7 @@ class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
                                  for n in self.names}
         self.test_targets = torch.cat([y for _, y in self._test_parts])
         self._test_parts = []
-        if self.trainer.is_global_zero:
+        if self.hparams.plots and self.trainer.is_global_zero:
             self.plot_predictions(run_dir(self.trainer) / "predictions_test.png")
 
     # -- figures ----------------------------------------------------------------------------

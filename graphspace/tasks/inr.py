@@ -38,11 +38,13 @@ class INRClassifier(PredictionsFile, pl.LightningModule):
             `[batch, num_classes]` logits.
         lr, weight_decay: AdamW settings.
         label_smoothing: cross-entropy label smoothing (default 0).
+        target: batch attribute holding the labels (default `y`).
+        plots: save the confusion matrix figure (default `True`).
     """
 
     def __init__(self, num_classes: int = 10, model: nn.Module | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.0, label_smoothing: float = 0.0,
-                 target: str = "y") -> None:
+                 target: str = "y", plots: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model if model is not None else GraphMetaNetwork(num_classes)
@@ -99,7 +101,7 @@ class INRClassifier(PredictionsFile, pl.LightningModule):
         if not self.confusion.update_called:
             return
         self.test_confusion = self.confusion.compute().cpu()  # gathered across processes
-        if self.trainer.is_global_zero:
+        if self.hparams.plots and self.trainer.is_global_zero:
             self.plot_confusion(run_dir(self.trainer) / "confusion_matrix.png")
         self.confusion.reset()
 

@@ -229,6 +229,11 @@ def test_inr_confusion_matrix_and_predictions(tmp_path):
     assert torch.equal(clf.test_confusion, want)
     fig = clf.plot_confusion()
     assert torch.equal(torch.as_tensor(fig.axes[0].images[0].get_array()), want)
+    (tmp_path / "confusion_matrix.png").unlink()
+    clf.hparams.plots = False  # negative control: no figure, same counts
+    trainer.test(clf, dm, verbose=False)
+    assert not (tmp_path / "confusion_matrix.png").exists()
+    assert torch.equal(clf.test_confusion, want)
 
     got = trainer.predict(clf, dm.test_dataloader())
     assert torch.equal(torch.cat([g["label"] for g in got]), pred)
