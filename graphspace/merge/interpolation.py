@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,11 +148,54 @@ def interpolation_curve(
     return InterpolationCurve(lams, losses, accs)
 
 
+def interpolation_figure(plt: Any, curves: Mapping[str, InterpolationCurve],
+                         title: str = "Linear interpolation") -> Any:
+    r"""Loss (and accuracy, when the curves have it) against $\lambda$, one line per curve.
+
+    The legends sit below the axes, outside the plotting area, so they never cover a curve.
+
+    Args:
+        plt: `matplotlib.pyplot`.
+        curves: label to curve (e.g. `{"naive": ..., "weight_matching": ...}`).
+        title: the figure title.
+
+    Returns:
+        The `Figure`: axes 0 holds one line per curve with y data `curve.loss` (labelled with
+        its barrier), axes 1 (if any) one with y data `curve.accuracy`.
+    """
+    if not curves:
+        raise ValueError("interpolation_figure needs at least one curve, got none")
+    has_acc = any(c.accuracy and c.accuracy[0] is not None for c in curves.values())
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 4.5),
+                             squeeze=False, layout="constrained")
+    axes = list(axes[0])
+    for label, c in curves.items():
+        axes[0].plot(c.lambdas, c.loss, marker="o", label=f"{label} (barrier {c.barrier:.3f})")
+        if has_acc and c.accuracy and c.accuracy[0] is not None:
+            axes[1].plot(c.lambdas, c.accuracy, marker="o", label=label)
+    axes[0].set_ylabel("loss")
+    if has_acc:
+        axes[1].set_ylabel("accuracy")
+    for ax in axes:
+        ax.set_xlabel("λ")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(2, len(curves)),
+                  frameon=False)
+    fig.suptitle(title)
+    return fig
+
+
 def plot_curves(curves: Mapping[str, InterpolationCurve], path: str | Path,
                 title: str = "Linear interpolation") -> Path | None:
-    """Save loss (and accuracy) against :math:`\\lambda` as a PNG (atomically).
+    r"""Save loss (and accuracy) against $\lambda$ as a PNG (atomically; see
+    `interpolation_figure`) and print where.
 
-    Returns the path, or ``None`` (with a printed message) when matplotlib is not installed.
+    Args:
+        curves: label to curve.
+        path: the PNG path.
+        title: the figure title.
+
+    Returns:
+        The path, or `None` (with a printed message) when matplotlib is not installed.
     """
     try:
         import matplotlib
@@ -164,22 +208,9 @@ def plot_curves(curves: Mapping[str, InterpolationCurve], path: str | Path,
         return None
     from graphspace.io import atomic_write
 
-    has_acc = any(c.accuracy and c.accuracy[0] is not None for c in curves.values())
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 4))
-    axes = list(axes) if has_acc else [axes]
-    for label, c in curves.items():
-        axes[0].plot(c.lambdas, c.loss, marker="o", label=f"{label} (barrier {c.barrier:.3f})")
-        if has_acc and c.accuracy[0] is not None:
-            axes[1].plot(c.lambdas, c.accuracy, marker="o", label=label)
-    axes[0].set_xlabel("λ")
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    if has_acc:
-        axes[1].set_xlabel("λ")
-        axes[1].set_ylabel("accuracy")
-        axes[1].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    out = atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    fig = interpolation_figure(plt, curves, title)
+    out = atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120,
+                                                     bbox_inches="tight"))
     plt.close(fig)
+    print(f"interpolation plot -> {out}")
     return out

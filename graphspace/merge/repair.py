@@ -24,7 +24,8 @@ collapse"). Two fixes:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,17 +37,51 @@ from graphspace.merge.spec import node_lookup
 from graphspace.runtime import eval_mode
 
 
+class _BatchNormTrainView(nn.Module):
+    """`model` seen by `torch.optim.swa_utils.update_bn`, which switches the whole model to
+    training mode: here only the given BatchNorm layers follow `train()`, everything else
+    stays in eval mode (dropout off), as when the merged model is used."""
+
+    def __init__(self, model: nn.Module, bns: list[nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self._bns = bns  # a plain list: they are registered inside `model` already
+
+    def train(self, mode: bool = True) -> _BatchNormTrainView:
+        self.training = mode
+        self.model.eval()
+        for b in self._bns:
+            b.train(mode)
+        return self
+
+    def forward(self, x: Any) -> Any:
+        return self.model(x)
+
+
 @torch.no_grad()
 def reset_bn_stats(model: nn.Module, loader: Iterable, num_batches: int | None = None,
                    inplace: bool = False) -> nn.Module:
-    """Recompute the running statistics of every BatchNorm layer of ``model`` on ``loader``.
+    """Recompute the running statistics of every BatchNorm layer of `model` on `loader`.
 
-    Statistics are the cumulative average over the batches (``momentum=None``); the rest of the
-    model runs in eval mode (dropout off). Returns the model (a copy unless ``inplace``).
+    PyTorch's `torch.optim.swa_utils.update_bn` (statistics are the cumulative average over
+    the batches, `momentum=None`), with the rest of the model in eval mode (dropout off) and
+    batches in any form `graphspace.merge` accepts (tensors, `(input, target)` pairs, dicts
+    with key `x`), moved to the model's device.
+
+    Args:
+        model: the model (not modified unless `inplace`).
+        loader: batches of inputs.
+        num_batches: use the first `num_batches` batches (all by default).
+        inplace: update `model` itself instead of a copy.
+
+    Returns:
+        The model with recomputed statistics, in the training mode it had.
 
     Raises:
-        ValueError: the model has no BatchNorm layer.
+        ValueError: the model has no BatchNorm layer, or the loader yields no batch.
     """
+    from torch.optim.swa_utils import update_bn
+
     m = model if inplace else copy.deepcopy(model)
     bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)
            and b.track_running_stats]
@@ -54,21 +89,19 @@ def reset_bn_stats(model: nn.Module, loader: Iterable, num_batches: int | None =
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer to reset; use REPAIR "
                          "(graphspace.merge.repair) for networks without BatchNorm")
     was = m.training
-    saved = [(b, b.momentum) for b in bns]
-    m.eval()
-    for b in bns:
-        b.reset_running_stats()
-        b.momentum = None
-        b.train()
     dev = model_device(m)
     seen = 0
-    try:
+
+    def inputs() -> Iterator[tuple[Any]]:
+        nonlocal seen
         for batch in iterate(loader, num_batches):
-            m(to_device(batch_input(batch), dev))
             seen += 1
+            yield (to_device(batch_input(batch), dev),)  # update_bn feeds element 0
+
+    view = _BatchNormTrainView(m, bns).eval()
+    try:
+        update_bn(inputs(), view)
     finally:
-        for b, mom in saved:
-            b.momentum = mom
         m.train(was)
     if seen == 0:
         raise ValueError("the loader yielded no batches")

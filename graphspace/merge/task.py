@@ -33,33 +33,41 @@ from torch import Tensor, nn
 from graphspace.merge._utils import batch_input, batch_target, state_of
 from graphspace.merge.api import METHODS, REPAIRS, align, merge
 from graphspace.merge.interpolation import interpolation_curve, plot_curves
+from graphspace.tasks.outputs import PredictionsFile
 
 _TASK_METHODS = tuple(m for m in METHODS if m != "ste")  # STE is its own task (STEMatching)
 
 
-class MergeEvaluation(pl.LightningModule):
-    r"""Merge checkpoints with one method and evaluate the result (run with ``test``).
+class MergeEvaluation(PredictionsFile, pl.LightningModule):
+    r"""Merge checkpoints with one method and evaluate the result (run with `test`).
 
     Args:
-        model: model factory ``"package.module:Factory"``.
-        checkpoints: two or more checkpoint paths (safetensors or ``torch.save``, loaded with
-            ``weights_only=True``); the first is the reference the others are aligned to.
+        model: model factory `"package.module:Factory"`.
+        checkpoints: two or more checkpoint paths (safetensors or `torch.save`, loaded with
+            `weights_only=True`); the first is the reference the others are aligned to.
         model_kwargs: keyword arguments of the factory.
-        method: ``"weight_matching"``, ``"activation_matching"``, ``"ot_fusion"`` or
-            ``"average"`` (see :func:`graphspace.merge.merge`).
-        method_kwargs: extra arguments of the method (e.g. ``max_passes``, ``solver``).
-        repair: ``None``, ``"bn_reset"`` or ``"repair"``.
+        method: `"weight_matching"`, `"activation_matching"`, `"ot_fusion"` or
+            `"average"` (see `graphspace.merge.merge`).
+        method_kwargs: extra arguments of the method (e.g. `max_passes`, `solver`).
+        repair: `None`, `"bn_reset"` or `"repair"`.
         lambdas: number of interpolation points for the barrier (default 11).
         num_batches: limit the train batches used for matching / repair.
         seed: seed of randomised steps (weight-matching group order).
         train_missing: train endpoints whose checkpoint file does not exist (Adam,
-            ``endpoint_epochs`` epochs, endpoint ``i`` initialised with seed
-            ``endpoint_seed + i``) and save them atomically at that path.
+            `endpoint_epochs` epochs, endpoint `i` initialised with seed
+            `endpoint_seed + i`) and save them atomically at that path.
         endpoint_epochs: epochs of that training (default 30).
-        endpoint_lr: learning rate of that training (default ``1e-3``).
+        endpoint_lr: learning rate of that training (default `1e-3`).
         endpoint_seed: first initialisation seed (default 0).
         output: if set, the merged state dict is written there (atomically).
-        plot: PNG path of the interpolation curves (default: ``<log_dir>/interpolation.png``).
+        plot: PNG path of the interpolation curves (default: `<log_dir>/interpolation.png`);
+            the path written is printed and kept in `plot_path`.
+
+    `predict` (e.g. `graphspace predict --config experiments/merge_wm_digits.yaml`) merges
+    the same way (no barrier) and writes `predictions.csv` (or `.parquet`) to the run
+    directory: one row per sample of the datamodule's predict (else test) loader with the
+    `target`, and for every model (`merged`, `naive_average`, `endpoint_<i>`) its
+    predicted class `pred_<model>` and cross-entropy `loss_<model>`.
     """
 
     def __init__(
@@ -101,6 +109,7 @@ class MergeEvaluation(pl.LightningModule):
         self.merged: nn.Module | None = None
         self._sums: dict[str, list[float]] = {}
         self.results: dict[str, float] = {}
+        self.plot_path: Path | None = None
         # a parameter so Lightning has something to place on the device; never trained
         self._anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
 
@@ -132,8 +141,10 @@ class MergeEvaluation(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         # runs before Lightning enters inference mode: endpoint training needs autograd
-        if stage != "test":
-            raise ValueError("MergeEvaluation runs with `graphspace test` (or Trainer.test)")
+        if stage not in ("test", "predict"):
+            raise ValueError("MergeEvaluation runs with `graphspace test` / `graphspace "
+                             f"predict` (Trainer.test / predict), got stage {stage!r}")
+        self.predict_on_test_loader(stage)
         dm = self.trainer.datamodule  # type: ignore[attr-defined]
         if dm is None:
             raise ValueError("MergeEvaluation needs a datamodule with train and test loaders")
@@ -153,14 +164,44 @@ class MergeEvaluation(pl.LightningModule):
             save_state_dict(state_of(self.merged), self.output)
             print(f"merged model -> {self.output}")
         self.results = {}
-        if len(self.endpoints) == 2 and self.method != "ot_fusion":
+        if stage == "test" and len(self.endpoints) == 2 and self.method != "ot_fusion":
             self._barriers(train, dm.test_dataloader())
 
-    def on_test_start(self) -> None:
+    def _to_device(self) -> None:
         assert self.merged is not None
         self.endpoints = [m.to(self.device) for m in self.endpoints]
         self.merged, self.naive = self.merged.to(self.device), self.naive.to(self.device)
+
+    def on_test_start(self) -> None:
+        self._to_device()
         self._sums = {}
+
+    def on_predict_start(self) -> None:
+        self._to_device()
+
+    def _models(self) -> list[tuple[str, nn.Module]]:
+        assert self.merged is not None
+        return [("merged", self.merged), ("naive_average", self.naive),
+                *((f"endpoint_{i}", m) for i, m in enumerate(self.endpoints))]
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+                     ) -> dict[str, Tensor]:
+        """Per-sample predictions of the merged model, the naive average and the endpoints.
+
+        Returns:
+            `{"target": [B], "pred_<model>": [B], "loss_<model>": [B], ...}` for the models
+            `merged`, `naive_average`, `endpoint_<i>` (per-sample cross-entropy).
+        """
+        x, y = batch_input(batch), batch_target(batch)
+        out: dict[str, Tensor] = {}
+        if y is not None:
+            out["target"] = y
+        for name, m in self._models():
+            logits = m(x)
+            out[f"pred_{name}"] = logits.argmax(-1)
+            if y is not None:
+                out[f"loss_{name}"] = F.cross_entropy(logits.float(), y, reduction="none")
+        return out
 
     # -- evaluation -------------------------------------------------------------------------
     def _accumulate(self, name: str, model: nn.Module, x: Any, y: Tensor) -> None:
@@ -208,7 +249,8 @@ class MergeEvaluation(pl.LightningModule):
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         path = self.plot or (os.path.join(log_dir, "interpolation.png") if log_dir else None)
         if path and self.trainer.is_global_zero:
-            plot_curves(curves, Path(path), title=f"{self.method} ({Path(self.factory).name})")
+            self.plot_path = plot_curves(curves, Path(path),
+                                         title=f"{self.method} ({Path(self.factory).name})")
 
     def results_table(self) -> str:
         """Markdown table of the test results (printed and saved by ``graphspace``)."""
@@ -220,6 +262,8 @@ class MergeEvaluation(pl.LightningModule):
         for k, v in self.results.items():
             if k.startswith("barrier/"):
                 rows.append(f"| loss barrier, {k.split('/', 1)[1]} path | {v:.4f} | |")
+        if self.plot_path is not None:
+            rows.append(f"\nInterpolation plot: `{self.plot_path}`")
         return "\n".join(rows)
 
     def configure_optimizers(self) -> None:

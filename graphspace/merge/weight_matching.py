@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ from graphspace.graphs import apply_permutation
 from graphspace.merge._utils import resolve_device, state_of, with_state
 from graphspace.merge.assignment import LapSolver, head_block_assignment, linear_assignment
 from graphspace.merge.spec import AlignmentSpec
+
+
+class MatchingNotConvergedWarning(UserWarning):
+    """Weight matching stopped at `max_passes` while its last pass still improved the
+    objective (`MatchResult.converged` is `False`)."""
 
 
 @dataclass
@@ -364,6 +370,7 @@ def weight_matching(
     history: list[float] = []
     passes = 0
     converged = not units
+    start = value
     for _ in range(max_passes):
         passes += 1
         rng.shuffle(units)
@@ -396,6 +403,12 @@ def weight_matching(
         if not improved:
             converged = True
             break
+    if not converged and history:
+        last = history[-1] - (history[-2] if len(history) > 1 else start)
+        warnings.warn(
+            f"weight matching did not converge: {passes} passes (max_passes={max_passes}) and "
+            f"the last pass still improved the objective by {last:.6g}; raise max_passes",
+            MatchingNotConvergedWarning, stacklevel=2)
     return MatchResult(perms=perms, passes=passes, objective=history, converged=converged)
 
 

@@ -67,9 +67,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.loader import DataLoader
-from torch_geometric.nn import GCNConv
+from torch_geometric.nn.models import GCN
+from torch_geometric.utils import dropout_edge, mask_feature
 
 from graphspace.ops import scatter
+from graphspace.tasks.outputs import PredictionsFile
 
 Transform = Callable[[Any], Any]
 LEVELS = ("node", "graph")
@@ -94,12 +96,17 @@ def _select_edges(data: Any, keep: Tensor) -> Any:
 
 
 class DropEdges:
-    r"""Remove every edge independently with probability ``p`` (GRACE's "removing edges").
+    r"""Remove every edge independently with probability `p` (GRACE's "removing edges"), by
+    PyG's `torch_geometric.utils.dropout_edge`; every edge-level attribute (`edge_attr`,
+    `edge_type`, ...) is filtered with the edges.
 
     Args:
-        p (float): drop probability (default 0.2).
-        force_undirected (bool): drop both directions of an undirected edge together
-            (default ``False``, like GRACE, which drops directed entries independently).
+        p: drop probability, in $[0, 1)$ (default 0.2).
+        force_undirected: drop both directions of an undirected edge together (default
+            `False`, like GRACE, which drops directed entries independently). The draw is made
+            once per unordered pair $\{i, j\}$ (PyG's own `force_undirected` would instead
+            rebuild the reverse direction, copying the forward edge's attributes and
+            duplicating self-loops), so edge order and attributes are kept.
     """
 
     def __init__(self, p: float = 0.2, force_undirected: bool = False) -> None:
@@ -112,11 +119,13 @@ class DropEdges:
         ei = data.edge_index
         if self.force_undirected:
             n = int(data.num_nodes)
-            key = torch.minimum(ei[0], ei[1]) * n + torch.maximum(ei[0], ei[1])
-            uniq, inv = torch.unique(key, return_inverse=True)
-            keep = (torch.rand(uniq.numel(), device=ei.device) >= self.p)[inv]
+            lo, hi = torch.minimum(ei[0], ei[1]), torch.maximum(ei[0], ei[1])
+            uniq, inv = torch.unique(lo * n + hi, return_inverse=True)
+            pairs = torch.stack([uniq // n, uniq % n])
+            _, keep_pair = dropout_edge(pairs, p=self.p)
+            keep = keep_pair[inv]
         else:
-            keep = torch.rand(ei.size(1), device=ei.device) >= self.p
+            _, keep = dropout_edge(ei, p=self.p)
         return _select_edges(data, keep)
 
     def __repr__(self) -> str:
@@ -124,13 +133,14 @@ class DropEdges:
 
 
 class MaskFeatures:
-    r"""Zero each feature dimension (column of ``attr``) with probability ``p``, for all nodes
-    at once (GRACE's "masking node features").
+    r"""Zero each feature dimension (column of `attr`) with probability `p`, for all nodes at
+    once (GRACE's "masking node features"), by PyG's `torch_geometric.utils.mask_feature`
+    (`mode="col"`).
 
     Args:
-        p (float): masking probability (default 0.3).
-        attr (str): the attribute to mask (default ``"x"``; ``"edge_attr"`` masks edge
-            feature dimensions).
+        p: masking probability, in $[0, 1]$ (default 0.3).
+        attr: the attribute to mask (default `"x"`; `"edge_attr"` masks edge feature
+            dimensions; a 1-D attribute has one dimension per entry).
     """
 
     def __init__(self, p: float = 0.3, attr: str = "x") -> None:
@@ -142,8 +152,9 @@ class MaskFeatures:
     def __call__(self, data: Any) -> Any:
         out = copy.copy(data)
         value = data[self.attr]
-        mask = torch.rand(value.size(-1), device=value.device) < self.p
-        out[self.attr] = torch.where(mask, torch.zeros_like(value), value)
+        flat = value.reshape(-1, value.size(-1)) if value.dim() != 1 else value.view(1, -1)
+        masked, _ = mask_feature(flat, p=self.p, mode="col")
+        out[self.attr] = masked.view(value.shape)
         return out
 
     def __repr__(self) -> str:
@@ -198,43 +209,47 @@ def _activation(name: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}; choose relu, prelu or leaky_relu")
 
 
-class GCNEncoder(nn.Module):
+class GCNEncoder(GCN):
     r"""GRACE's encoder: a stack of GCN layers (Kipf & Welling 2017), each followed by the
-    activation, :math:`H^{(l)} = \sigma(\hat A H^{(l-1)} W_l + b_l)` with
-    :math:`\hat A = \tilde D^{-1/2} (A + I) \tilde D^{-1/2}`.
+    activation, $H^{(l)} = \sigma(\hat A H^{(l-1)} W_l + b_l)$ with
+    $\hat A = \tilde D^{-1/2} (A + I) \tilde D^{-1/2}$.
+
+    PyG's `torch_geometric.nn.models.GCN` with one activation module per layer: the layers,
+    their initialisation and `reset_parameters` are PyG's; `forward` differs from `GCN`'s in
+    applying the activation after the last layer too (GRACE does, `GCN` does not) and in using
+    a separate activation per layer (`PReLU` has one slope per channel; POT's bound reads the
+    slopes of `acts[0]` and `acts[1]`).
 
     Args:
-        in_channels (int): input feature size (``-1`` for lazy initialisation).
-        out_channels (int): embedding size.
-        hidden_channels (int, optional): hidden size (default ``2 * out_channels`` as in GRACE).
-        num_layers (int): GCN layers (default 2; POT's bound needs 2).
-        activation (str): ``"relu"`` (default), ``"prelu"`` or ``"leaky_relu"``.
+        in_channels: input feature size (`-1` for lazy initialisation).
+        out_channels: embedding size.
+        hidden_channels: hidden size (default `2 * out_channels` as in GRACE).
+        num_layers: GCN layers (default 2; POT's bound needs 2).
+        activation: `"relu"` (default), `"prelu"` or `"leaky_relu"`.
 
     Shapes:
-        - input: node features :math:`(N, F_{in})`, edge indices :math:`(2, E)`.
-        - output: :math:`(N, F_{out})`.
+        - input: node features $(N, F_{in})$, edge indices $(2, E)$.
+        - output: $(N, F_{out})$.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int | None = None,
                  num_layers: int = 2, activation: str = "relu") -> None:
-        super().__init__()
         if num_layers < 1:
-            raise ValueError("num_layers must be >= 1")
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         hidden = hidden_channels or 2 * out_channels
-        dims = [in_channels] + [hidden] * (num_layers - 1) + [out_channels]
-        self.in_channels, self.out_channels = in_channels, out_channels
+        super().__init__(in_channels, hidden, num_layers, out_channels=out_channels, act=None)
         self.activation = activation
-        self.convs = nn.ModuleList(GCNConv(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.acts = nn.ModuleList(_activation(activation, b) for b in dims[1:])
+        dims = [hidden] * (num_layers - 1) + [out_channels]
+        self.acts = nn.ModuleList(_activation(activation, b) for b in dims)
 
     def reset_parameters(self) -> None:
-        for conv in self.convs:
-            conv.reset_parameters()
+        super().reset_parameters()
         for act in self.acts:
             if isinstance(act, nn.PReLU):
                 act.reset_parameters()
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, edge_index: Tensor,  # type: ignore[override]
+                edge_weight: Tensor | None = None) -> Tensor:
         for conv, act in zip(self.convs, self.acts):
             x = act(conv(x, edge_index, edge_weight))
         return x
@@ -625,7 +640,7 @@ def _as_list(t: Transform | Sequence[Transform] | None) -> list[Transform] | Non
     return list(t)
 
 
-class GraphContrastive(pl.LightningModule):
+class GraphContrastive(PredictionsFile, pl.LightningModule):
     r"""GRACE-style graph contrastive pre-training with the optional POT regulariser.
 
     The math is in the module docstring. ``level="node"`` contrasts the nodes of a batch
@@ -795,6 +810,22 @@ class GraphContrastive(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+                     ) -> dict[str, Tensor]:
+        """Encoder outputs (the embeddings a downstream model or probe uses), one row per node
+        (node level) or per graph (graph level).
+
+        Returns:
+            `{"z": [N, D], "y": [N]}` (`y` only when the batch has one label per row); the
+            predictions file gets columns `z_0 ... z_{D-1}`.
+        """
+        z = self(batch)
+        out = {"z": z.float()}
+        y = getattr(batch, "y", None)
+        if isinstance(y, Tensor) and y.numel() == z.size(0):
+            out["y"] = y.view(-1)
+        return out
+
     def _probe(self, stage: str) -> None:
         if not self._eval:
             return
@@ -949,4 +980,8 @@ class FunctionZooDataModule(pl.LightningDataModule):
         return DataLoader(self.graphs, batch_size=self.hparams.batch_size)
 
     def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """All networks, in order (as validation and test)."""
         return self.val_dataloader()

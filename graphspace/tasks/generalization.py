@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import KendallRankCorrCoef, MetricCollection, R2Score
 
 from graphspace.nn.models.graph_metanetwork import GraphMetaNetwork
+from graphspace.tasks.outputs import PredictionsFile, pyplot, run_dir, save_figure
 
 BASELINES = ("statnn", "norms", "flat")
 LR_SCHEDULES = ("constant", "cosine")
@@ -30,13 +31,13 @@ class FeatureMLP(nn.Module):
     r"""MLP on a per-network feature vector (StatNN: Unterthiner et al. 2020 use per-layer
     statistics followed by a small fully connected network).
 
-    Inputs are standardised, :math:`(\mathbf f - \boldsymbol\mu) / \boldsymbol\sigma`, with
-    statistics of the training split set by :meth:`fit_normalizer` (which
-    :class:`GeneralizationPredictor` calls in ``setup`` with the whole training split, before
+    Inputs are standardised, $(\mathbf f - \boldsymbol\mu) / \boldsymbol\sigma$, with
+    statistics of the training split set by `fit_normalizer` (which
+    `GeneralizationPredictor` calls in `setup` with the whole training split, before
     any distributed wrapping); if it was never called, the first training batch is used.
 
     Args:
-        attr: batch attribute holding the ``[batch, F]`` features.
+        attr: batch attribute holding the `[batch, F]` features.
         hidden: hidden width (64).
         out_channels: outputs (1).
         dropout: dropout after the first layer (0).
@@ -86,32 +87,42 @@ class FeatureMLP(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-class GeneralizationPredictor(pl.LightningModule):
+class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
     r"""Predict test accuracy from a parameter graph (plus baselines, side by side).
 
-    Every predictor :math:`f` (the graph metanetwork ``gmn`` and each baseline) is trained with
-    the mean squared error :math:`\frac1B\sum_b (f(G_b) - y_b)^2` on the same batches; the
+    Every predictor $f$ (the graph metanetwork `gmn` and each baseline) is trained with
+    the mean squared error $\frac1B\sum_b (f(G_b) - y_b)^2$ on the same batches; the
     summed loss trains each one independently because their parameters are disjoint (AdamW is
     a per-parameter method; do not combine with gradient-norm clipping, which would couple
-    them). Validation and test report Kendall's :math:`\tau` and :math:`R^2` per predictor,
+    them). Validation and test report Kendall's $\tau$ and $R^2$ per predictor,
     computed over the whole split (gathered across processes under DDP).
 
-    **Model selection.** With ``select_best=True`` each predictor keeps a copy of its weights
-    from the validation epoch with its highest Kendall :math:`\tau` (stored in checkpoints) and
+    **Model selection.** With `select_best=True` each predictor keeps a copy of its weights
+    from the validation epoch with its highest Kendall $\tau$ (stored in checkpoints) and
     is tested with them, as if it had been trained alone with early stopping; the baselines
     are thus not judged at the metanetwork's best epoch.
 
+    **Outputs** (in the run directory, see `graphspace.tasks.outputs.run_dir`; skipped with a
+    one-line message without matplotlib): after `test`, `predictions_test.png`, predicted
+    against actual accuracy per predictor with its Kendall $\tau$ (the points are in
+    `test_predictions` / `test_targets`); after `fit`, `learning_curves.png`, the epoch means
+    of the training and validation losses and the validation $\tau$ per predictor (kept in
+    `history`). `predict` writes `predictions.csv` (or `.parquet`): one row per network with
+    the predicted test accuracy of every predictor (`gmn`, baselines) and the target when the
+    batch has one; predictors use their best-epoch weights as in `test`.
+
     Args:
-        model: the graph model (default: :class:`GraphMetaNetwork` with 1 output).
-        baselines: any of ``"statnn"`` (batch attribute ``stats``), ``"norms"`` (``norms``),
-            ``"flat"`` (``flat``, fixed architectures); see
-            :class:`graphspace.tasks.features.AttachWeightFeatures`.
+        model: the graph model (default: `GraphMetaNetwork` with 1 output).
+        baselines: any of `"statnn"` (batch attribute `stats`), `"norms"` (`norms`),
+            `"flat"` (`flat`, fixed architectures); see
+            `graphspace.tasks.features.AttachWeightFeatures`.
         lr, weight_decay: AdamW settings (default 1e-3, 0).
-        target: batch attribute holding the targets (default ``y``).
+        target: batch attribute holding the targets (default `y`).
         baseline_hidden: hidden width of the baselines' MLPs (64).
-        select_best: test every predictor at its best validation epoch (default ``True``).
-        lr_schedule: ``"constant"`` (default) or ``"cosine"`` (annealed to 0 over
-            ``trainer.max_epochs``, stepped per epoch).
+        select_best: test every predictor at its best validation epoch (default `True`).
+        lr_schedule: `"constant"` (default) or `"cosine"` (annealed to 0 over
+            `trainer.max_epochs`, stepped per epoch).
+        plots: save the figures (default `True`; `False` for benchmarks and sweeps).
     """
 
     def __init__(
@@ -124,6 +135,7 @@ class GeneralizationPredictor(pl.LightningModule):
         baseline_hidden: int = 64,
         select_best: bool = True,
         lr_schedule: str = "constant",
+        plots: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -146,6 +158,12 @@ class GeneralizationPredictor(pl.LightningModule):
         self.results: dict[str, dict[str, float]] = {}
         #: per predictor: best validation tau, its epoch and a CPU copy of the weights
         self.best: dict[str, dict[str, Any]] = {}
+        #: per-epoch curves: ``epoch``, ``train/loss_<n>``, ``val/loss_<n>``, ``val/tau_<n>``
+        self.history: dict[str, list[float]] = {}
+        self.test_predictions: dict[str, Tensor] = {}
+        self.test_targets: Tensor | None = None
+        self._sums: dict[str, list[Any]] = {}
+        self._test_parts: list[tuple[dict[str, Tensor], Tensor]] = []
 
     def predictor(self, name: str) -> nn.Module:
         """The module of predictor ``name`` (``"gmn"`` or a baseline)."""
@@ -156,6 +174,7 @@ class GeneralizationPredictor(pl.LightningModule):
         """Fit the baselines' input standardisation on the whole training split (before DDP
         wraps the module, so the lazy layers exist and every process holds the same
         statistics)."""
+        self.predict_on_test_loader(stage)
         if stage != "fit" or all(m.fitted for m in self.baselines.values()):
             return
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -185,9 +204,15 @@ class GeneralizationPredictor(pl.LightningModule):
         for n, v in losses.items():
             self.log(f"{stage}/loss_{n}", v, batch_size=bs, prog_bar=(n == "gmn"),
                      sync_dist=stage != "train")
+            acc = self._sums.setdefault(f"{stage}/loss_{n}", [0.0, 0])
+            acc[0] = acc[0] + v.detach() * bs  # a tensor: no device sync per step
+            acc[1] += bs
         if stage in self.metrics:
             for n, p in preds.items():
                 self.metrics[stage][n].update(p.float().detach(), y)
+        if stage == "test":
+            self._test_parts.append(({n: p.detach().float().cpu() for n, p in preds.items()},
+                                     y.detach().cpu()))
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -198,6 +223,20 @@ class GeneralizationPredictor(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._common_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+                     ) -> dict[str, Tensor]:
+        """Predicted test accuracy of every network of the batch, per predictor.
+
+        Returns:
+            `{"gmn": [B], <baseline>: [B], ..., "target": [B]}` (`target` only when the batch
+            carries the target attribute).
+        """
+        out = {n: p.float() for n, p in self(batch).items()}
+        y = getattr(batch, self.hparams.target, None)
+        if isinstance(y, Tensor):
+            out["target"] = y.view(-1).float()
+        return out
 
     def _epoch_end(self, stage: str) -> None:
         sanity = self._trainer is not None and self.trainer.sanity_checking
@@ -221,25 +260,126 @@ class GeneralizationPredictor(pl.LightningModule):
                  for k, v in self.predictor(name).state_dict().items()}
         self.best[name] = {"tau": tau, "epoch": int(self.current_epoch), "state": state}
 
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_end("val")
+    def _mean_losses(self, stage: str) -> dict[str, float]:
+        out = {}
+        for key in [k for k in self._sums if k.startswith(f"{stage}/")]:
+            total, n = self._sums.pop(key)
+            out[key] = float(total) / max(n, 1)
+        return out
 
-    def on_test_epoch_start(self) -> None:
+    def on_train_epoch_start(self) -> None:
+        self._mean_losses("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._mean_losses("val")
+
+    def on_validation_epoch_end(self) -> None:
+        sanity = self._trainer is not None and self.trainer.sanity_checking
+        val_losses = self._mean_losses("val")
+        self._epoch_end("val")
+        if not sanity:
+            self._val_row = {**val_losses, **{
+                f"val/tau_{n}": self.results.get("val", {}).get(f"tau_{n}", float("nan"))
+                for n in self.names}}
+
+    def on_train_epoch_end(self) -> None:
+        # runs after the epoch's validation: one row per epoch, train and val together
+        row = {"epoch": float(self.current_epoch), **self._mean_losses("train"),
+               **getattr(self, "_val_row", {})}
+        self._val_row = {}
+        keys = list(self.history) + [k for k in row if k not in self.history]
+        done = len(self.history.get("epoch", []))
+        for k in keys:
+            self.history.setdefault(k, [float("nan")] * done).append(row.get(k, float("nan")))
+
+    def on_fit_end(self) -> None:
+        if self.hparams.plots and self.trainer.is_global_zero and self.history.get("epoch"):
+            self.plot_learning_curves(run_dir(self.trainer) / "learning_curves.png")
+
+    def _load_best(self) -> None:
         if not self.hparams.select_best:
             return
         for name, b in self.best.items():
             if name in self.names:
                 self.predictor(name).load_state_dict(b["state"])
 
+    def on_test_epoch_start(self) -> None:
+        self._test_parts = []
+        self._mean_losses("test")
+        self._load_best()
+
+    def on_predict_epoch_start(self) -> None:
+        super().on_predict_epoch_start()
+        self._load_best()
+
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
+        self._mean_losses("test")
+        if not self._test_parts:
+            return
+        self.test_predictions = {n: torch.cat([p[n] for p, _ in self._test_parts])
+                                 for n in self.names}
+        self.test_targets = torch.cat([y for _, y in self._test_parts])
+        self._test_parts = []
+        if self.hparams.plots and self.trainer.is_global_zero:
+            self.plot_predictions(run_dir(self.trainer) / "predictions_test.png")
+
+    # -- figures ----------------------------------------------------------------------------
+    def plot_predictions(self, path: str | None = None) -> Any:
+        """Predicted against actual test accuracy per predictor (Kendall $\tau$ in the titles),
+        from the last `test` (this process's samples).
+
+        Args:
+            path: where to save the PNG (the figure is then closed); `None` returns it open.
+
+        Returns:
+            The figure (or `None` without matplotlib); the saved path is printed.
+        """
+        from graphspace.tasks.plots import prediction_scatter
+
+        if self.test_targets is None:
+            raise ValueError("plot_predictions needs a finished test run (no test predictions)")
+        plt = pyplot("the predicted-vs-actual plot")
+        if plt is None:
+            return None
+        taus = {n: self.results.get("test", {}).get(f"tau_{n}", float("nan"))
+                for n in self.names}
+        fig = prediction_scatter(plt, self.test_predictions, self.test_targets, taus)
+        if path is not None:
+            print(f"predicted vs actual -> {save_figure(fig, path)}")
+        return fig
+
+    def plot_learning_curves(self, path: str | None = None) -> Any:
+        """Training / validation loss and validation Kendall $\tau$ per epoch (`history`).
+
+        Args:
+            path: where to save the PNG (the figure is then closed); `None` returns it open.
+
+        Returns:
+            The figure (or `None` without matplotlib); the saved path is printed.
+        """
+        from graphspace.tasks.plots import learning_curves
+
+        if not self.history.get("epoch"):
+            raise ValueError("plot_learning_curves needs at least one finished training epoch")
+        plt = pyplot("the learning curves")
+        if plt is None:
+            return None
+        epochs = [int(e) for e in self.history["epoch"]]
+        fig = learning_curves(plt, {k: v for k, v in self.history.items() if k != "epoch"},
+                              epochs)
+        if path is not None:
+            print(f"learning curves -> {save_figure(fig, path)}")
+        return fig
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["graphspace_best_predictors"] = self.best
+        checkpoint["graphspace_history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best = dict(checkpoint.get("graphspace_best_predictors", {}))
+        self.history = {k: list(v) for k, v in checkpoint.get("graphspace_history", {}).items()}
 
     # -- report -----------------------------------------------------------------------------
     def results_table(self, stage: str = "test") -> str:

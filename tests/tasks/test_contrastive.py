@@ -374,3 +374,31 @@ def test_yaml_configs_parse(name):
                                                            GaussianWeightNoise]
         assert cli.model.augment[1][1].scale == 0.2
     assert cli.trainer.max_epochs > 0
+
+
+def test_augmentations_and_encoder_are_pygs():
+    from torch_geometric.nn.models import GCN
+    from torch_geometric.utils import dropout_edge, mask_feature
+
+    g = Data(x=torch.randn(5, 6), edge_index=torch.randint(0, 5, (2, 30)))
+    torch.manual_seed(3)
+    ei, _ = dropout_edge(g.edge_index, p=0.4)
+    torch.manual_seed(3)
+    assert torch.equal(DropEdges(0.4)(g).edge_index, ei)
+    torch.manual_seed(3)
+    x, _ = mask_feature(g.x, p=0.5, mode="col")
+    torch.manual_seed(3)
+    assert torch.equal(MaskFeatures(0.5)(g).x, x)
+    # undirected pairs are dropped together; a self-loop is kept once or dropped, never doubled
+    und = Data(edge_index=torch.tensor([[0, 1, 1, 2, 2], [1, 0, 2, 1, 2]]), num_nodes=3)
+    seen = set()
+    for s in range(20):
+        torch.manual_seed(s)
+        e = DropEdges(0.5, force_undirected=True)(und).edge_index.t().tolist()
+        assert len(e) == len(set(map(tuple, e))) and all([j, i] in e for i, j in e)
+        seen.add(len(e))
+    assert seen <= {0, 1, 2, 3, 4, 5} and len(seen) >= 4  # odd sizes: the self-loop kept
+    enc = GCNEncoder(6, 4, activation="prelu")
+    assert isinstance(enc, GCN) and len(enc.acts) == 2 and enc.acts[0].weight.numel() == 8
+    h = enc.acts[1](enc.convs[1](enc.acts[0](enc.convs[0](g.x, g.edge_index)), g.edge_index))
+    assert torch.equal(enc(g.x, g.edge_index), h)

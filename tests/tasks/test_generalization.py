@@ -99,7 +99,7 @@ def test_unknown_baseline_is_an_error():
         GeneralizationPredictor(baselines=("magic",))
 
 
-def test_inr_classifier_learns_separable_classes():
+def test_inr_classifier_learns_separable_classes(tmp_path):
     from graphspace.tasks.inr import INRClassifier
     from graphspace.testing.models import Siren
 
@@ -116,7 +116,8 @@ def test_inr_classifier_learns_separable_classes():
         graphs.append(g)
     clf = INRClassifier(2, GraphMetaNetwork(2, hidden_channels=16, num_layers=1), lr=1e-2)
     trainer = pl.Trainer(max_epochs=30, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
     trainer.fit(clf, ListData(graphs))
     trainer.test(clf, ListData(graphs), verbose=False)
     assert float(trainer.callback_metrics["test/acc"]) == 1.0
