@@ -1,16 +1,17 @@
 r"""Linear interpolation between two models and the loss barrier.
 
-For endpoints :math:`\theta_A, \theta_B` and :math:`\lambda \in [0, 1]` the curve evaluates
-:math:`L(\theta_\lambda)` with :math:`\theta_\lambda = (1 - \lambda)\theta_A + \lambda\theta_B`
+For endpoints $\theta_A, \theta_B$ and $\lambda \in [0, 1]$ the curve evaluates
+$L(\theta_\lambda)$ with $\theta_\lambda = (1 - \lambda)\theta_A + \lambda\theta_B$
 (accuracy too, for classification). The loss barrier (Frankle et al. 2020; Ainsworth et al.
 2023, eq. 1) is
 
-.. math::
-    B(\theta_A, \theta_B) = \max_{\lambda} \Big[ L(\theta_\lambda)
-        - \big((1 - \lambda) L(\theta_A) + \lambda L(\theta_B)\big) \Big].
+$$
+B(\theta_A, \theta_B) = \max_{\lambda} \Big[ L(\theta_\lambda)
+    - \big((1 - \lambda) L(\theta_A) + \lambda L(\theta_B)\big) \Big].
+$$
 
-BatchNorm running statistics are interpolated like the weights unless ``reset_bn=True``
-recomputes them on the loader at every :math:`\lambda` (the interpolated statistics are wrong
+BatchNorm running statistics are interpolated like the weights unless `reset_bn=True`
+recomputes them on the loader at every $\lambda$ (the interpolated statistics are wrong
 for interpolated weights; Jordan et al. 2022).
 """
 
@@ -40,7 +41,7 @@ from graphspace.merge.repair import reset_bn_stats
 
 def interpolate_state(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor],
                       lam: float) -> dict[str, Tensor]:
-    r""":math:`(1 - \lambda)\theta_A + \lambda\theta_B` for float entries (integers from A)."""
+    r"""$(1 - \lambda)\theta_A + \lambda\theta_B$ for float entries (integers from A)."""
     return weighted_average([state_a, state_b], [1.0 - lam, lam])
 
 
@@ -49,7 +50,7 @@ def evaluate(model: nn.Module, loader: Iterable,
              loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
              num_batches: int | None = None) -> tuple[float, float | None]:
     """Mean loss (cross-entropy by default, summed per sample then averaged) and accuracy (for
-    integer class targets; ``None`` otherwise) of ``model`` in eval mode."""
+    integer class targets; `None` otherwise) of `model` in eval mode."""
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, reduction="sum"))
     was = model.training
     model.eval()
@@ -101,7 +102,7 @@ class InterpolationCurve:
 
 
 def loss_barrier(lambdas: Sequence[float], losses: Sequence[float]) -> float:
-    r""":math:`\max_\lambda L(\lambda) - ((1-\lambda) L(0) + \lambda L(1))`; ``lambdas`` must
+    r"""$\max_\lambda L(\lambda) - ((1-\lambda) L(0) + \lambda L(1))$; `lambdas` must
     contain 0 and 1."""
     lam = [float(x) for x in lambdas]
     if 0.0 not in lam or 1.0 not in lam:
@@ -121,17 +122,17 @@ def interpolation_curve(
     bn_loader: Iterable | None = None,
     num_batches: int | None = None,
 ) -> InterpolationCurve:
-    """Evaluate the models on the straight line between ``model_a`` and ``model_b``.
+    """Evaluate the models on the straight line between `model_a` and `model_b`.
 
     Args:
         model_a, model_b: endpoints (same architecture; B usually aligned to A first).
-        loader: evaluation batches ``(x, y)``.
-        lambdas: number of evenly spaced points in ``[0, 1]`` or explicit values (0 and 1 are
+        loader: evaluation batches `(x, y)`.
+        lambdas: number of evenly spaced points in `[0, 1]` or explicit values (0 and 1 are
             always added).
-        loss_fn: ``loss_fn(output, target)`` summed over the batch (cross-entropy by default).
-        reset_bn: recompute BatchNorm statistics at every point (on ``bn_loader`` or
-            ``loader``).
-        num_batches: evaluate on the first ``num_batches`` batches only.
+        loss_fn: `loss_fn(output, target)` summed over the batch (cross-entropy by default).
+        reset_bn: recompute BatchNorm statistics at every point (on `bn_loader` or
+            `loader`).
+        num_batches: evaluate on the first `num_batches` batches only.
     """
     lams = torch.linspace(0, 1, lambdas).tolist() if isinstance(lambdas, int) else \
         [float(x) for x in lambdas]

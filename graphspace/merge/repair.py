@@ -3,20 +3,21 @@ r"""Repair after merging: BatchNorm statistics reset and REPAIR (Jordan et al. 2
 Averaging aligned weights shrinks the variance of hidden pre-activations ("variance
 collapse"). Two fixes:
 
-* :func:`reset_bn_stats` -- for networks with BatchNorm, recompute the running mean and variance
-  of every BatchNorm layer on data (cumulative average over the loader), so that the merged
-  network normalises with its own statistics.
-* :func:`repair` -- REPAIR ("REnormalizing Permuted Activations for Interpolation Repair",
-  Jordan et al. 2022) for networks without BatchNorm: for every hidden neuron :math:`i` of the
-  merged network with pre-activation :math:`z_i`, rescale and shift it to the interpolated
+* [`reset_bn_stats`][graphspace.merge.repair.reset_bn_stats] -- for networks with BatchNorm,
+  recompute the running mean and variance of every BatchNorm layer on data (cumulative average over
+  the loader), so that the merged network normalises with its own statistics.
+* [`repair`][graphspace.merge.repair.repair] -- REPAIR ("REnormalizing Permuted Activations for
+  Interpolation Repair", Jordan et al. 2022) for networks without BatchNorm: for every hidden neuron
+  $i$ of the merged network with pre-activation $z_i$, rescale and shift it to the interpolated
   statistics of the (aligned) endpoints,
 
-  .. math::
-      \mu^\star_i = \sum_k w_k\, \mu^{(k)}_i, \qquad
-      \sigma^\star_i = \sum_k w_k\, \sigma^{(k)}_i, \qquad
-      z_i \leftarrow \frac{\sigma^\star_i}{\sigma_i}\,(z_i - \mu_i) + \mu^\star_i,
+    $$
+    \mu^\star_i = \sum_k w_k\, \mu^{(k)}_i, \qquad
+    \sigma^\star_i = \sum_k w_k\, \sigma^{(k)}_i, \qquad
+    z_i \leftarrow \frac{\sigma^\star_i}{\sigma_i}\,(z_i - \mu_i) + \mu^\star_i,
+    $$
 
-  where :math:`\mu_i, \sigma_i` are measured on the merged network after its earlier layers
+  where $\mu_i, \sigma_i$ are measured on the merged network after its earlier layers
   were repaired. The affine correction is folded into the producing layer's weight rows and
   bias (a layer without a bias is only rescaled).
 """
@@ -110,7 +111,7 @@ def reset_bn_stats(model: nn.Module, loader: Iterable, num_batches: int | None =
 
 def repairable_sets(model: nn.Module, kinds: Sequence[str] = ("linear", "conv")) -> list[int]:
     """Hidden neuron sets whose pre-activations REPAIR can correct: outputs of a parameterised
-    layer (``kinds``) that are permutable (hidden) neurons."""
+    layer (`kinds`) that are permutable (hidden) neurons."""
     a = analyze(model)
     producing = {s for r in a.records if r.kind == "edge" for s in r.dst_sets}
     return [s.id for s in a.sets if s.kind in kinds and s.permutable and s.id in producing]
@@ -131,14 +132,14 @@ def repair(
     r"""REPAIR the merged model towards the interpolated statistics of its endpoints.
 
     Args:
-        merged: the merged model :math:`\sum_k w_k \pi_k(\theta_k)`.
-        endpoints: the *aligned* endpoint models :math:`\pi_k(\theta_k)` (same architecture).
+        merged: the merged model $\sum_k w_k \pi_k(\theta_k)$.
+        endpoints: the *aligned* endpoint models $\pi_k(\theta_k)$ (same architecture).
         loader: batches of inputs used to measure statistics.
-        weights: the interpolation weights :math:`w_k` (uniform by default).
-        num_batches: use the first ``num_batches`` batches.
-        kinds: neuron-set kinds to correct (outputs of ``Linear``/``Conv`` layers by default).
+        weights: the interpolation weights $w_k$ (uniform by default).
+        num_batches: use the first `num_batches` batches.
+        kinds: neuron-set kinds to correct (outputs of `Linear`/`Conv` layers by default).
         eps: added to the merged standard deviation.
-        inplace: modify ``merged`` instead of a copy.
+        inplace: modify `merged` instead of a copy.
 
     Returns:
         the repaired model.
@@ -174,7 +175,7 @@ def repair(
 
 def _fold(a: ModelAnalysis, state: dict[str, Tensor], s: int, scale: Tensor, shift: Tensor
           ) -> None:
-    """``z <- scale * z + shift`` for set ``s``, folded into its producing weights and bias."""
+    """`z <- scale * z + shift` for set `s`, folded into its producing weights and bias."""
     nodes = a.sets[s].nodes
     for r in a.records:
         if r.kind == "edge" and s in r.dst_sets:

@@ -1,19 +1,22 @@
 r"""Merging as a Lightning task: align or fuse checkpoints, then evaluate the merge and barrier.
 
-:class:`MergeEvaluation` runs one merging method (weight matching, activation matching,
+`MergeEvaluation` runs one merging method (weight matching, activation matching,
 OT fusion or naive averaging, optionally followed by BatchNorm reset or REPAIR) from a
-LightningCLI YAML, so merging experiments are configured and logged like every other task::
+LightningCLI YAML, so merging experiments are configured and logged like every other task:
 
-    graphspace test --config experiments/merge_wm_digits.yaml
+```bash
+graphspace test --config experiments/merge_wm_digits.yaml
+```
 
-On ``test`` it loads the endpoint checkpoints (training them first on the datamodule's train
-split when ``train_missing=True`` and a file is missing), merges them on the train split, and
+On `test` it loads the endpoint checkpoints (training them first on the datamodule's train
+split when `train_missing=True` and a file is missing), merges them on the train split, and
 reports on the test split: the loss and accuracy of each endpoint, of the naive average and of
 the merged model, and the loss barrier (Frankle et al. 2020; Ainsworth et al. 2023, eq. 1)
 
-.. math::
-    B(\theta_A, \theta_B) = \max_{\lambda} \Big[ L(\theta_\lambda)
-        - \big((1 - \lambda) L(\theta_A) + \lambda L(\theta_B)\big) \Big]
+$$
+B(\theta_A, \theta_B) = \max_{\lambda} \Big[ L(\theta_\lambda)
+    - \big((1 - \lambda) L(\theta_A) + \lambda L(\theta_B)\big) \Big]
+$$
 
 of the naive and of the aligned interpolation path (two-model merges). The curves are saved as
 a PNG next to the results when matplotlib is installed.
@@ -253,7 +256,7 @@ class MergeEvaluation(PredictionsFile, pl.LightningModule):
                                          title=f"{self.method} ({Path(self.factory).name})")
 
     def results_table(self) -> str:
-        """Markdown table of the test results (printed and saved by ``graphspace``)."""
+        """Markdown table of the test results (printed and saved by `graphspace`)."""
         rows = ["| model | test loss | test accuracy |", "|---|---|---|"]
         for name in self._sums:
             key = name.replace(" ", "_")

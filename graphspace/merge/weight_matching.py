@@ -1,25 +1,28 @@
 r"""Weight matching: permutation coordinate descent (Ainsworth et al. 2023, "Git Re-Basin", alg. 2).
 
 Model B is permuted towards model A by maximising the inner product of their weights over
-all valid permutations :math:`\pi = (\pi_P)_P`,
+all valid permutations $\pi = (\pi_P)_P$,
 
-.. math::
-    \max_\pi \; \sum_\ell \langle W^A_\ell,\; \pi(W^B)_\ell \rangle_F .
+$$
+\max_\pi \; \sum_\ell \langle W^A_\ell,\; \pi(W^B)_\ell \rangle_F .
+$$
 
-Holding every permutation but :math:`\pi_P` fixed, this is a linear assignment problem
-:math:`\max_{\pi_P} \sum_i C^P_{i\pi_P(i)}` with
+Holding every permutation but $\pi_P$ fixed, this is a linear assignment problem
+$\max_{\pi_P} \sum_i C^P_{i\pi_P(i)}$ with
 
-.. math::
-    C^P_{ij} = \sum_{(\ell, \text{axis}) \ni P} \big\langle W^A_\ell[i]_{\text{axis}},\;
-               \tilde W^B_\ell[j]_{\text{axis}} \big\rangle ,
+$$
+C^P_{ij} = \sum_{(\ell, \text{axis}) \ni P} \big\langle W^A_\ell[i]_{\text{axis}},\;
+           \tilde W^B_\ell[j]_{\text{axis}} \big\rangle ,
+$$
 
-the sum running over every slot of :class:`~graphspace.merge.spec.AlignmentSpec` (weights whose
-rows or columns are :math:`P`'s neurons, biases, norm parameters; conv kernels and flattened
-spatial positions are part of the inner product), :math:`\tilde W^B` being B permuted by the
+the sum running over every slot of [`AlignmentSpec`][graphspace.merge.spec.AlignmentSpec] (weights
+whose rows or columns are $P$'s neurons, biases, norm parameters; conv kernels and flattened
+spatial positions are part of the inner product), $\tilde W^B$ being B permuted by the
 current permutations along its other axes. Groups are visited in a random order; the descent
 stops after the first full pass that improves nothing. Attention groups sharing a head
-permutation are solved together with :func:`~graphspace.merge.assignment.head_block_assignment`.
-Matrix products run on the GPU when one is available; the assignments on the CPU.
+permutation are solved together with
+[`head_block_assignment`][graphspace.merge.assignment.head_block_assignment]. Matrix products run on
+the GPU when one is available; the assignments on the CPU.
 """
 
 from __future__ import annotations
@@ -49,10 +52,10 @@ class MatchingNotConvergedWarning(UserWarning):
 
 @dataclass
 class MatchResult:
-    """Permutations aligning B to A (``perms[name][j]``: B's neuron placed at position ``j``).
+    r"""Permutations aligning B to A (`perms[name][j]`: B's neuron placed at position `j`).
 
-    ``passes`` counts full passes over all groups (the last one improved nothing);
-    ``objective`` is :math:`\\langle \\theta_A, \\pi(\\theta_B) \\rangle` after each pass.
+    `passes` counts full passes over all groups (the last one improved nothing);
+    `objective` is $\langle \theta_A, \pi(\theta_B) \rangle$ after each pass.
     """
 
     perms: dict[str, Tensor]
@@ -71,8 +74,9 @@ def _spec(model: Any, spec: AlignmentSpec | None) -> AlignmentSpec:
 
 def group_cost(spec: AlignmentSpec, gi: int, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
                node_map: Tensor) -> Tensor:
-    """:math:`C^P` for group ``gi``: ``a``, ``b`` are canonical entries
-    (:meth:`AlignmentSpec.canonical`), ``node_map`` the current permutation of B."""
+    """$C^P$ for group `gi`: `a`, `b` are canonical entries
+    ([`AlignmentSpec.canonical`][graphspace.merge.AlignmentSpec.canonical]), `node_map` the
+    current permutation of B."""
     n = spec.groups[gi].size
     cost = torch.zeros(n, n, dtype=next(iter(a.values())).dtype, device=node_map.device)
     cache: dict[tuple[str, int], Tensor] = {}
@@ -111,9 +115,9 @@ def _is_identity(pos: Tensor) -> bool:
 
 
 def _other_major(c: Tensor, axis: int, index: Tensor, n: int) -> Tensor:
-    """``c`` (canonical) restricted to ``index`` along ``axis``, as an ``[other, rest, n]`` view
-    (copied only where the restriction needs it): ``other`` runs over the entry's other axis (1
-    for vectors), ``rest`` over kernel positions, the last axis over the group's neurons."""
+    """`c` (canonical) restricted to `index` along `axis`, as an `[other, rest, n]` view
+    (copied only where the restriction needs it): `other` runs over the entry's other axis (1
+    for vectors), `rest` over kernel positions, the last axis over the group's neurons."""
     if not (index.numel() == c.shape[axis] and _is_identity(index)):
         c = c.index_select(axis, index)
     if c.dim() == 1:
@@ -123,7 +127,7 @@ def _other_major(c: Tensor, axis: int, index: Tensor, n: int) -> Tensor:
 
 
 def _as_matrix(x: Tensor) -> Tensor:
-    """``x`` (``[other, rest, n]``) itself when it is viewable as ``[other * rest, n]``, else a
+    """`x` (`[other, rest, n]`) itself when it is viewable as `[other * rest, n]`, else a
     contiguous copy (so that every later product and row gather avoids a copy)."""
     try:
         x.view(-1, x.shape[-1])
@@ -134,14 +138,14 @@ def _as_matrix(x: Tensor) -> Tensor:
 
 @dataclass
 class _SlotState:
-    """One slot whose other axis is permuted, laid out other-axis-major as ``[other, rest, n]``
-    (``n``: the group's neurons, ``rest``: kernel positions), so that the rows a permutation of
+    """One slot whose other axis is permuted, laid out other-axis-major as `[other, rest, n]`
+    (`n`: the group's neurons, `rest`: kernel positions), so that the rows a permutation of
     the other axis selects are contiguous blocks and the group's cost is the product
-    ``X_A^T X_B`` over the ``other * rest`` rows.
+    `X_A^T X_B` over the `other * rest` rows.
 
-    ``b`` is B's view; ``xb`` is what the products read: ``b`` itself, or ``b`` gathered by the
-    other-axis positions of the first full product (``binv[q]``: the row of ``xb`` holding
-    ``b[q]``). ``pos`` are the other-axis positions already folded into the group's cost."""
+    `b` is B's view; `xb` is what the products read: `b` itself, or `b` gathered by the
+    other-axis positions of the first full product (`binv[q]`: the row of `xb` holding
+    `b[q]`). `pos` are the other-axis positions already folded into the group's cost."""
 
     key: str
     axis: int
@@ -155,23 +159,25 @@ class _SlotState:
 
 
 class _IncrementalCosts:
-    r"""The cost matrices :math:`C^P` of :func:`group_cost`, kept up to date incrementally.
+    r"""The cost matrices $C^P$ of [`group_cost`][graphspace.merge.weight_matching.group_cost], kept
+    up to date incrementally.
 
-    :math:`C^P` depends on the other groups only through the other-axis permutation of each
-    slot. When that permutation moved the entries at positions :math:`D` (old positions
-    :math:`p`, new :math:`p'`), the slot's contribution changes by
+    $C^P$ depends on the other groups only through the other-axis permutation of each
+    slot. When that permutation moved the entries at positions $D$ (old positions
+    $p$, new $p'$), the slot's contribution changes by
 
-    .. math::
-        \Delta C^P = X^A_{D}{}^\top \big(X^B_{p'_D} - X^B_{p_D}\big) ,
+    $$
+    \Delta C^P = X^A_{D}{}^\top \big(X^B_{p'_D} - X^B_{p_D}\big) ,
+    $$
 
-    one matrix product over the :math:`|D|` moved rows of the other-axis-major layout
-    (:class:`_SlotState`) instead of all of them. Slots whose other axis no group permutes
+    one matrix product over the $|D|$ moved rows of the other-axis-major layout
+    (`_SlotState`) instead of all of them. Slots whose other axis no group permutes
     (biases, norm parameters, the input channels of the first layer...) contribute a constant,
     computed once as a single product over all of them. The first request of a group computes
     the full matrix; later requests only add updates, so a group whose neighbours moved few
     neurons costs little, and one whose neighbours did not move at all costs nothing
-    (:attr:`dirty` tells whether the matrix changed since the group was last solved). Products
-    run in ``dtype``; the matrices accumulate in float64.
+    (`dirty` tells whether the matrix changed since the group was last solved). Products
+    run in `dtype`; the matrices accumulate in float64.
     """
 
     def __init__(self, spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
@@ -201,17 +207,18 @@ class _IncrementalCosts:
         self.changed_at = [0] * len(spec.groups)
 
     def reads(self, unit: list[int]) -> set[int]:
-        """The groups whose permutations the costs of ``unit``'s groups depend on."""
+        """The groups whose permutations the costs of `unit`'s groups depend on."""
         return {d for gi in unit for st in self.slots[gi] for d in st.deps}
 
     def touch(self, gi: int) -> None:
-        """Record that group ``gi``'s permutation changed (slots depending on it are updated
-        at their group's next :meth:`get`; the others are skipped without any work)."""
+        """Record that group `gi`'s permutation changed (slots depending on it are updated
+        at their group's next [`get`][graphspace.data.SmallCNNZoo.get]; the others are skipped
+        without any work)."""
         self.clock += 1
         self.changed_at[gi] = self.clock
 
     def _full(self, st: _SlotState, pos: Tensor, acc: Tensor) -> None:
-        """Add the slot's whole contribution under the other-axis positions ``pos``."""
+        """Add the slot's whole contribution under the other-axis positions `pos`."""
         n = acc.shape[0]
         if _is_identity(pos):
             st.xb = _as_matrix(st.b)
@@ -222,8 +229,8 @@ class _IncrementalCosts:
         acc.addmm_(st.xa.reshape(-1, n).T, st.xb.reshape(-1, n))
 
     def _update(self, st: _SlotState, moved: Tensor, pos: Tensor, acc: Tensor) -> None:
-        """Add the change of the slot's contribution since its positions were ``st.pos``
-        (``moved``: where ``pos`` differs from them)."""
+        """Add the change of the slot's contribution since its positions were `st.pos`
+        (`moved`: where `pos` differs from them)."""
         assert st.pos is not None and st.xb is not None
         n = acc.shape[0]
         new, old = pos[moved], st.pos[moved]
@@ -234,7 +241,7 @@ class _IncrementalCosts:
         acc.addmm_(xa.reshape(-1, n).T, dxb.reshape(-1, n))
 
     def get(self, gi: int, node_map: Tensor) -> Tensor:
-        """:math:`C^P` of group ``gi`` (float64) under the permutations ``node_map``."""
+        """$C^P$ of group `gi` (float64) under the permutations `node_map`."""
         n = self.spec.groups[gi].size
         cost = self.cost[gi]
         if cost is None:  # full products
@@ -276,7 +283,7 @@ PARALLEL_MIN_SIZE = 512
 
 def _independent_runs(units: list[list[int]], reads: Mapping[tuple[int, ...], set[int]],
                       size: int) -> list[list[list[int]]]:
-    """Split the pass order into runs of at most ``size`` consecutive units, none of which
+    """Split the pass order into runs of at most `size` consecutive units, none of which
     reads (has costs depending on) a group of an earlier unit of its run: solving a run's
     units together then gives what solving them one after another gives."""
     runs: list[list[list[int]]] = []
@@ -322,33 +329,36 @@ def weight_matching(
 ) -> MatchResult:
     """Find permutations of B's hidden neurons that bring B's weights closest to A's.
 
-    The cost matrices are maintained incrementally (see :class:`_IncrementalCosts`): after the
+    The cost matrices are maintained incrementally (see `_IncrementalCosts`): after the
     first pass, a group only pays for the neurons its neighbouring groups moved since it was
     last solved, and a group whose cost did not change is not solved again (the solver would
     return the same permutation).
 
     Args:
-        model_a: reference model (or its state dict, with ``spec``).
+        model_a: reference model (or its state dict, with `spec`).
         model_b: model to align (or its state dict).
-        spec: the architecture's :class:`AlignmentSpec` (built from ``model_a`` if omitted).
+        spec: the architecture's [`AlignmentSpec`][graphspace.merge.weight_matching.AlignmentSpec]
+            (built from `model_a` if omitted).
         max_passes: upper bound on passes over all groups (default 100).
         seed: seed of the random group order.
         init: starting permutations (identity by default); used to warm-start repeated calls.
-        backend: linear-assignment backend (see :func:`~graphspace.merge.linear_assignment`).
-        device: where the cost matrices are computed (``"auto"``: CUDA when available).
+        backend: linear-assignment backend (see
+            [`linear_assignment`][graphspace.merge.linear_assignment]).
+        device: where the cost matrices are computed (`"auto"`: CUDA when available).
         dtype: precision of the matrix products (the costs accumulate in float64).
         tol: a pass counts as an improvement when a group's objective grows by more than
-            ``tol`` times its magnitude.
+            `tol` times its magnitude.
         parallel_solves: how many assignment problems may be solved at once, in threads
             (SciPy's solver releases the GIL). Only runs of consecutive units in the pass
             order whose costs do not depend on each other's permutations are solved together,
-            so the result is identical to solving one at a time (``1``); problems smaller than
-            :data:`PARALLEL_MIN_SIZE` neurons are always solved in the calling thread.
+            so the result is identical to solving one at a time (`1`); problems smaller than
+            `PARALLEL_MIN_SIZE` neurons are always solved in the calling thread.
 
     Returns:
-        :class:`MatchResult`; apply it with :func:`align_state` or
-        :func:`graphspace.graphs.apply_permutation`. ``objective`` starts from the exact
-        inner product under ``init`` and adds each accepted assignment's gain.
+        [`MatchResult`][graphspace.merge.weight_matching.MatchResult]; apply it with
+        [`align_state`][graphspace.merge.weight_matching.align_state] or
+        [`graphspace.graphs.apply_permutation`][graphspace.graphs.apply_permutation]. `objective`
+        starts from the exact inner product under `init` and adds each accepted assignment's gain.
     """
     spec = _spec(model_a, spec)
     sa, sb = state_of(model_a), state_of(model_b)
@@ -414,8 +424,8 @@ def weight_matching(
 
 def _objective(spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
                node_map: Tensor) -> float:
-    r""":math:`\langle \theta_A, \pi(\theta_B) \rangle` over the matched entries: one BLAS dot
-    product per entry in the matching ``dtype``, summed in float64."""
+    r"""$\langle \theta_A, \pi(\theta_B) \rangle$ over the matched entries: one BLAS dot
+    product per entry in the matching `dtype`, summed in float64."""
     total = 0.0
     for key in spec.matched:
         cb = b[key]
@@ -430,7 +440,7 @@ def _objective(spec: AlignmentSpec, a: Mapping[str, Tensor], b: Mapping[str, Ten
 
 def align_state(model_or_spec: nn.Module | AlignmentSpec, state: Mapping[str, Tensor],
                 perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``state`` with its neurons permuted by ``perms`` (a new dict)."""
+    """`state` with its neurons permuted by `perms` (a new dict)."""
     spec = model_or_spec if isinstance(model_or_spec, AlignmentSpec) else \
         AlignmentSpec(model_or_spec)
     cpu = {k: v.detach() for k, v in state.items()}
@@ -440,6 +450,6 @@ def align_state(model_or_spec: nn.Module | AlignmentSpec, state: Mapping[str, Te
 
 def permuted_copy(model: nn.Module, perms: Mapping[str, Tensor],
                   spec: AlignmentSpec | None = None) -> nn.Module:
-    """A copy of ``model`` with its neurons permuted by ``perms`` (``model`` is untouched)."""
+    """A copy of `model` with its neurons permuted by `perms` (`model` is untouched)."""
     spec = spec or AlignmentSpec(model)
     return with_state(model, align_state(spec, state_of(model), perms))

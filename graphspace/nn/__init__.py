@@ -1,7 +1,7 @@
 """graphspace.nn: PyG layers and graph metanetwork models.
 
-``from graphspace.nn import EGNNConv, SheafConv, GraphMetaNetwork, ...``; the layers live in
-:mod:`graphspace.nn.conv`, the models and backbones in :mod:`graphspace.nn.models`.
+`from graphspace.nn import EGNNConv, SheafConv, GraphMetaNetwork, ...`; the layers live in
+`graphspace.nn.conv`, the models and backbones in `graphspace.nn.models`.
 """
 
 from graphspace.nn.conv import (

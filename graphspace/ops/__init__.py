@@ -1,8 +1,8 @@
 """Scatter and fused gather -> message -> aggregate ops with one dispatch point.
 
-Backends: Triton kernels on CUDA, ``torch_scatter`` when installed, plain torch otherwise;
-``GRAPHSPACE_OPS_BACKEND`` or each op's ``backend=`` argument forces one, and
-:func:`last_backend` reports which one ran. See ``docs/ops.md``.
+Backends: Triton kernels on CUDA, `torch_scatter` when installed, plain torch otherwise;
+`GRAPHSPACE_OPS_BACKEND` or each op's `backend=` argument forces one, and
+[`last_backend`][graphspace.ops.last_backend] reports which one ran. See `docs/ops.md`.
 """
 
 from graphspace.ops.backend import (

@@ -1,9 +1,9 @@
-"""``torch.autograd.Function`` wrappers shared by the ``torch`` and ``triton`` backends.
+"""`torch.autograd.Function` wrappers shared by the `torch` and `triton` backends.
 
 Each wrapper calls its backend module's forward/backward (same function names in
-:mod:`graphspace.ops._torch` and :mod:`graphspace.ops._triton`), casts to and from the
-accumulation dtype, and saves only the inputs (never the ``E x F`` messages). The backward
-passes are first-order (``once_differentiable``).
+`graphspace.ops._torch` and `graphspace.ops._triton`), casts to and from the
+accumulation dtype, and saves only the inputs (never the `E x F` messages). The backward
+passes are first-order (`once_differentiable`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _out(t: Tensor | None, like: Tensor | None) -> Tensor | None:
 
 
 class ScatterFn(torch.autograd.Function):
-    """``scatter`` of a 2-D ``src`` along dim 0 (``index`` is the original target index)."""
+    """`scatter` of a 2-D `src` along dim 0 (`index` is the original target index)."""
 
     @staticmethod
     def forward(ctx: Any, src: Tensor, index: Tensor, csr: CSR, reduce: str,
@@ -79,7 +79,7 @@ class ScatterFn(torch.autograd.Function):
 
 
 class WeightedFn(torch.autograd.Function):
-    """``out_i = reduce_{j -> i} w_ij x_j``."""
+    """`out_i = reduce_{j -> i} w_ij x_j`."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor | None, csr: CSR, reduce: str,
@@ -104,7 +104,7 @@ class WeightedFn(torch.autograd.Function):
 
 
 class EgnnCoordFn(torch.autograd.Function):
-    """``out_i = reduce_{j -> i} phi_ij (p_i - p_j) [/ (|p_i - p_j| + eps)]``."""
+    """`out_i = reduce_{j -> i} phi_ij (p_i - p_j) [/ (|p_i - p_j| + eps)]`."""
 
     @staticmethod
     def forward(ctx: Any, pos: Tensor, coef: Tensor, csr: CSR | EdgeList, reduce: str,
@@ -128,7 +128,7 @@ class EgnnCoordFn(torch.autograd.Function):
 
 
 class SheafFn(torch.autograd.Function):
-    """``out_i = reduce_{j -> i} F_ij x_j`` with ``x``: ``(N, d, C)``, ``F``: ``(E, d, d)``."""
+    """`out_i = reduce_{j -> i} F_ij x_j` with `x`: `(N, d, C)`, `F`: `(E, d, d)`."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, maps: Tensor, csr: CSR, reduce: str,

@@ -1,7 +1,7 @@
 """Input validation shared by the public ops: clear errors before any kernel launches.
 
 Shape, dtype and device checks run here; index *range* checks need the index values (one host
-sync) and run when the CSR layout is built (:func:`graphspace.ops.layout.build_csr`), i.e.
+sync) and run when the CSR layout is built (`graphspace.ops.layout.build_csr`), i.e.
 once per index tensor thanks to the layout cache.
 """
 

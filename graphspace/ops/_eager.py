@@ -1,8 +1,8 @@
 """Message-materialising formulations of every op (the way eager PyG computes them).
 
-Used in two places: under ``torch.compile`` (plain differentiable torch ops that Inductor traces
-and fuses, no host syncs, no graph breaks) and for the ``torch_scatter`` backend when a fused op
-is forced onto it (``torch_scatter`` only provides the reduction). Inputs are upcast to float32
+Used in two places: under `torch.compile` (plain differentiable torch ops that Inductor traces
+and fuses, no host syncs, no graph breaks) and for the `torch_scatter` backend when a fused op
+is forced onto it (`torch_scatter` only provides the reduction). Inputs are upcast to float32
 for float16/bfloat16, like the other backends.
 """
 
@@ -21,7 +21,7 @@ def upcast(t: Tensor) -> Tensor:
 
 
 def torch_scatter_2d(src: Tensor, index: Tensor, dim_size: int, reduce: str) -> Tensor:
-    """Traceable plain-torch reduction of ``src`` (``(E, ...)``) along dim 0."""
+    """Traceable plain-torch reduction of `src` (`(E, ...)`) along dim 0."""
     shape = (dim_size,) + tuple(src.shape[1:])
     if reduce in ("sum", "mean"):
         out = src.new_zeros(shape).index_add(0, index, src)
@@ -39,7 +39,7 @@ def torch_scatter_2d(src: Tensor, index: Tensor, dim_size: int, reduce: str) -> 
 
 
 def std_from_mean(src: Tensor, index: Tensor, dim_size: int, scatter_fn: ScatterFn) -> Tensor:
-    """``sqrt(mean((x - mean)^2) + 1e-12)`` per group, 0 for empty groups."""
+    """`sqrt(mean((x - mean)^2) + 1e-12)` per group, 0 for empty groups."""
     mean = scatter_fn(src, index, dim_size, "mean")
     centred = src - mean.index_select(0, index)
     var = scatter_fn(centred * centred, index, dim_size, "mean")
@@ -50,7 +50,7 @@ def std_from_mean(src: Tensor, index: Tensor, dim_size: int, scatter_fn: Scatter
 
 
 def torch_scatter_ext(src: Tensor, index: Tensor, dim_size: int, reduce: str) -> Tensor:
-    """Reduction by the ``torch_scatter`` extension (gradient of max/min: the arg-extremum)."""
+    """Reduction by the `torch_scatter` extension (gradient of max/min: the arg-extremum)."""
     import torch_scatter
 
     if reduce == "std":

@@ -1,20 +1,20 @@
 """Plain-PyTorch backend: forward and backward of every op, without autograd.
 
-Strategy (measured on CPU, see ``benchmarks/RESULTS.md``):
+Strategy (measured on CPU, see `benchmarks/RESULTS.md`):
 
-* plain scatter reductions of unsorted targets on CPU use ATen's ``scatter_add_`` /
-  ``scatter_reduce_`` with the index broadcast over columns (as eager PyG does): measured
-  faster there than the CSR product, whose reads of ``src`` follow the sort permutation;
+* plain scatter reductions of unsorted targets on CPU use ATen's `scatter_add_` /
+  `scatter_reduce_` with the index broadcast over columns (as eager PyG does): measured
+  faster there than the CSR product, whose reads of `src` follow the sort permutation;
 * products with a per-edge *scalar* (or no) weight are sparse-dense products with the cached
-  CSR layout (``torch.sparse.mm``; MKL on CPU, cuSPARSE on CUDA; the ``amax``/``amin``
-  reductions of ``torch.sparse.mm`` on CPU), and their weight gradient
-  ``<g_i, x_j>`` per edge is a sampled dense-dense product (``sampled_addmm``);
+  CSR layout (`torch.sparse.mm`; MKL on CPU, cuSPARSE on CUDA; the `amax`/`amin`
+  reductions of `torch.sparse.mm` on CPU), and their weight gradient
+  `<g_i, x_j>` per edge is a sampled dense-dense product (`sampled_addmm`);
 * the sheaf block mat-vec is a block-sparse (BSR) product;
 * per-channel weighted sums on CPU walk the edges in input order (chunked gather, multiply,
-  ``index_add_``), reading the ``E x F`` weights sequentially;
-* everything else walks the edges in CSR order in chunks of ``CHUNK_VALUES`` values: gather,
-  multiply, ``index_add_``/``scatter_reduce_``. Only a chunk of messages exists at any time,
-  never the whole ``E x F`` tensor. The chunk tensors live in a per-thread workspace that is
+  `index_add_`), reading the `E x F` weights sequentially;
+* everything else walks the edges in CSR order in chunks of `CHUNK_VALUES` values: gather,
+  multiply, `index_add_`/`scatter_reduce_`. Only a chunk of messages exists at any time,
+  never the whole `E x F` tensor. The chunk tensors live in a per-thread workspace that is
   reused across chunks and calls: a fresh multi-megabyte tensor per chunk costs more in page
   faults than the arithmetic on it (measured: gathers 4x slower with fresh outputs).
 
@@ -57,8 +57,8 @@ def _spans(n: int, width: int):
 
 
 def _buffer(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A reusable scratch tensor of ``shape`` (contents undefined; valid until the next request
-    of the same ``name`` in this thread). One flat buffer per name, dtype and device."""
+    """A reusable scratch tensor of `shape` (contents undefined; valid until the next request
+    of the same `name` in this thread). One flat buffer per name, dtype and device."""
     store = getattr(_workspace, "buffers", None)
     if store is None:
         store = _workspace.buffers = {}
@@ -79,7 +79,7 @@ def release_workspace() -> None:
 
 
 def _gather(name: str, src: Tensor, idx: Tensor) -> Tensor:
-    """``src[idx]`` written into the workspace buffer ``name``."""
+    """`src[idx]` written into the workspace buffer `name`."""
     return torch.index_select(src, 0, idx, out=_buffer(name, (idx.numel(),) + src.shape[1:], src))
 
 
@@ -102,7 +102,7 @@ def _init(shape: tuple[int, ...], reduce: str, like: Tensor) -> Tensor:
 
 
 def _spmm(a: Tensor, x: Tensor, reduce: str) -> Tensor | None:
-    """``torch.sparse.mm`` with a reduction, or ``None`` where torch has no kernel for it."""
+    """`torch.sparse.mm` with a reduction, or `None` where torch has no kernel for it."""
     if reduce in ("sum", "mean"):
         return torch.sparse.mm(a, x)
     if x.device.type == "cpu":
@@ -111,14 +111,14 @@ def _spmm(a: Tensor, x: Tensor, reduce: str) -> Tensor | None:
 
 
 def _message(x: Tensor, coef: CoefFn, csr: CSR, s: int, e: int) -> Tensor:
-    """Messages ``x[col] * coef(perm)`` of sorted edges ``s:e`` (workspace buffer ``msg``)."""
+    """Messages `x[col] * coef(perm)` of sorted edges `s:e` (workspace buffer `msg`)."""
     msg = _gather("msg", x, csr.col[s:e])
     c = coef(csr.perm[s:e])
     return msg.mul_(c) if c is not None else msg
 
 
 def _reduce_chunks(x: Tensor, coef: CoefFn, csr: CSR, reduce: str) -> Tensor:
-    """``out[row] (+)= x[col] * coef(perm)`` walking the sorted edges in chunks."""
+    """`out[row] (+)= x[col] * coef(perm)` walking the sorted edges in chunks."""
     f = x.size(1)
     out = _init((csr.num_rows, f), reduce, x)
     for s, e in _spans(csr.num_edges, f):
@@ -133,7 +133,7 @@ def _reduce_chunks(x: Tensor, coef: CoefFn, csr: CSR, reduce: str) -> Tensor:
 
 
 def _hits(x: Tensor, coef: CoefFn, out: Tensor, csr: CSR, s: int, e: int) -> Tensor:
-    """1.0 where the message of edge ``s:e`` equals its target's output (else 0.0)."""
+    """1.0 where the message of edge `s:e` equals its target's output (else 0.0)."""
     return _message(x, coef, csr, s, e).eq_(_gather("sel", out, csr.row[s:e]))
 
 
@@ -147,11 +147,11 @@ def _backward_chunks(
     need_x: bool,
     coef_grad: Callable[[int, int, Tensor], None] | None,
 ) -> Tensor | None:
-    """Shared backward of ``out_i = reduce_j x_j * c_ij``.
+    """Shared backward of `out_i = reduce_j x_j * c_ij`.
 
-    Returns ``grad_x`` (or ``None``) and hands ``dL/dc`` of every chunk to ``coef_grad``.
+    Returns `grad_x` (or `None`) and hands `dL/dc` of every chunk to `coef_grad`.
     For max/min the gradient of each output entry is split evenly between the edges that
-    attain it (the convention of ``torch.scatter_reduce``).
+    attain it (the convention of `torch.scatter_reduce`).
     """
     extremum = reduce in ("max", "min")
     f = x.size(1)
@@ -182,7 +182,7 @@ def _backward_chunks(
 # ---------------------------------------------------------------- scatter / segment reductions
 
 def scatter_forward(src: Tensor, csr: CSR, reduce: str) -> Tensor:
-    """``out_i = reduce_{e: index_e = i} src_e`` for 2-D ``src`` (``reduce`` incl. ``std``)."""
+    """`out_i = reduce_{e: index_e = i} src_e` for 2-D `src` (`reduce` incl. `std`)."""
     if reduce == "std":
         mean = scatter_forward(src, csr, "mean")
         centred = src - mean.index_select(0, _unsorted_index(csr))
@@ -248,9 +248,9 @@ def _weight_coef(w: Tensor | None) -> CoefFn:
 def weighted_forward(
     x: Tensor, w: Tensor | None, csr: CSR, reduce: str, need_ties: bool = False
 ) -> tuple[Tensor, None]:
-    """``out_i = reduce_{j -> i} w_ij * x_j`` (``w``: ``None``, ``(E,)`` or ``(E, F)``).
+    """`out_i = reduce_{j -> i} w_ij * x_j` (`w`: `None`, `(E,)` or `(E, F)`).
 
-    Max/min tie counts are recomputed in the backward pass, so the second value is ``None``.
+    Max/min tie counts are recomputed in the backward pass, so the second value is `None`.
     """
     if w is None or w.dim() == 1:
         a = csr.sparse_ones(x.dtype) if w is None else csr.sparse(w.index_select(0, csr.perm))
@@ -267,7 +267,7 @@ def weighted_forward(
 
 
 def _edge_order(x: Tensor, w: Tensor | None, reduce: str) -> bool:
-    """Per-channel sums on CPU walk the edges in input order: the ``E x F`` weights are then
+    """Per-channel sums on CPU walk the edges in input order: the `E x F` weights are then
     read (and their gradient written) sequentially instead of through the sort permutation
     (measured 1.3-1.7x faster forward and backward at E = 1e5 .. 1e6, F = 64)."""
     return (x.device.type == "cpu" and w is not None and w.dim() == 2
@@ -323,7 +323,7 @@ def weighted_backward(
 # ------------------------------------------- (c1) EGNN coordinates sum_j (p_i - p_j) phi_ij
 
 def _unit(d: Tensor, normalize: bool, eps: float) -> tuple[Tensor, Tensor | None]:
-    """``u = d [/ (|d| + eps)]`` and ``|d|`` (when normalising)."""
+    """`u = d [/ (|d| + eps)]` and `|d|` (when normalising)."""
     if not normalize:
         return d, None
     r = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
@@ -334,10 +334,10 @@ def egnn_forward(
     pos: Tensor, coef: Tensor, edges: EdgeList, reduce: str, normalize: bool, eps: float,
     keep: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """``out_i = reduce_{j -> i} phi_ij (p_i - p_j) [/ (|p_i - p_j| + eps)]``.
+    """`out_i = reduce_{j -> i} phi_ij (p_i - p_j) [/ (|p_i - p_j| + eps)]`.
 
-    The coordinates are narrow (``D = 3``), so the edges are walked in input order (sorting
-    them would cost as much as the arithmetic), and with ``keep`` the ``(E, D)`` differences
+    The coordinates are narrow (`D = 3`), so the edges are walked in input order (sorting
+    them would cost as much as the arithmetic), and with `keep` the `(E, D)` differences
     are returned for the backward pass (as small as the edge index itself).
     """
     n_d = pos.size(1)
@@ -359,7 +359,7 @@ def egnn_backward(
     g: Tensor, pos: Tensor, coef: Tensor, diffs: Tensor, edges: EdgeList, reduce: str,
     normalize: bool, eps: float, need_pos: bool, need_coef: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Backward of :func:`egnn_forward` given its saved ``(E, D)`` differences."""
+    """Backward of `egnn_forward` given its saved `(E, D)` differences."""
     gh = g / edges.counts(g.dtype).clamp(min=1).unsqueeze(-1) if reduce == "mean" else g
     gpos = torch.zeros_like(pos) if need_pos else None
     gcoef = torch.empty_like(coef) if need_coef else None
@@ -392,7 +392,7 @@ def _bsr(csr: CSR, blocks: Tensor) -> Tensor:
 
 
 def sheaf_forward(x: Tensor, maps: Tensor, csr: CSR, reduce: str) -> Tensor:
-    """``out_i = reduce_{j -> i} F_ij @ x_j`` with ``x``: ``(N, d, C)``, ``maps``: ``(E, d, d)``."""
+    """`out_i = reduce_{j -> i} F_ij @ x_j` with `x`: `(N, d, C)`, `maps`: `(E, d, d)`."""
     n, d, c = x.shape
     if csr.num_edges == 0:
         return torch.zeros(csr.num_rows, d, c, dtype=x.dtype, device=x.device)

@@ -2,7 +2,7 @@
 
 Forward kernels walk the CSR layout (edges sorted by target): one program per (target row,
 feature tile) loops over the row's edges, gathers source rows, forms the messages in registers
-and reduces them in float32 (float64 for float64 inputs). No ``E x F`` tensor is written and no
+and reduces them in float32 (float64 for float64 inputs). No `E x F` tensor is written and no
 atomics are used, so forward results are deterministic.
 
 Backward: gradients with respect to node features of sum/mean ops reuse the forward kernel on
@@ -10,8 +10,8 @@ the transposed layout (edges sorted by source); per-edge gradients (edge weights
 EGNN coefficients, sheaf maps) come from edge-parallel kernels. Max/min backward and the EGNN
 position gradient accumulate node gradients with float32/64 atomics.
 
-Every function here takes tensors already validated by :mod:`graphspace.ops` and returns them in
-the accumulation dtype, like :mod:`graphspace.ops._torch`.
+Every function here takes tensors already validated by `graphspace.ops` and returns them in
+the accumulation dtype, like `graphspace.ops._torch`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ _REDUCE = {"sum": 0, "mean": 1, "max": 2, "min": 3, "std": 4}
 def _coef(w_ptr, stride_w, eid, emask, m2, offs_f, ea, wt,
           MODE: tl.constexpr, ACC: tl.constexpr):
     """Per-edge message coefficient tile: scalar weight (MODE 1), per-channel weight (MODE 2) or
-    the edge-conditioned ``e_ij @ W`` (MODE 3). MODE 0 has none (callers skip the product)."""
+    the edge-conditioned `e_ij @ W` (MODE 3). MODE 0 has none (callers skip the product)."""
     if MODE == 1:
         c = tl.load(w_ptr + eid, mask=emask, other=0.0).to(ACC)[:, None]
     elif MODE == 2:
@@ -127,8 +127,8 @@ def _edge_backward_kernel(
     NEED_W: tl.constexpr, NEED_EA: tl.constexpr, NEED_WT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per-edge gradients of ``out_i = reduce_j x_j * c_ij`` (``g``, ``x``, ``out``, ``ties`` and
-    ``gx`` are contiguous with ``n_f`` columns)."""
+    """Per-edge gradients of `out_i = reduce_j x_j * c_ij` (`g`, `x`, `out`, `ties` and
+    `gx` are contiguous with `n_f` columns)."""
     offs_e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = offs_e < n_e
     rows = tl.load(row_ptr + offs_e, mask=emask, other=0)
@@ -259,7 +259,7 @@ def _sheaf_forward_kernel(
     D: tl.constexpr, MEAN: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``out[i, a, c] = sum_e F_e[a, b] x[j, b, c]`` (``F_e^T`` when ``TRANS``)."""
+    """`out[i, a, c] = sum_e F_e[a, b] x[j, b, c]` (`F_e^T` when `TRANS`)."""
     row = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < n_c
@@ -297,7 +297,7 @@ def _sheaf_maps_grad_kernel(
     D: tl.constexpr, ACC: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``dF_e[a, b] = sum_c g[i, a, c] x[j, b, c]``."""
+    """`dF_e[a, b] = sum_c g[i, a, c] x[j, b, c]`."""
     offs_e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = offs_e < n_e
     rows = tl.load(row_ptr + offs_e, mask=emask, other=0)

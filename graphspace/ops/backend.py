@@ -1,17 +1,17 @@
-"""Backend selection for :mod:`graphspace.ops` (one dispatch point for every op).
+"""Backend selection for `graphspace.ops` (one dispatch point for every op).
 
 Three backends implement the ops:
 
-* ``"triton"``: Triton kernels (:mod:`graphspace.ops._triton`), CUDA tensors only, or any device
-  when ``TRITON_INTERPRET=1`` is set (the Triton interpreter, used by the CPU test-suite).
-* ``"torch_scatter"``: the ``torch_scatter`` extension, when it is installed. It has no fused
+* `"triton"`: Triton kernels (`graphspace.ops._triton`), CUDA tensors only, or any device
+  when `TRITON_INTERPRET=1` is set (the Triton interpreter, used by the CPU test-suite).
+* `"torch_scatter"`: the `torch_scatter` extension, when it is installed. It has no fused
   kernels, so the fused ops materialise their messages first when this backend is forced.
-* ``"torch"``: plain PyTorch (:mod:`graphspace.ops._torch`): CSR sparse-dense products and
-  chunked gather/``index_add_`` loops that never hold the whole ``E x F`` message tensor.
+* `"torch"`: plain PyTorch (`graphspace.ops._torch`): CSR sparse-dense products and
+  chunked gather/`index_add_` loops that never hold the whole `E x F` message tensor.
 
-``auto`` picks ``triton`` for CUDA tensors when Triton imports, else ``torch_scatter`` for the
-plain scatter/segment reductions when it is installed, else ``torch``. The environment variable
-``GRAPHSPACE_OPS_BACKEND`` (or the ``backend=`` argument of each op, which wins) forces one.
+`auto` picks `triton` for CUDA tensors when Triton imports, else `torch_scatter` for the
+plain scatter/segment reductions when it is installed, else `torch`. The environment variable
+`GRAPHSPACE_OPS_BACKEND` (or the `backend=` argument of each op, which wins) forces one.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _interpret() -> bool:
 
 
 def backend_available(name: str, device: torch.device | str | None = None) -> bool:
-    """Whether backend ``name`` can run ops on ``device`` in this process."""
+    """Whether backend `name` can run ops on `device` in this process."""
     if name == "torch":
         return True
     if name == "torch_scatter":
@@ -59,7 +59,7 @@ def backend_available(name: str, device: torch.device | str | None = None) -> bo
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """The backends that can run on ``device`` (default: CPU), best first."""
+    """The backends that can run on `device` (default: CPU), best first."""
     device = torch.device("cpu") if device is None else torch.device(device)
     return [b for b in ("triton", "torch_scatter", "torch") if backend_available(b, device)]
 
@@ -67,18 +67,18 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def resolve_backend(
     device: torch.device | str, op: str = "scatter", backend: str | None = None
 ) -> str:
-    """The backend that ``op`` runs on for tensors on ``device``.
+    """The backend that `op` runs on for tensors on `device`.
 
     Args:
         device: device of the op's inputs.
-        op: ``"scatter"``, ``"segment"`` or a fused op name (``"weighted_aggregate"``, ...).
-        backend: ``None``/``"auto"`` to follow :data:`ENV_VAR` (default ``auto``), or one of
-            :data:`BACKENDS` to force it.
+        op: `"scatter"`, `"segment"` or a fused op name (`"weighted_aggregate"`, ...).
+        backend: `None`/`"auto"` to follow `ENV_VAR` (default `auto`), or one of
+            `BACKENDS` to force it.
 
     Raises:
         ValueError: unknown backend name.
         RuntimeError: a forced backend cannot run here (not installed, or Triton on a CPU
-            tensor without ``TRITON_INTERPRET=1``).
+            tensor without `TRITON_INTERPRET=1`).
     """
     dev = torch.device(device)
     choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
@@ -109,8 +109,8 @@ def _record(name: str) -> None:
 
 
 def last_backend() -> str | None:
-    """Name of the backend that ran the most recent op in this thread (``None`` before any).
+    """Name of the backend that ran the most recent op in this thread (`None` before any).
 
-    Ops traced by ``torch.compile`` do not record (they lower to plain torch for Inductor).
+    Ops traced by `torch.compile` do not record (they lower to plain torch for Inductor).
     """
     return getattr(_state, "last", None)

@@ -1,7 +1,7 @@
-r"""Fused gather -> message -> aggregate ops (never materialise the ``E x F`` message tensor).
+r"""Fused gather -> message -> aggregate ops (never materialise the `E x F` message tensor).
 
-All ops take a PyG ``edge_index`` (row 0: source :math:`j`, row 1: target :math:`i`, the
-``source_to_target`` flow) and aggregate over the incoming edges of every target node.
+All ops take a PyG `edge_index` (row 0: source $j$, row 1: target $i$, the
+`source_to_target` flow) and aggregate over the incoming edges of every target node.
 """
 
 from __future__ import annotations
@@ -55,29 +55,30 @@ def weighted_aggregate(
 ) -> Tensor:
     r"""Weighted neighbourhood aggregation without a message tensor.
 
-    .. math::
-        \mathbf{out}_i = \operatorname*{reduce}_{(j \to i) \in \mathcal{E}}
-            w_{ji} \cdot \mathbf{x}_j, \qquad \mathrm{reduce} \in \{\Sigma, \mathrm{mean},
-            \max, \min\}
+    $$
+    \mathbf{out}_i = \operatorname*{reduce}_{(j \to i) \in \mathcal{E}}
+        w_{ji} \cdot \mathbf{x}_j, \qquad \mathrm{reduce} \in \{\Sigma, \mathrm{mean},
+        \max, \min\}
+    $$
 
-    with a scalar :math:`w_{ji}` per edge, a per-channel :math:`\mathbf{w}_{ji}`
-    (elementwise product), or none (:math:`w = 1`). Repeated edges count separately; nodes with
-    no incoming edge get 0. Gradients flow to ``x`` and ``edge_weight``; for max/min an
+    with a scalar $w_{ji}$ per edge, a per-channel $\mathbf{w}_{ji}$
+    (elementwise product), or none ($w = 1$). Repeated edges count separately; nodes with
+    no incoming edge get 0. Gradients flow to `x` and `edge_weight`; for max/min an
     output's gradient is split evenly between the edges attaining it.
 
     Args:
         x: source node features.
-        edge_index: ``(2, E)`` int64/int32, row 0 the sources :math:`j`, row 1 the targets
-            :math:`i`.
-        edge_weight: ``None``, ``(E,)`` (or ``(E, 1)``) or ``(E, F)``, same dtype as ``x``.
-            (default: ``None``)
-        dim_size: number of target nodes. (default: ``x.size(0)``)
-        reduce: ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``. (default: ``"sum"``)
-        backend: force ``"torch"``, ``"torch_scatter"`` or ``"triton"``. (default: ``None``)
+        edge_index: `(2, E)` int64/int32, row 0 the sources $j$, row 1 the targets
+            $i$.
+        edge_weight: `None`, `(E,)` (or `(E, 1)`) or `(E, F)`, same dtype as `x`.
+            (default: `None`)
+        dim_size: number of target nodes. (default: `x.size(0)`)
+        reduce: `"sum"`, `"mean"`, `"max"` or `"min"`. (default: `"sum"`)
+        backend: force `"torch"`, `"torch_scatter"` or `"triton"`. (default: `None`)
 
     Shapes:
-        - **x:** :math:`(N_{src}, F)` or :math:`(N_{src},)`
-        - **output:** :math:`(N_{dst}, F)` (or :math:`(N_{dst},)`)
+        - **x:** $(N_{src}, F)$ or $(N_{src},)$
+        - **output:** $(N_{dst}, F)$ (or $(N_{dst},)$)
     """
     op = "weighted_aggregate"
     x = check_float(x, "x", op, ndim=(1, 2))
@@ -120,28 +121,29 @@ def egnn_coord_aggregate(
 ) -> Tensor:
     r"""EGNN coordinate aggregation (Satorras et al., 2021, eq. 4), fused.
 
-    .. math::
-        \mathbf{out}_i = \operatorname*{reduce}_{(j \to i) \in \mathcal{E}}
-            \phi_{ji}\, \frac{\mathbf{p}_i - \mathbf{p}_j}{\lVert \mathbf{p}_i - \mathbf{p}_j
-            \rVert + \epsilon}
+    $$
+    \mathbf{out}_i = \operatorname*{reduce}_{(j \to i) \in \mathcal{E}}
+        \phi_{ji}\, \frac{\mathbf{p}_i - \mathbf{p}_j}{\lVert \mathbf{p}_i - \mathbf{p}_j
+        \rVert + \epsilon}
+    $$
 
-    (without the denominator unless ``normalize``). With ``reduce="mean"`` this is the
-    :math:`\frac{1}{|\mathcal{N}(i)|}\sum_j` of the paper; the coordinate update is
-    :math:`\mathbf{p}_i + \mathbf{out}_i`. E(n)-equivariant: rotating/translating ``pos``
-    rotates the output. Gradients flow to ``pos`` (through both endpoints) and ``coef``.
+    (without the denominator unless `normalize`). With `reduce="mean"` this is the
+    $\frac{1}{|\mathcal{N}(i)|}\sum_j$ of the paper; the coordinate update is
+    $\mathbf{p}_i + \mathbf{out}_i$. E(n)-equivariant: rotating/translating `pos`
+    rotates the output. Gradients flow to `pos` (through both endpoints) and `coef`.
 
     Args:
         pos: node coordinates.
-        edge_index: ``(2, E)``, row 0 sources :math:`j`, row 1 targets :math:`i`.
-        coef: ``(E,)`` or ``(E, 1)`` scalar :math:`\phi_{ji}` per edge, same dtype as ``pos``.
-        reduce: ``"sum"`` or ``"mean"``. (default: ``"sum"``)
-        normalize: divide each difference by its length plus ``eps``. (default: ``False``)
-        eps: the :math:`\epsilon` of ``normalize``. (default: ``1e-8``)
-        backend: force a backend. (default: ``None``)
+        edge_index: `(2, E)`, row 0 sources $j$, row 1 targets $i$.
+        coef: `(E,)` or `(E, 1)` scalar $\phi_{ji}$ per edge, same dtype as `pos`.
+        reduce: `"sum"` or `"mean"`. (default: `"sum"`)
+        normalize: divide each difference by its length plus `eps`. (default: `False`)
+        eps: the $\epsilon$ of `normalize`. (default: `1e-8`)
+        backend: force a backend. (default: `None`)
 
     Shapes:
-        - **pos:** :math:`(N, D)`, **coef:** :math:`(E,)` or :math:`(E, 1)`
-        - **output:** :math:`(N, D)`
+        - **pos:** $(N, D)$, **coef:** $(E,)$ or $(E, 1)$
+        - **output:** $(N, D)$
     """
     op = "egnn_coord_aggregate"
     pos = check_float(pos, "pos", op, ndim=(2,))
@@ -181,29 +183,30 @@ def sheaf_aggregate(
     *,
     backend: str | None = None,
 ) -> Tensor:
-    r"""Sheaf block mat-vec: apply a :math:`d \times d` map per edge and aggregate, fused.
+    r"""Sheaf block mat-vec: apply a $d \times d$ map per edge and aggregate, fused.
 
-    .. math::
-        \mathbf{out}_i = \operatorname*{reduce}_{(j \to i) \in \mathcal{E}} F_{ji}\,
-            \mathbf{x}_j, \qquad F_{ji} \in \mathbb{R}^{d \times d}
+    $$
+    \mathbf{out}_i = \operatorname*{reduce}_{(j \to i) \in \mathcal{E}} F_{ji}\,
+        \mathbf{x}_j, \qquad F_{ji} \in \mathbb{R}^{d \times d}
+    $$
 
     The off-diagonal part of a sheaf Laplacian applied to stalk features (Bodnar et al.,
-    *Neural Sheaf Diffusion*, 2022): with :math:`F_{ji} = -\mathcal{F}_{i \trianglelefteq
-    e}^\top \mathcal{F}_{j \trianglelefteq e}` it is :math:`-(L_\mathcal{F})_{ij}\mathbf{x}_j`
-    summed over neighbours. ``x`` may carry ``C`` channels per stalk dimension; every channel
-    uses the same maps. Gradients flow to ``x`` and ``maps``.
+    *Neural Sheaf Diffusion*, 2022): with $F_{ji} = -\mathcal{F}_{i \trianglelefteq
+    e}^\top \mathcal{F}_{j \trianglelefteq e}$ it is $-(L_\mathcal{F})_{ij}\mathbf{x}_j$
+    summed over neighbours. `x` may carry `C` channels per stalk dimension; every channel
+    uses the same maps. Gradients flow to `x` and `maps`.
 
     Args:
         x: stalk features.
-        edge_index: ``(2, E)``, row 0 sources, row 1 targets.
-        maps: ``(E, d, d)`` per-edge maps, same dtype as ``x``.
-        dim_size: number of target nodes. (default: ``x.size(0)``)
-        reduce: ``"sum"`` or ``"mean"``. (default: ``"sum"``)
-        backend: force a backend. (default: ``None``)
+        edge_index: `(2, E)`, row 0 sources, row 1 targets.
+        maps: `(E, d, d)` per-edge maps, same dtype as `x`.
+        dim_size: number of target nodes. (default: `x.size(0)`)
+        reduce: `"sum"` or `"mean"`. (default: `"sum"`)
+        backend: force a backend. (default: `None`)
 
     Shapes:
-        - **x:** :math:`(N_{src}, d)` or :math:`(N_{src}, d, C)`, **maps:** :math:`(E, d, d)`
-        - **output:** :math:`(N_{dst}, d)` or :math:`(N_{dst}, d, C)`
+        - **x:** $(N_{src}, d)$ or $(N_{src}, d, C)$, **maps:** $(E, d, d)$
+        - **output:** $(N_{dst}, d)$ or $(N_{dst}, d, C)$
     """
     op = "sheaf_aggregate"
     x = check_float(x, "x", op, ndim=(2, 3))

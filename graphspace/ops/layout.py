@@ -1,14 +1,15 @@
 """Sorted (CSR) layouts of index vectors, validated once and cached per index tensor.
 
-Every op reduces *edges* into *rows*. A :class:`CSR` layout sorts the edges by their target row
-(stably, so ties keep input order): ``perm`` lists the original edge ids in that order, ``ptr``
-holds the row offsets, ``row`` the sorted target rows and ``col`` the matching source rows (for
-a plain scatter ``col`` is ``perm`` itself: the "source row" of an edge is its row of ``src``).
+Every op reduces *edges* into *rows*. A [`CSR`][graphspace.ops.layout.CSR] layout sorts the edges by
+their target row (stably, so ties keep input order): `perm` lists the original edge ids in that
+order, `ptr` holds the row offsets, `row` the sorted target rows and `col` the matching source rows
+(for a plain scatter `col` is `perm` itself: the "source row" of an edge is its row of `src`).
 
-Building a layout sorts ``E`` integers and checks index ranges (one host sync). Layers call the
-ops with the same ``edge_index`` tensor many times (every layer, forward and backward), so
+Building a layout sorts `E` integers and checks index ranges (one host sync). Layers call the
+ops with the same `edge_index` tensor many times (every layer, forward and backward), so
 layouts are cached, keyed by the identity, view geometry and version counter of the index
-tensors; an entry dies with its tensor. :func:`clear_layout_cache` empties it.
+tensors; an entry dies with its tensor.
+[`clear_layout_cache`][graphspace.ops.layout.clear_layout_cache] empties it.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ class CSR:
     """Edges sorted by target row.
 
     Attributes:
-        ptr: ``(num_rows + 1,)`` int64 row offsets into the sorted edge list.
-        perm: ``(E,)`` int64 original edge id of each sorted position.
-        row: ``(E,)`` int64 target row of each sorted edge (non-decreasing).
-        col: ``(E,)`` int64 source row of each sorted edge.
+        ptr: `(num_rows + 1,)` int64 row offsets into the sorted edge list.
+        perm: `(E,)` int64 original edge id of each sorted position.
+        row: `(E,)` int64 target row of each sorted edge (non-decreasing).
+        col: `(E,)` int64 source row of each sorted edge.
         num_rows: number of target rows.
         num_cols: number of source rows.
     """
@@ -55,14 +56,14 @@ class CSR:
         return self.perm.numel()
 
     def counts(self, dtype: torch.dtype = torch.int64) -> Tensor:
-        """Edges per target row, ``(num_rows,)``."""
+        """Edges per target row, `(num_rows,)`."""
         key = ("counts", dtype)
         if key not in self._memo:
             self._memo[key] = (self.ptr[1:] - self.ptr[:-1]).to(dtype)
         return self._memo[key]
 
     def transpose(self) -> CSR:
-        """The same edges sorted by source row (``row`` and ``col`` swap roles)."""
+        """The same edges sorted by source row (`row` and `col` swap roles)."""
         if "t" not in self._memo:
             keys = self.col.int() if self.num_cols < 2**31 else self.col
             order = torch.sort(keys, stable=True)[1]
@@ -80,7 +81,7 @@ class CSR:
         return self._memo["t"]
 
     def sparse_ones(self, dtype: torch.dtype) -> Tensor:
-        """``torch.sparse_csr`` matrix ``(num_rows, num_cols)`` with all stored values 1."""
+        """`torch.sparse_csr` matrix `(num_rows, num_cols)` with all stored values 1."""
         key = ("ones", dtype)
         if key not in self._memo:
             ones = torch.ones(self.num_edges, dtype=dtype, device=self.ptr.device)
@@ -88,7 +89,7 @@ class CSR:
         return self._memo[key]
 
     def sparse(self, values: Tensor) -> Tensor:
-        """``torch.sparse_csr`` matrix with ``values`` (already in sorted order)."""
+        """`torch.sparse_csr` matrix with `values` (already in sorted order)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             return torch.sparse_csr_tensor(
@@ -99,7 +100,7 @@ class CSR:
 
 @dataclass(eq=False)
 class EdgeList:
-    """Validated edges in input order (``dst[e]`` receives from ``src[e]``), for ops that do
+    """Validated edges in input order (`dst[e]` receives from `src[e]`), for ops that do
     not need them sorted."""
 
     src: Tensor
@@ -112,7 +113,7 @@ class EdgeList:
         return self.dst.numel()
 
     def counts(self, dtype: torch.dtype = torch.int64) -> Tensor:
-        """Edges per target row, ``(num_rows,)``."""
+        """Edges per target row, `(num_rows,)`."""
         key = ("counts", dtype)
         if key not in self._memo:
             self._memo[key] = torch.bincount(self.dst, minlength=self.num_rows).to(dtype)
@@ -120,7 +121,7 @@ class EdgeList:
 
 
 def edge_list(edge_index: Tensor, num_rows: int, num_cols: int) -> EdgeList:
-    """Range-check ``edge_index`` (row 0 sources, row 1 targets) without sorting it."""
+    """Range-check `edge_index` (row 0 sources, row 1 targets) without sorting it."""
     src, dst = edge_index[0].long(), edge_index[1].long()
     check_range(dst, num_rows, "edge_index[1] (targets)")
     check_range(src, num_cols, "edge_index[0] (sources)")
@@ -134,7 +135,7 @@ def _ptr_from_sorted(sorted_index: Tensor, num_rows: int) -> Tensor:
 
 
 def check_range(index: Tensor, size: int, what: str) -> None:
-    """Raise ``IndexError`` unless ``0 <= index < size`` (one host sync)."""
+    """Raise `IndexError` unless `0 <= index < size` (one host sync)."""
     if index.numel() == 0:
         return
     lo, hi = torch.aminmax(index)
@@ -153,17 +154,17 @@ def build_csr(
     index_sorted: bool = False,
     names: tuple[str, str] = ("index", "source index"),
 ) -> CSR:
-    """Validate ``index`` (and ``source``) and sort the edges by ``index`` (uncached).
+    """Validate `index` (and `source`) and sort the edges by `index` (uncached).
 
     Args:
-        index: ``(E,)`` integer target row of each edge.
+        index: `(E,)` integer target row of each edge.
         num_rows: number of target rows.
-        source: ``(E,)`` integer source row of each edge; ``None`` means edge ``e`` reads row
-            ``e`` (a plain scatter).
-        num_cols: number of source rows (default ``E`` without ``source``).
-        index_sorted: ``index`` must already be non-decreasing (checked; an error if not).
+        source: `(E,)` integer source row of each edge; `None` means edge `e` reads row
+            `e` (a plain scatter).
+        num_cols: number of source rows (default `E` without `source`).
+        index_sorted: `index` must already be non-decreasing (checked; an error if not).
             Sorted input is detected either way and not sorted again.
-        names: how error messages call ``index`` and ``source``.
+        names: how error messages call `index` and `source`.
     """
     index = index.long()
     check_range(index, num_rows, names[0])
@@ -232,7 +233,7 @@ def get_csr(
     index_sorted: bool = False,
     names: tuple[str, str] = ("index", "source index"),
 ) -> CSR:
-    """:func:`build_csr`, cached while ``index`` and ``source`` stay alive and unmodified."""
+    """`build_csr`, cached while `index` and `source` stay alive and unmodified."""
     if not _cacheable(index, source):
         return build_csr(index, num_rows, source, num_cols, index_sorted, names)
     key = (_key(index), _key(source), num_rows, num_cols, bool(index_sorted))
@@ -260,8 +261,8 @@ def get_csr(
 
 
 def clear_layout_cache() -> None:
-    """Drop every cached :class:`CSR` layout (and this thread's chunk buffers of the ``torch``
-    backend)."""
+    """Drop every cached [`CSR`][graphspace.ops.layout.CSR] layout (and this thread's chunk buffers
+    of the `torch` backend)."""
     from graphspace.ops._torch import release_workspace
 
     with _lock:

@@ -51,38 +51,39 @@ def scatter(
     index_sorted: bool = False,
     backend: str | None = None,
 ) -> Tensor:
-    r"""Reduce the slices of ``src`` along ``dim`` into ``dim_size`` slots chosen by ``index``.
+    r"""Reduce the slices of `src` along `dim` into `dim_size` slots chosen by `index`.
 
-    .. math::
-        \mathrm{out}_i = \operatorname*{reduce}_{e \,:\, \mathrm{index}_e = i} \mathrm{src}_e,
-        \qquad \mathrm{std}_i = \sqrt{\tfrac{1}{n_i} \textstyle\sum_e
-        (\mathrm{src}_e - \mu_i)^2 + 10^{-12}}
+    $$
+    \mathrm{out}_i = \operatorname*{reduce}_{e \,:\, \mathrm{index}_e = i} \mathrm{src}_e,
+    \qquad \mathrm{std}_i = \sqrt{\tfrac{1}{n_i} \textstyle\sum_e
+    (\mathrm{src}_e - \mu_i)^2 + 10^{-12}}
+    $$
 
-    Empty slots are 0 for every reduction. Gradients: ``sum``/``mean``/``std`` exact;
-    ``max``/``min`` split each output's gradient evenly between the entries attaining it
-    (like ``torch.scatter_reduce``; the ``torch_scatter`` backend gives it to one of them).
+    Empty slots are 0 for every reduction. Gradients: `sum`/`mean`/`std` exact;
+    `max`/`min` split each output's gradient evenly between the entries attaining it
+    (like `torch.scatter_reduce`; the `torch_scatter` backend gives it to one of them).
     float16/bfloat16 inputs accumulate in float32.
 
     Args:
-        src: values, any shape; integer ``src`` supports ``sum``/``max``/``min`` (no autograd).
-        index: 1-D int64/int32 tensor with one target slot per slice of ``src`` along ``dim``.
-        dim: the dimension of ``src`` that ``index`` addresses. (default: ``0``)
-        dim_size: number of output slots; ``None`` uses ``index.max() + 1`` (a host sync and a
-            graph break under ``torch.compile``: always pass it in layers). (default: ``None``)
-        reduce: ``"sum"`` (alias ``"add"``), ``"mean"``, ``"max"``, ``"min"`` or ``"std"``.
-            (default: ``"sum"``)
-        index_sorted: ``index`` is non-decreasing (checked): skip the sort. (default: ``False``)
-        backend: force ``"torch"``, ``"torch_scatter"`` or ``"triton"``; ``None`` follows
-            ``GRAPHSPACE_OPS_BACKEND`` / auto. (default: ``None``)
+        src: values, any shape; integer `src` supports `sum`/`max`/`min` (no autograd).
+        index: 1-D int64/int32 tensor with one target slot per slice of `src` along `dim`.
+        dim: the dimension of `src` that `index` addresses. (default: `0`)
+        dim_size: number of output slots; `None` uses `index.max() + 1` (a host sync and a
+            graph break under `torch.compile`: always pass it in layers). (default: `None`)
+        reduce: `"sum"` (alias `"add"`), `"mean"`, `"max"`, `"min"` or `"std"`.
+            (default: `"sum"`)
+        index_sorted: `index` is non-decreasing (checked): skip the sort. (default: `False`)
+        backend: force `"torch"`, `"torch_scatter"` or `"triton"`; `None` follows
+            `GRAPHSPACE_OPS_BACKEND` / auto. (default: `None`)
 
     Shapes:
-        - **src:** :math:`(*, E, *)`, **index:** :math:`(E,)`
-        - **output:** ``src`` shape with ``dim`` of size ``dim_size``
+        - **src:** $(*, E, *)$, **index:** $(E,)$
+        - **output:** `src` shape with `dim` of size `dim_size`
 
     Raises:
-        TypeError: non-tensor inputs, non-integer ``index``, unsupported ``src`` dtype.
-        ValueError: unknown ``reduce``/``dim``, ``index`` not 1-D, mismatched lengths.
-        IndexError: ``index`` outside ``[0, dim_size)``.
+        TypeError: non-tensor inputs, non-integer `index`, unsupported `src` dtype.
+        ValueError: unknown `reduce`/`dim`, `index` not 1-D, mismatched lengths.
+        IndexError: `index` outside `[0, dim_size)`.
     """
     op = "scatter"
     src = check_tensor(src, "src", op)
@@ -126,21 +127,22 @@ def segment(
     *,
     backend: str | None = None,
 ) -> Tensor:
-    r"""Reduce consecutive row segments of ``src``: ``out_i = reduce(src[ptr[i]:ptr[i+1]])``.
+    r"""Reduce consecutive row segments of `src`: `out_i = reduce(src[ptr[i]:ptr[i+1]])`.
 
-    The CSR form of :func:`scatter` for data already sorted by target (no sort, no
-    permutation). Same reductions, empty-segment and gradient conventions as :func:`scatter`.
+    The CSR form of [`scatter`][graphspace.ops.scatter.scatter] for data already sorted by target
+    (no sort, no permutation). Same reductions, empty-segment and gradient conventions as
+    [`scatter`][graphspace.ops.scatter.scatter].
 
     Args:
-        src: ``(E, *)`` floating-point values, sorted by segment along dim 0.
-        ptr: ``(N + 1,)`` int64/int32 non-decreasing offsets with ``ptr[0] == 0`` and
-            ``ptr[-1] == E``.
-        reduce: ``"sum"``, ``"mean"``, ``"max"``, ``"min"`` or ``"std"``. (default: ``"sum"``)
-        backend: as in :func:`scatter`. (default: ``None``)
+        src: `(E, *)` floating-point values, sorted by segment along dim 0.
+        ptr: `(N + 1,)` int64/int32 non-decreasing offsets with `ptr[0] == 0` and
+            `ptr[-1] == E`.
+        reduce: `"sum"`, `"mean"`, `"max"`, `"min"` or `"std"`. (default: `"sum"`)
+        backend: as in [`scatter`][graphspace.ops.scatter.scatter]. (default: `None`)
 
     Shapes:
-        - **src:** :math:`(E, *)`, **ptr:** :math:`(N + 1,)`
-        - **output:** :math:`(N, *)`
+        - **src:** $(E, *)$, **ptr:** $(N + 1,)$
+        - **output:** $(N, *)$
     """
     op = "segment"
     src = check_tensor(src, "src", op)

@@ -1,57 +1,60 @@
 r"""Graph contrastive pre-training (GRACE) with the optional POT regulariser, and linear probing.
 
 **GRACE** (Zhu et al. 2020, "Deep Graph Contrastive Representation Learning",
-`arXiv:2006.04131 <https://arxiv.org/abs/2006.04131>`_): two views
-:math:`\tilde G_1, \tilde G_2` of a graph are drawn with random augmentations (edge dropping,
+[arXiv:2006.04131](https://arxiv.org/abs/2006.04131)): two views
+$\tilde G_1, \tilde G_2$ of a graph are drawn with random augmentations (edge dropping,
 feature masking, or any callable, e.g. weight-space augmentations for parameter graphs), encoded
-by a shared GNN :math:`f` and projected by an MLP :math:`g`. With
-:math:`\mathbf{u}_i = g(f(\tilde G_1))_i`, :math:`\mathbf{v}_i = g(f(\tilde G_2))_i` and
-:math:`\theta(\mathbf{a}, \mathbf{b}) = \cos(\mathbf{a}, \mathbf{b})`, the loss of the positive
-pair :math:`(\mathbf{u}_i, \mathbf{v}_i)` has inter-view *and* intra-view negatives (GRACE eq. 1):
+by a shared GNN $f$ and projected by an MLP $g$. With
+$\mathbf{u}_i = g(f(\tilde G_1))_i$, $\mathbf{v}_i = g(f(\tilde G_2))_i$ and
+$\theta(\mathbf{a}, \mathbf{b}) = \cos(\mathbf{a}, \mathbf{b})$, the loss of the positive
+pair $(\mathbf{u}_i, \mathbf{v}_i)$ has inter-view *and* intra-view negatives (GRACE eq. 1):
 
-.. math::
-    \ell(\mathbf{u}_i, \mathbf{v}_i) = -\log
-    \frac{e^{\theta(\mathbf{u}_i, \mathbf{v}_i)/\tau}}
-         {e^{\theta(\mathbf{u}_i, \mathbf{v}_i)/\tau}
-          + \sum_{k \ne i} e^{\theta(\mathbf{u}_i, \mathbf{v}_k)/\tau}
-          + \sum_{k \ne i} e^{\theta(\mathbf{u}_i, \mathbf{u}_k)/\tau}},
-    \qquad
-    \mathcal{J} = \frac{1}{2N} \sum_{i=1}^{N}
-    \big[\ell(\mathbf{u}_i, \mathbf{v}_i) + \ell(\mathbf{v}_i, \mathbf{u}_i)\big]
-    \quad \text{(eq. 2)}.
+$$
+\ell(\mathbf{u}_i, \mathbf{v}_i) = -\log
+\frac{e^{\theta(\mathbf{u}_i, \mathbf{v}_i)/\tau}}
+     {e^{\theta(\mathbf{u}_i, \mathbf{v}_i)/\tau}
+      + \sum_{k \ne i} e^{\theta(\mathbf{u}_i, \mathbf{v}_k)/\tau}
+      + \sum_{k \ne i} e^{\theta(\mathbf{u}_i, \mathbf{u}_k)/\tau}},
+\qquad
+\mathcal{J} = \frac{1}{2N} \sum_{i=1}^{N}
+\big[\ell(\mathbf{u}_i, \mathbf{v}_i) + \ell(\mathbf{v}_i, \mathbf{u}_i)\big]
+\quad \text{(eq. 2)}.
+$$
 
-At node level the :math:`N` samples are the nodes of a batch; at graph level they are the graphs
+At node level the $N$ samples are the nodes of a batch; at graph level they are the graphs
 of a batch (one embedding per graph, e.g. one per network for parameter graphs).
 
 **POT** (Yu et al. 2023, "Provable Training for Graph Contrastive Learning", NeurIPS,
-`arXiv:2309.13944 <https://arxiv.org/abs/2309.13944>`_): with :math:`\mathbf{z}_{1,i}` the
-encoder output of node :math:`i` in view 1 and :math:`\bar{\mathbf{z}}_{2,j}` the normalised
+[arXiv:2309.13944](https://arxiv.org/abs/2309.13944)): with $\mathbf{z}_{1,i}$ the
+encoder output of node $i$ in view 1 and $\bar{\mathbf{z}}_{2,j}$ the normalised
 outputs of view 2, the *GCL principle* asks the positive similarity to beat the mean negative
-one, :math:`\mathbf{z}_{1,i}^\top \mathbf{w}_i \ge 0` with
-:math:`\mathbf{w}_i = \bar{\mathbf{z}}_{2,i} - \frac{1}{N-1} \sum_{j \ne i} \bar{\mathbf{z}}_{2,j}`.
+one, $\mathbf{z}_{1,i}^\top \mathbf{w}_i \ge 0$ with
+$\mathbf{w}_i = \bar{\mathbf{z}}_{2,i} - \frac{1}{N-1} \sum_{j \ne i} \bar{\mathbf{z}}_{2,j}$.
 The *node compactness* is its worst case over the augmentation's perturbation set
-:math:`\mathcal{G}_1`,
+$\mathcal{G}_1$,
 
-.. math::
-    \tilde f_{1,i} = \min_{\tilde G \in \mathcal{G}_1} \mathbf{w}_i^\top f(\tilde G)_i,
+$$
+\tilde f_{1,i} = \min_{\tilde G \in \mathcal{G}_1} \mathbf{w}_i^\top f(\tilde G)_i,
+$$
 
 lower-bounded by bound propagation through the 2-layer GCN
-:math:`f = \sigma(\hat A\,\sigma(\hat A X W_1 + b_1) W_2 + b_2)`: interval bounds on every
-pre-activation, then linear (CROWN) relaxations of :math:`\sigma` propagated backwards from
-:math:`\mathbf{w}_i` (see :func:`gcn_node_compactness`). POT adds the binary cross-entropy of the
-compactness with target 1 to the contrastive loss,
+$f = \sigma(\hat A\,\sigma(\hat A X W_1 + b_1) W_2 + b_2)$: interval bounds on every
+pre-activation, then linear (CROWN) relaxations of $\sigma$ propagated backwards from
+$\mathbf{w}_i$ (see [`gcn_node_compactness`][graphspace.tasks.contrastive.gcn_node_compactness]).
+POT adds the binary cross-entropy of the compactness with target 1 to the contrastive loss,
 
-.. math::
-    \mathcal{L} = (1 - \kappa)\,\mathcal{J}
-    + \frac{\kappa}{2}\big[\mathcal{L}_{POT}(\tilde G_1) + \mathcal{L}_{POT}(\tilde G_2)\big],
-    \qquad \mathcal{L}_{POT}(\tilde G_1) = -\frac{1}{N} \sum_i \log \operatorname{sigmoid}
-    (\tilde f_{1,i}).
+$$
+\mathcal{L} = (1 - \kappa)\,\mathcal{J}
++ \frac{\kappa}{2}\big[\mathcal{L}_{POT}(\tilde G_1) + \mathcal{L}_{POT}(\tilde G_2)\big],
+\qquad \mathcal{L}_{POT}(\tilde G_1) = -\frac{1}{N} \sum_i \log \operatorname{sigmoid}
+(\tilde f_{1,i}).
+$$
 
 Evaluation: a linear probe (multinomial logistic regression, L-BFGS, on standardised frozen
-encoder outputs) trained on the ``train_mask`` samples and scored on ``val_mask`` /
-``test_mask`` at the end of every validation / test epoch.
+encoder outputs) trained on the `train_mask` samples and scored on `val_mask` /
+`test_mask` at the end of every validation / test epoch.
 
-Run it with ``graphspace fit --config experiments/contrastive_sbm.yaml``.
+Run it with `graphspace fit --config experiments/contrastive_sbm.yaml`.
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ POT_BOUNDS = ("view", "set")
 # augmentations
 # ---------------------------------------------------------------------------------------------
 def _select_edges(data: Any, keep: Tensor) -> Any:
-    """A shallow copy of ``data`` keeping the edges where ``keep`` is true (every edge-level
-    attribute is filtered, e.g. ``edge_attr``, ``edge_type``)."""
+    """A shallow copy of `data` keeping the edges where `keep` is true (every edge-level
+    attribute is filtered, e.g. `edge_attr`, `edge_type`)."""
     out = copy.copy(data)
     idx = keep.nonzero().view(-1)
     for key, value in data.items():
@@ -162,14 +165,14 @@ class MaskFeatures:
 
 
 class GaussianNoise:
-    r"""Add Gaussian noise :math:`\epsilon \sim \mathcal{N}(0, (s\,\sigma_a)^2)` to an
-    attribute, :math:`\sigma_a` its standard deviation when ``relative`` (for parameter graphs,
-    ``attr="edge_attr"`` perturbs the weights).
+    r"""Add Gaussian noise $\epsilon \sim \mathcal{N}(0, (s\,\sigma_a)^2)$ to an
+    attribute, $\sigma_a$ its standard deviation when `relative` (for parameter graphs,
+    `attr="edge_attr"` perturbs the weights).
 
     Args:
-        std (float): noise scale :math:`s` (default 0.05).
-        attr (str): the attribute (default ``"edge_attr"``).
-        relative (bool): scale by the attribute's standard deviation (default ``True``).
+        std (float): noise scale $s$ (default 0.05).
+        attr (str): the attribute (default `"edge_attr"`).
+        relative (bool): scale by the attribute's standard deviation (default `True`).
     """
 
     def __init__(self, std: float = 0.05, attr: str = "edge_attr", relative: bool = True) -> None:
@@ -260,7 +263,7 @@ class GCNEncoder(GCN):
 
 
 class ProjectionHead(nn.Module):
-    r"""GRACE's projection :math:`g(\mathbf{z}) = W^{(2)} \operatorname{ELU}(W^{(1)} \mathbf{z})`
+    r"""GRACE's projection $g(\mathbf{z}) = W^{(2)} \operatorname{ELU}(W^{(1)} \mathbf{z})$
     (with biases)."""
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int | None = None
@@ -280,13 +283,13 @@ class ProjectionHead(nn.Module):
 def nt_xent(h1: Tensor, h2: Tensor, tau: float = 0.5, symmetric: bool = True) -> Tensor:
     r"""GRACE's InfoNCE / NT-Xent loss with inter- and intra-view negatives (eqs. 1-2).
 
-    ``h1[i]`` and ``h2[i]`` are the positive pair; every other row of ``h2`` (inter-view) and of
-    ``h1`` (intra-view) is a negative. Computed in log space (``logsumexp``).
+    `h1[i]` and `h2[i]` are the positive pair; every other row of `h2` (inter-view) and of
+    `h1` (intra-view) is a negative. Computed in log space (`logsumexp`).
 
     Args:
-        h1, h2: :math:`(N, D)` projections of the two views.
-        tau: temperature :math:`\tau`.
-        symmetric: average :math:`\ell(u_i, v_i)` and :math:`\ell(v_i, u_i)` (default) or use
+        h1, h2: $(N, D)$ projections of the two views.
+        tau: temperature $\tau$.
+        symmetric: average $\ell(u_i, v_i)$ and $\ell(v_i, u_i)$ (default) or use
             only the first.
 
     Returns:
@@ -312,8 +315,8 @@ def nt_xent(h1: Tensor, h2: Tensor, tau: float = 0.5, symmetric: bool = True) ->
 # POT: node compactness by bound propagation
 # ---------------------------------------------------------------------------------------------
 def compactness_targets(z_other: Tensor) -> Tensor:
-    r""":math:`\mathbf{w}_i = \bar{\mathbf{z}}_i - \frac{1}{N-1}\sum_{j \ne i} \bar{\mathbf{z}}_j`
-    for the other view's outputs :math:`\mathbf{z}` (:math:`\bar{\cdot}` = L2-normalised)."""
+    r"""$\mathbf{w}_i = \bar{\mathbf{z}}_i - \frac{1}{N-1}\sum_{j \ne i} \bar{\mathbf{z}}_j$
+    for the other view's outputs $\mathbf{z}$ ($\bar{\cdot}$ = L2-normalised)."""
     n = z_other.size(0)
     if n < 2:
         raise ValueError("compactness needs at least two samples")
@@ -328,7 +331,7 @@ def _in_degree(edge_index: Tensor, num_nodes: int, dtype: torch.dtype) -> Tensor
 
 def edge_drop_budget(edge_index: Tensor, num_nodes: int, drop_rate: float) -> Tensor:
     r"""POT's per-node edge-dropping budget ("local changes"):
-    :math:`\delta_i = \min(\max(d_i - 1, 0), \operatorname{round}(p\, d_i))` with :math:`d_i`
+    $\delta_i = \min(\max(d_i - 1, 0), \operatorname{round}(p\, d_i))$ with $d_i$
     the in-degree without self-loops (at least one neighbour is always kept)."""
     ei = edge_index[:, edge_index[0] != edge_index[1]]
     deg = _in_degree(ei, num_nodes, torch.float64)
@@ -336,7 +339,7 @@ def edge_drop_budget(edge_index: Tensor, num_nodes: int, drop_rate: float) -> Te
 
 
 def _slope(act: nn.Module, channels: int, like: Tensor) -> Tensor:
-    """Negative-side slope ``a`` of a (leaky / parametric) ReLU, per channel."""
+    """Negative-side slope `a` of a (leaky / parametric) ReLU, per channel."""
     if isinstance(act, nn.ReLU):
         a = torch.zeros(channels, dtype=like.dtype, device=like.device)
     elif isinstance(act, nn.LeakyReLU):
@@ -357,11 +360,11 @@ def _leaky(v: Tensor, a: Tensor) -> Tensor:
 
 
 def _relax(lo: Tensor, up: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Linear bounds :math:`s v \le \sigma(v) \le s v + \beta` on :math:`[l, u]` for
-    :math:`\sigma(v) = \max(v, a v)`, :math:`0 \le a \le 1`: exact on stable neurons; on unstable
-    ones :math:`s` is the chord slope :math:`(u - a l)/(u - l)` (a line through the origin with a
-    slope in :math:`[a, 1]` is below a convex :math:`\sigma`) and :math:`\beta` the chord's
-    intercept :math:`(a - 1) u l / (u - l)`."""
+    r"""Linear bounds $s v \le \sigma(v) \le s v + \beta$ on $[l, u]$ for
+    $\sigma(v) = \max(v, a v)$, $0 \le a \le 1$: exact on stable neurons; on unstable
+    ones $s$ is the chord slope $(u - a l)/(u - l)$ (a line through the origin with a
+    slope in $[a, 1]$ is below a convex $\sigma$) and $\beta$ the chord's
+    intercept $(a - 1) u l / (u - l)$."""
     pos, neg = lo >= 0, up <= 0
     width = (up - lo).clamp_min(torch.finfo(lo.dtype).tiny)
     s_chord = (up - a * lo) / width
@@ -388,54 +391,58 @@ def gcn_node_compactness(
     feature_masking: bool = False,
     view: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    r"""Lower bounds of POT's node compactness for a 2-layer :class:`GCNEncoder`.
+    r"""Lower bounds of POT's node compactness for a 2-layer
+    [`GCNEncoder`][graphspace.tasks.contrastive.GCNEncoder].
 
-    The perturbation set :math:`\mathcal{G}` of the clean graph :math:`(X, A)`: any graph that
-    removes at most ``budget[i]`` :math:`=\delta_i` incoming edges of every node :math:`i`
-    (self-loops stay) and, if ``feature_masking``, sets any entries of :math:`X` to zero.
-    The score of node :math:`i` is :math:`s_i(\tilde G) = \mathbf{w}_i^\top f(\tilde G)_i` with
-    ``target`` :math:`= W_{CL} = [\mathbf{w}_i]`.
+    The perturbation set $\mathcal{G}$ of the clean graph $(X, A)$: any graph that
+    removes at most `budget[i]` $=\delta_i$ incoming edges of every node $i$
+    (self-loops stay) and, if `feature_masking`, sets any entries of $X$ to zero.
+    The score of node $i$ is $s_i(\tilde G) = \mathbf{w}_i^\top f(\tilde G)_i$ with
+    `target` $= W_{CL} = [\mathbf{w}_i]$.
 
-    1. **Adjacency bounds.** With :math:`\tilde d_i = d_i + 1`, every
-       :math:`\hat A'\in\mathcal{G}` has :math:`\hat A'_{ij} \in [0,
-       ((\tilde d_i - \delta_i)(\tilde d_j - \delta_j))^{-1/2}]` on edges and
-       :math:`\hat A'_{ii} \in [\tilde d_i^{-1}, (\tilde d_i - \delta_i)^{-1}]`
-       (:math:`\hat A_L, \hat A_U`; zero elsewhere).
+    1. **Adjacency bounds.** With $\tilde d_i = d_i + 1$, every
+       $\hat A'\in\mathcal{G}$ has $\hat A'_{ij} \in [0,
+       ((\tilde d_i - \delta_i)(\tilde d_j - \delta_j))^{-1/2}]$ on edges and
+       $\hat A'_{ii} \in [\tilde d_i^{-1}, (\tilde d_i - \delta_i)^{-1}]$
+       ($\hat A_L, \hat A_U$; zero elsewhere).
     2. **Pre-activation bounds** (interval arithmetic, POT Theorem 1 extended to a bounded
-       second-layer input): :math:`l^{(1)} \le \hat A' X' W_1 + b_1 \le u^{(1)}`, then
-       :math:`H \in [\sigma(l^{(1)}), \sigma(u^{(1)})]` and :math:`l^{(2)}, u^{(2)}` likewise,
-       using :math:`\min_{a \in [a_L, a_U] \subset \mathbb{R}_{\ge 0}} a p =
-       a_L p^+ + a_U p^-`.
+       second-layer input): $l^{(1)} \le \hat A' X' W_1 + b_1 \le u^{(1)}$, then
+       $H \in [\sigma(l^{(1)}), \sigma(u^{(1)})]$ and $l^{(2)}, u^{(2)}$ likewise,
+       using $\min_{a \in [a_L, a_U] \subset \mathbb{R}_{\ge 0}} a p =
+       a_L p^+ + a_U p^-$.
     3. **Backward linear relaxation** (CROWN, POT Theorem 2): with
-       :math:`s v \le \sigma(v) \le s v + \beta` (see :func:`_relax`),
-       :math:`\Lambda_i = \mathbf{w}_i \odot s^{(2)}_i`, :math:`\mathbf{g}_i = W_2^\top
-       \Lambda_i`, :math:`\mathbf{e}_{ij} = \mathbf{g}_i \odot s^{(1)}_j`:
+       $s v \le \sigma(v) \le s v + \beta$ (see `_relax`),
+       $\Lambda_i = \mathbf{w}_i \odot s^{(2)}_i$, $\mathbf{g}_i = W_2^\top
+       \Lambda_i$, $\mathbf{e}_{ij} = \mathbf{g}_i \odot s^{(1)}_j$:
 
-       .. math::
-           s_i(\tilde G) \ge \sum_j \hat A'_{ij} \Big[\mathbf{e}_{ij}^\top (\hat A' X' W_1)_j
-           + \mathbf{e}_{ij}^\top b_1 + (\mathbf{g}_i^-)^\top \beta^{(1)}_j\Big]
-           + \Lambda_i^\top b_2 + (\mathbf{w}_i^-)^\top \beta^{(2)}_i.
+        $$
+        s_i(\tilde G) \ge \sum_j \hat A'_{ij} \Big[\mathbf{e}_{ij}^\top (\hat A' X' W_1)_j
+        + \mathbf{e}_{ij}^\top b_1 + (\mathbf{g}_i^-)^\top \beta^{(1)}_j\Big]
+        + \Lambda_i^\top b_2 + (\mathbf{w}_i^-)^\top \beta^{(2)}_i.
+        $$
 
-    4. **Concretisation.** Without ``view`` the right-hand side is minimised over the box of
+    4. **Concretisation.** Without `view` the right-hand side is minimised over the box of
        step 1 (and the feature box), treating every occurrence of an adjacency entry as an
-       independent variable: a certified :math:`\tilde f_i \le \min_{\tilde G \in \mathcal{G}}
-       s_i(\tilde G)`, cost :math:`O(P\,d)` for :math:`P` two-hop paths (padded batched
-       products per middle node, :math:`O(N \Delta^2 d)`, on nearly regular graphs). With
-       ``view=(x', edge_index')`` (a member of :math:`\mathcal{G}`, checked) it is evaluated at
-       that graph, as the authors' code does: a bound on :math:`s_i` of that view, cost
-       :math:`O(E\,d)`.
+       independent variable: a certified $\tilde f_i \le \min_{\tilde G \in \mathcal{G}}
+       s_i(\tilde G)$, cost $O(P\,d)$ for $P$ two-hop paths (padded batched
+       products per middle node, $O(N \Delta^2 d)$, on nearly regular graphs). With
+       `view=(x', edge_index')` (a member of $\mathcal{G}$, checked) it is evaluated at
+       that graph, as the authors' code does: a bound on $s_i$ of that view, cost
+       $O(E\,d)$.
 
     Args:
-        encoder: a 2-layer :class:`GCNEncoder` (ReLU / LeakyReLU / PReLU with slope in [0, 1]).
-        x: clean node features :math:`(N, F)`.
-        edge_index: clean edges :math:`(2, E)` (no duplicates; self-loops are ignored).
-        target: :math:`(N, F_{out})`, the vectors :math:`\mathbf{w}_i`.
-        budget: :math:`(N,)` integer :math:`\delta_i` (see :func:`edge_drop_budget`).
+        encoder: a 2-layer [`GCNEncoder`][graphspace.tasks.contrastive.GCNEncoder] (ReLU / LeakyReLU
+            / PReLU with slope in [0, 1]).
+        x: clean node features $(N, F)$.
+        edge_index: clean edges $(2, E)$ (no duplicates; self-loops are ignored).
+        target: $(N, F_{out})$, the vectors $\mathbf{w}_i$.
+        budget: $(N,)$ integer $\delta_i$ (see
+            [`edge_drop_budget`][graphspace.tasks.contrastive.edge_drop_budget]).
         feature_masking: include feature masking in the set.
-        view: optional ``(x', edge_index')`` to evaluate the bound at.
+        view: optional `(x', edge_index')` to evaluate the bound at.
 
     Returns:
-        :math:`(N,)` lower bounds.
+        $(N,)$ lower bounds.
     """
     if not isinstance(encoder, GCNEncoder) or len(encoder.convs) != 2:
         raise TypeError("gcn_node_compactness needs a 2-layer GCNEncoder")
@@ -530,7 +537,7 @@ def gcn_node_compactness(
 
 
 def _grouped(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Edge ids grouped by ``index`` into a padded ``(n, max_count)`` table (-1 = empty)."""
+    """Edge ids grouped by `index` into a padded `(n, max_count)` table (-1 = empty)."""
     order = torch.argsort(index, stable=True)
     count = torch.bincount(index, minlength=n)
     pos = torch.arange(index.numel(), device=index.device) - (torch.cumsum(count, 0) - count)[
@@ -543,12 +550,12 @@ def _grouped(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
 def _two_hop_inner(g: Tensor, s1: Tensor, p_mid: Tensor, p_rad: Tensor, src: Tensor,
                    dst: Tensor, a_lo: Tensor, a_up: Tensor, n: int,
                    padded: bool | None = None) -> Tensor:
-    r"""For every edge :math:`e_1 = (j \to i)`: :math:`\sum_m \min_{a \in [a_L, a_U]} a\,
-    \min_{p}\, \mathbf{p}_m^\top (\mathbf{g}_i \odot s^{(1)}_j)` over the incoming edges
-    :math:`(m \to j)`, with :math:`\mathbf{p}_m \in [p_{mid} - p_{rad}, p_{mid} + p_{rad}]`
-    (using :math:`s^{(1)} \ge 0`). Nearly regular graphs use padded batched matrix products
-    per middle node :math:`j`; skewed degree distributions enumerate the two-hop paths
-    (``padded`` forces one of the two)."""
+    r"""For every edge $e_1 = (j \to i)$: $\sum_m \min_{a \in [a_L, a_U]} a\,
+    \min_{p}\, \mathbf{p}_m^\top (\mathbf{g}_i \odot s^{(1)}_j)$ over the incoming edges
+    $(m \to j)$, with $\mathbf{p}_m \in [p_{mid} - p_{rad}, p_{mid} + p_{rad}]$
+    (using $s^{(1)} \ge 0$). Nearly regular graphs use padded batched matrix products
+    per middle node $j$; skewed degree distributions enumerate the two-hop paths
+    (`padded` forces one of the two)."""
     num = src.numel()
     inc, count_in = _grouped(dst, n)  # incoming edges (m -> j) of every j
     out, count_out = _grouped(src, n)  # outgoing edges (j -> i) of every j
@@ -581,7 +588,7 @@ def _two_hop_inner(g: Tensor, s1: Tensor, p_mid: Tensor, p_rad: Tensor, src: Ten
 
 
 def pot_loss(compactness: Tensor) -> Tensor:
-    r""":math:`\mathcal{L}_{POT} = -\frac{1}{N}\sum_i \log\operatorname{sigmoid}(\tilde f_i)`,
+    r"""$\mathcal{L}_{POT} = -\frac{1}{N}\sum_i \log\operatorname{sigmoid}(\tilde f_i)$,
     the binary cross-entropy of the compactness (as a logit) with target 1."""
     return F.softplus(-compactness).mean()
 
@@ -599,8 +606,8 @@ def linear_probe(
     max_iter: int = 200,
 ) -> float:
     r"""Accuracy of an L2-regularised multinomial logistic regression (L-BFGS, float64, zero
-    initialisation, so deterministic) trained on frozen embeddings ``z_train`` and scored on
-    ``z_eval``. Features are standardised with the training statistics."""
+    initialisation, so deterministic) trained on frozen embeddings `z_train` and scored on
+    `z_eval`. Features are standardised with the training statistics."""
     if z_train.size(0) == 0 or z_eval.size(0) == 0:
         raise ValueError("linear probe needs non-empty train and eval sets")
     with torch.inference_mode(False), torch.enable_grad():
@@ -643,42 +650,44 @@ def _as_list(t: Transform | Sequence[Transform] | None) -> list[Transform] | Non
 class GraphContrastive(PredictionsFile, pl.LightningModule):
     r"""GRACE-style graph contrastive pre-training with the optional POT regulariser.
 
-    The math is in the module docstring. ``level="node"`` contrasts the nodes of a batch
-    (ordinary PyG graphs; encoder called as ``encoder(x, edge_index)``); ``level="graph"``
+    The math is in the module docstring. `level="node"` contrasts the nodes of a batch
+    (ordinary PyG graphs; encoder called as `encoder(x, edge_index)`); `level="graph"`
     contrasts whole graphs, e.g. parameter graphs with
-    :class:`~graphspace.nn.models.graph_metanetwork.GraphMetaNetwork` (called as
-    ``encoder(batch)``, one vector per graph; a node encoder is mean-pooled when
-    ``encoder_takes_data=False``). At graph level the augmentations are applied to every graph
+    [`GraphMetaNetwork`][graphspace.nn.models.graph_metanetwork.GraphMetaNetwork] (called as
+    `encoder(batch)`, one vector per graph; a node encoder is mean-pooled when
+    `encoder_takes_data=False`). At graph level the augmentations are applied to every graph
     of the batch separately (so per-network weight-space augmentations work).
 
-    Validation / test batches must carry labels ``y`` and ``train_mask`` plus ``val_mask`` /
-    ``test_mask`` (per node, or per graph at graph level); at the end of the epoch a linear
-    probe is trained on the frozen encoder outputs of the ``train_mask`` samples and its
-    accuracy on the ``val_mask`` / ``test_mask`` samples is logged as ``val/probe_acc`` /
-    ``test/probe_acc``.
+    Validation / test batches must carry labels `y` and `train_mask` plus `val_mask` /
+    `test_mask` (per node, or per graph at graph level); at the end of the epoch a linear
+    probe is trained on the frozen encoder outputs of the `train_mask` samples and its
+    accuracy on the `val_mask` / `test_mask` samples is logged as `val/probe_acc` /
+    `test/probe_acc`.
 
     Args:
-        encoder: the GNN (default: :class:`GCNEncoder` ``(in_channels, hidden_channels)`` at
-            node level, ``GraphMetaNetwork(hidden_channels)`` at graph level).
+        encoder: the GNN (default: [`GCNEncoder`][graphspace.tasks.contrastive.GCNEncoder]
+            `(in_channels, hidden_channels)` at node level, `GraphMetaNetwork(hidden_channels)` at
+            graph level).
         in_channels: input feature size for the default node encoder.
-        level: ``"node"`` (default) or ``"graph"``.
+        level: `"node"` (default) or `"graph"`.
         hidden_channels: embedding size of the default encoders (default 128).
         proj_channels: hidden size of the projection head (default 128).
-        tau: temperature :math:`\tau` (default 0.5).
+        tau: temperature $\tau$ (default 0.5).
         augment1, augment2: callables (or lists of callables, applied in order) that return an
             augmented copy of a graph without modifying it in place. Default:
-            ``[DropEdges(drop_edge[k]), MaskFeatures(mask_feature[k])]``.
+            `[DropEdges(drop_edge[k]), MaskFeatures(mask_feature[k])]`.
         drop_edge, mask_feature: the default augmentations' rates per view
             (default (0.2, 0.4) and (0.3, 0.4)).
-        pot: add the POT regulariser (node level, 2-layer :class:`GCNEncoder` only).
-        kappa: POT weight :math:`\kappa` (default 0.5).
-        pot_drop_rate: drop rates defining POT's budgets per view (default ``drop_edge``);
+        pot: add the POT regulariser (node level, 2-layer
+            [`GCNEncoder`][graphspace.tasks.contrastive.GCNEncoder] only).
+        kappa: POT weight $\kappa$ (default 0.5).
+        pot_drop_rate: drop rates defining POT's budgets per view (default `drop_edge`);
             each node's budget is raised to what the sampled view actually dropped, so the view
             always lies in the set.
-        pot_bound: ``"view"`` (default; the CROWN bound evaluated at the sampled view, as in the
-            authors' code) or ``"set"`` (certified minimum over the whole perturbation set).
-        encoder_takes_data: call ``encoder(batch)`` instead of ``encoder(x, edge_index)``
-            (default: ``True`` at graph level, ``False`` at node level).
+        pot_bound: `"view"` (default; the CROWN bound evaluated at the sampled view, as in the
+            authors' code) or `"set"` (certified minimum over the whole perturbation set).
+        encoder_takes_data: call `encoder(batch)` instead of `encoder(x, edge_index)`
+            (default: `True` at graph level, `False` at node level).
         lr, weight_decay: Adam settings (default 5e-4, 1e-5).
         probe_weight_decay, probe_max_iter: linear probe settings (default 1e-4, 200).
     """
@@ -755,7 +764,7 @@ class GraphContrastive(PredictionsFile, pl.LightningModule):
         return z
 
     def views(self, batch: Any) -> tuple[Any, Any]:
-        """Two independently augmented copies of ``batch``."""
+        """Two independently augmented copies of `batch`."""
         out = []
         for transforms in self.augment:
             if self.level == "graph" and isinstance(batch, Batch):
@@ -766,7 +775,8 @@ class GraphContrastive(PredictionsFile, pl.LightningModule):
         return out[0], out[1]
 
     def compactness(self, batch: Any, view: Any, z_other: Tensor, drop_rate: float) -> Tensor:
-        """POT node compactness of ``view`` (see :func:`gcn_node_compactness`)."""
+        """POT node compactness of `view` (see
+        [`gcn_node_compactness`][graphspace.tasks.contrastive.gcn_node_compactness])."""
         assert isinstance(self.encoder, GCNEncoder)
         n = batch.num_nodes
         clean = batch.edge_index[:, batch.edge_index[0] != batch.edge_index[1]]
@@ -876,18 +886,19 @@ FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class FunctionZooDataModule(pl.LightningDataModule):
-    r"""A model zoo generated locally: MLPs ``1 -> hidden -> 1`` (ReLU), each fitted by Adam to
-    one of several 1-D functions on :math:`[-1, 1]` from its own random initialisation; the
+    r"""A model zoo generated locally: MLPs `1 -> hidden -> 1` (ReLU), each fitted by Adam to
+    one of several 1-D functions on $[-1, 1]$ from its own random initialisation; the
     label of a network is its function. Every network becomes a
-    :class:`~graphspace.graphs.ParameterGraph` (one graph per network) with ``y`` and
-    per-graph ``train_mask`` / ``val_mask`` / ``test_mask`` (a stratified split).
-    Deterministic under ``seed``; nothing touches the disk.
+    [`ParameterGraph`][graphspace.graphs.ParameterGraph] (one graph per network) with `y` and
+    per-graph `train_mask` / `val_mask` / `test_mask` (a stratified split).
+    Deterministic under `seed`; nothing touches the disk.
 
-    Training iterates over the ``train_mask`` networks; validation and test iterate over all
-    networks (the linear probe of :class:`GraphContrastive` trains on ``train_mask``).
+    Training iterates over the `train_mask` networks; validation and test iterate over all
+    networks (the linear probe of
+    [`GraphContrastive`][graphspace.tasks.contrastive.GraphContrastive] trains on `train_mask`).
 
     Args:
-        functions: names from :data:`FUNCTIONS` (default sin, square, abs, step).
+        functions: names from `FUNCTIONS` (default sin, square, abs, step).
         num_per_class: networks per function (default 16).
         hidden: hidden widths (default (16, 16)).
         fit_steps, fit_lr: Adam steps and learning rate fitting each network (default 150,

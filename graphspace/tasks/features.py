@@ -3,11 +3,11 @@ r"""Hand-crafted weight features for the baselines of generalization prediction.
 * **StatNN** (Unterthiner et al. 2020, "Predicting Neural Network Accuracy from Weights"): for
   every weight and bias tensor, its mean, variance and the 0/25/50/75/100 % quantiles.
 * **Weight norms** (a layer-norm / "layer rotation"-style baseline, cf. Jiang et al. 2020
-  "Fantastic Generalization Measures"): per tensor :math:`\log \|W\|_F`, plus the log of the
+  "Fantastic Generalization Measures"): per tensor $\log \|W\|_F$, plus the log of the
   product of weight norms (a path-norm proxy).
 * **Flat weights**: all parameters concatenated (fixed-architecture zoos only).
 
-Tensors are taken in state-dict order and zero-padded / truncated to ``max_tensors``, so zoos of
+Tensors are taken in state-dict order and zero-padded / truncated to `max_tensors`, so zoos of
 different architectures give vectors of one size.
 """
 
@@ -29,7 +29,7 @@ def _param_tensors(state_dict: dict[str, Tensor]) -> list[Tensor]:
 
 
 def statnn_features(state_dict: dict[str, Tensor], max_tensors: int = 16) -> Tensor:
-    """``[max_tensors * 7]`` StatNN features (mean, var, 5 quantiles per tensor)."""
+    """`[max_tensors * 7]` StatNN features (mean, var, 5 quantiles per tensor)."""
     out = torch.zeros(max_tensors, STAT_FEATURES, dtype=torch.float64)
     for i, t in enumerate(_param_tensors(state_dict)[:max_tensors]):
         q = torch.quantile(t, _QUANTILES.to(t.dtype)) if t.numel() > 0 else torch.zeros(5)
@@ -39,7 +39,7 @@ def statnn_features(state_dict: dict[str, Tensor], max_tensors: int = 16) -> Ten
 
 
 def norm_features(state_dict: dict[str, Tensor], max_tensors: int = 16) -> Tensor:
-    """``[max_tensors + 1]``: per-tensor log Frobenius norms and the log norm product."""
+    """`[max_tensors + 1]`: per-tensor log Frobenius norms and the log norm product."""
     out = torch.zeros(max_tensors + 1, dtype=torch.float64)
     logs = [torch.log(t.norm() + 1e-12) for t in _param_tensors(state_dict)]
     for i, v in enumerate(logs[:max_tensors]):
@@ -54,8 +54,8 @@ def flat_features(state_dict: dict[str, Tensor]) -> Tensor:
 
 
 class AttachWeightFeatures:
-    """Transform for :class:`~graphspace.graphs.ParameterGraph`: attaches ``stats`` (StatNN),
-    ``norms`` and optionally ``flat`` as ``[1, F]`` tensors so they batch to ``[B, F]``."""
+    """Transform for [`ParameterGraph`][graphspace.graphs.ParameterGraph]: attaches `stats`
+    (StatNN), `norms` and optionally `flat` as `[1, F]` tensors so they batch to `[B, F]`."""
 
     def __init__(self, max_tensors: int = 16, flat: bool = False) -> None:
         self.max_tensors = max_tensors

@@ -4,8 +4,8 @@ The graph metanetwork and the baselines are trained side by side on the same bat
 parameters are disjoint, so summing their losses trains each one independently) and evaluated
 with the same metrics, so one run yields a comparison table.
 
-Metrics: Kendall's :math:`\tau` (rank correlation between predicted and true accuracies, the
-metric of Unterthiner et al. 2020 and of the NFN / Neural Graphs papers) and :math:`R^2`.
+Metrics: Kendall's $\tau$ (rank correlation between predicted and true accuracies, the
+metric of Unterthiner et al. 2020 and of the NFN / Neural Graphs papers) and $R^2$.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class FeatureMLP(nn.Module):
 
     @torch.no_grad()
     def fit_normalizer(self, features: Tensor) -> None:
-        """Set the standardisation statistics from ``[N, F]`` training features and
+        """Set the standardisation statistics from `[N, F]` training features and
         materialise the lazy first layer."""
         if features.dim() != 2 or features.size(0) == 0:
             raise ValueError(f"expected [N, F] features with N > 0, got {tuple(features.shape)}")
@@ -166,7 +166,7 @@ class GeneralizationPredictor(PredictionsFile, pl.LightningModule):
         self._test_parts: list[tuple[dict[str, Tensor], Tensor]] = []
 
     def predictor(self, name: str) -> nn.Module:
-        """The module of predictor ``name`` (``"gmn"`` or a baseline)."""
+        """The module of predictor `name` (`"gmn"` or a baseline)."""
         return self.model if name == "gmn" else self.baselines[name]
 
     # -- set-up -----------------------------------------------------------------------------

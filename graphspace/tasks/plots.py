@@ -1,9 +1,9 @@
-"""Figures of the tasks (matplotlib; the callers import it through
+r"""Figures of the tasks (matplotlib; the callers import it through
 `graphspace.tasks.outputs.pyplot`, so it runs without a display).
 
 * `prediction_scatter`: predicted against true values, one panel per predictor, Kendall's
-  $\\tau$ in each title (generalization prediction).
-* `learning_curves`: training / validation loss and validation $\\tau$ per epoch.
+  $\tau$ in each title (generalization prediction).
+* `learning_curves`: training / validation loss and validation $\tau$ per epoch.
 
 The INR confusion matrix is drawn by torchmetrics' `MulticlassConfusionMatrix.plot`.
 """
@@ -23,13 +23,13 @@ def _list(v: Tensor | Sequence[float]) -> list[float]:
 def prediction_scatter(plt: Any, predictions: Mapping[str, Tensor | Sequence[float]],
                        target: Tensor | Sequence[float], taus: Mapping[str, float],
                        quantity: str = "test accuracy") -> Any:
-    """Predicted against actual values, one panel per predictor, with the line $y = x$.
+    r"""Predicted against actual values, one panel per predictor, with the line $y = x$.
 
     Args:
         plt: `matplotlib.pyplot`.
         predictions: predictor name to its `[N]` predictions.
         target: the `[N]` true values.
-        taus: predictor name to its Kendall $\\tau$ (shown in the panel title).
+        taus: predictor name to its Kendall $\tau$ (shown in the panel title).
         quantity: axis label of what is predicted.
 
     Returns:
@@ -59,7 +59,7 @@ def prediction_scatter(plt: Any, predictions: Mapping[str, Tensor | Sequence[flo
 
 def learning_curves(plt: Any, history: Mapping[str, Sequence[float]],
                     epochs: Sequence[int]) -> Any:
-    """Loss curves (left) and validation Kendall $\\tau$ (right) against the epoch.
+    r"""Loss curves (left) and validation Kendall $\tau$ (right) against the epoch.
 
     Args:
         plt: `matplotlib.pyplot`.

@@ -54,13 +54,13 @@ class EGNNConv(MessagePassing):
     * `velocity` (eq. 7): the layer also takes the (initial) velocity $\mathbf{v}_i$
       and returns an updated velocity,
 
-      $$
-      \begin{aligned}
-      \mathbf{v}_i' &= \phi_v(\mathbf{h}_i)\, \mathbf{v}_i + C \sum_{j \ne i}
-          (\mathbf{x}_i - \mathbf{x}_j)\, \phi_x(\mathbf{m}_{ij}) \\
-      \mathbf{x}_i' &= \mathbf{x}_i + \mathbf{v}_i'
-      \end{aligned}
-      $$
+        $$
+        \begin{aligned}
+        \mathbf{v}_i' &= \phi_v(\mathbf{h}_i)\, \mathbf{v}_i + C \sum_{j \ne i}
+            (\mathbf{x}_i - \mathbf{x}_j)\, \phi_x(\mathbf{m}_{ij}) \\
+        \mathbf{x}_i' &= \mathbf{x}_i + \mathbf{v}_i'
+        \end{aligned}
+        $$
 
     All MLPs use `act` (SiLU by default, as in the paper). The last layer of
     $\phi_x$ has no bias and is initialised with Xavier-uniform gain 0.001, as in

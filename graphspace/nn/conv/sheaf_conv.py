@@ -140,9 +140,9 @@ def _orthogonal(params: Tensor, d: int, method: str) -> Tensor:
 
 
 class _SymMatrixPow(torch.autograd.Function):
-    """`A ** p` for symmetric PSD `A` via `eigh`, with a Daleckii–Krein backward that
+    r"""`A ** p` for symmetric PSD `A` via `eigh`, with a Daleckii–Krein backward that
     stays finite for repeated eigenvalues (plain `eigh` backward divides by
-    $\\lambda_i - \\lambda_j$)."""
+    $\lambda_i - \lambda_j$)."""
 
     @staticmethod
     def forward(ctx, a: Tensor, p: float, tol: float) -> Tensor:  # type: ignore[override]
@@ -401,7 +401,7 @@ class SheafLearner(nn.Module):
                 m.reset_parameters()
 
     def forward(self, x: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-        """Parameters of $\\mathcal F_{src \\trianglelefteq (src, dst)}$, `(E, out)`."""
+        r"""Parameters of $\mathcal F_{src \trianglelefteq (src, dst)}$, `(E, out)`."""
         return self.act(self.mlp(torch.cat([x[src], x[dst]], dim=-1)))
 
     def __repr__(self) -> str:
@@ -660,7 +660,7 @@ class SheafConv(_SheafDiffusionLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """NSD initialisation: $W_1 = I$, $W_2$ orthogonal, $\\varepsilon=0$,
+        r"""NSD initialisation: $W_1 = I$, $W_2$ orthogonal, $\varepsilon=0$,
         PyTorch defaults for the map learner."""
         self._reset_update()
         if self.learner is not None:
@@ -689,7 +689,7 @@ class SheafConv(_SheafDiffusionLayer):
         return und, maps[:e], maps[e:]
 
     def laplacian(self, x: Tensor, edge_index: Tensor) -> SheafLaplacian:
-        """The normalised sheaf Laplacian $\\Delta_{\\mathcal F(X)}$ of this input."""
+        r"""The normalised sheaf Laplacian $\Delta_{\mathcal F(X)}$ of this input."""
         und, fa, fb = self.restriction_maps(x, edge_index)
         return SheafLaplacian(und, fa, fb, x.size(0), self.map_type, self.augmented)
 
@@ -906,7 +906,7 @@ class ConnectionSheafConv(_SheafDiffusionLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """NSD initialisation: $W_1 = I$, $W_2$ orthogonal, $\\varepsilon=0$."""
+        r"""NSD initialisation: $W_1 = I$, $W_2$ orthogonal, $\varepsilon=0$."""
         self._reset_update()
 
     def laplacian(self, pos: Tensor, edge_index: Tensor) -> SheafLaplacian:

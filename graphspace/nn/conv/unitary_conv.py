@@ -333,7 +333,7 @@ class _GraphOperatorConv(MessagePassing):
 
     def _operator(self, edge_index: object, edge_weight: Tensor | None, num_nodes: int,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
-        """`(edge_index, edge_weight, norm bound)` of $\\hat{A}$, sorted by target."""
+        r"""`(edge_index, edge_weight, norm bound)` of $\hat{A}$, sorted by target."""
         ei, ew = _graph_input(type(self).__name__, edge_index, edge_weight, num_nodes)
         ei, ew = _adjacency(ei, ew, num_nodes, self.normalize, self.add_self_loops, dtype)
         bound = _norm_bound(ei, ew, num_nodes)
@@ -688,7 +688,7 @@ class LieUnitaryConv(_GraphOperatorConv):
 
     def _exp(self, z: Tensor, edge_index: object, edge_weight: Tensor | None, sign: float,
              tol: float) -> Tensor:
-        """$\\exp(\\pm g_{conv})\\, z$ on the padded (paired) features `z`."""
+        r"""$\exp(\pm g_{conv})\, z$ on the padded (paired) features `z`."""
         n = z.size(0)
         ei, ew, bound = self._operator(edge_index, edge_weight, n, z.dtype)
         w = self.generator_weight()

@@ -1,37 +1,35 @@
-r"""Message-passing blocks that :class:`~graphspace.nn.models.GraphMetaNetwork` can use as its
-backbone (``GraphMetaNetwork(..., backbone=name, backbone_kwargs={...})``).
+r"""Message-passing blocks that [`GraphMetaNetwork`][graphspace.nn.models.GraphMetaNetwork] can use
+as its backbone (`GraphMetaNetwork(..., backbone=name, backbone_kwargs={...})`).
 
-=============  ==============================================================================
-name           block
-=============  ==============================================================================
-``metanet``    :class:`MetaNetBlock`: :class:`~graphspace.nn.conv.MetaNetworkConv` (default)
-``egnn``       :class:`EGNNBlock`: :class:`~graphspace.nn.conv.EGNNConv` with learned or
-               positional node coordinates carried across blocks
-``sheaf``      :class:`SheafBlock`: Neural Sheaf Diffusion (:class:`~graphspace.nn.conv.SheafConv`)
-               with restriction maps learned from both endpoints *and* the edge features
-``unitary``    :class:`UnitaryBlock`: :class:`~graphspace.nn.conv.UnitaryConv` (or
-               :class:`~graphspace.nn.conv.LieUnitaryConv`) on a symmetric, signed,
-               edge-feature-weighted operator
-``subgraph``   :class:`SubgraphBlock`: :class:`~graphspace.nn.conv.SPENConv` on the bag of
-               node-marked 1-hop ego-networks
-``ds``         :class:`DSBlock`: ESAN's DS-GNN (:class:`~graphspace.nn.conv.DSConv`) on the
-               same bag, with ESAN bag subsampling (``fraction`` / ``k``, :func:`esan_vote`)
-``dss``        :class:`DSSBlock`: ESAN's DSS-GNN (:class:`~graphspace.nn.conv.DSSConv`), idem
-=============  ==============================================================================
+- `metanet`: `MetaNetBlock`: [`MetaNetworkConv`][graphspace.nn.conv.MetaNetworkConv] (default)
+- `egnn`: `EGNNBlock`: [`EGNNConv`][graphspace.nn.conv.EGNNConv] with learned or positional node
+  coordinates carried across blocks
+- `sheaf`: `SheafBlock`: Neural Sheaf Diffusion ([`SheafConv`][graphspace.nn.conv.SheafConv]) with
+  restriction maps learned from both endpoints *and* the edge features
+- `unitary`: `UnitaryBlock`: [`UnitaryConv`][graphspace.nn.conv.UnitaryConv] (or
+  [`LieUnitaryConv`][graphspace.nn.conv.LieUnitaryConv]) on a symmetric, signed,
+  edge-feature-weighted operator
+- `subgraph`: `SubgraphBlock`: [`SPENConv`][graphspace.nn.conv.SPENConv] on the bag of node-marked
+  1-hop ego-networks
+- `ds`: [`DSBlock`][graphspace.nn.models.backbones.DSBlock]: ESAN's DS-GNN
+  ([`DSConv`][graphspace.nn.conv.DSConv]) on the same bag, with ESAN bag subsampling (`fraction` /
+  `k`, [`esan_vote`][graphspace.nn.models.backbones.esan_vote])
+- `dss`: [`DSSBlock`][graphspace.nn.models.backbones.DSSBlock]: ESAN's DSS-GNN
+  ([`DSSConv`][graphspace.nn.conv.DSSConv]), idem
 
-The block protocol. A block maps ``(x, edge_index, edge_attr, batch) -> (x, edge_attr)``.
+The block protocol. A block maps `(x, edge_index, edge_attr, batch) -> (x, edge_attr)`.
 A backbone whose blocks need extra per-node or per-graph state (EGNN coordinates, a
 precomputed subgraph bag, a coalesced operator) defines a static method
-``make_state(hidden, edge_channels, **backbone_kwargs) -> nn.Module``; the model then builds
-that module once, calls ``state = module(x, edge_index, edge_attr, batch, data)`` once per
+`make_state(hidden, edge_channels, **backbone_kwargs) -> nn.Module`; the model then builds
+that module once, calls `state = module(x, edge_index, edge_attr, batch, data)` once per
 forward pass (after the encoder and after adding reversed edges), and calls every block as
-``block(x, edge_index, edge_attr, batch, state) -> (x, edge_attr, state)``.
+`block(x, edge_index, edge_attr, batch, state) -> (x, edge_attr, state)`.
 
 Every block uses the edge features (the parameter values live on the edges) and only
-node-permutation-equivariant operations (gathers by ``edge_index``, scatters, shared
+node-permutation-equivariant operations (gathers by `edge_index`, scatters, shared
 per-node/per-edge maps), and no state gives nodes an identity, so the metanetwork stays
 invariant to permutations of the input networks' hidden neurons whatever the backbone.
-Every block costs :math:`O(|\mathcal E|\,F)` for :math:`F` the hidden width (plus terms on
+Every block costs $O(|\mathcal E|\,F)$ for $F$ the hidden width (plus terms on
 coalesced node pairs, which are far fewer than parameter edges); see each block.
 """
 
@@ -79,8 +77,8 @@ BACKBONES: dict[str, BlockFactory] = {}
 
 
 def register_backbone(name: str) -> Callable[[BlockFactory], BlockFactory]:
-    """Register a block factory ``f(hidden, edge_channels, dropout, **kw) -> nn.Module`` under
-    ``name`` (usable as a class decorator). A factory with a ``make_state`` attribute gets a
+    """Register a block factory `f(hidden, edge_channels, dropout, **kw) -> nn.Module` under
+    `name` (usable as a class decorator). A factory with a `make_state` attribute gets a
     state module (see the module docstring)."""
 
     def deco(fn: BlockFactory) -> BlockFactory:
@@ -98,12 +96,12 @@ def _factory(name: str) -> BlockFactory:
 
 def make_block(name: str, hidden: int, edge_channels: int, dropout: float = 0.0,
                **kwargs: Any) -> nn.Module:
-    """One block of backbone ``name``."""
+    """One block of backbone `name`."""
     return _factory(name)(hidden, edge_channels, dropout, **kwargs)
 
 
 def make_state(name: str, hidden: int, edge_channels: int, **kwargs: Any) -> nn.Module | None:
-    """The backbone's state module (``None`` for stateless backbones)."""
+    """The backbone's state module (`None` for stateless backbones)."""
     maker = getattr(_factory(name), "make_state", None)
     return None if maker is None else maker(hidden, edge_channels, **kwargs)
 
@@ -120,9 +118,9 @@ def _reset_linears(module: nn.Module) -> None:
 
 
 class _EdgeUpdate(nn.Module):
-    r""":math:`\mathbf e'_{ij} = \mathbf e_{ij} + \phi_e([\mathbf x_i \,\|\, \mathbf x_j \,\|\,
-    \mathbf e_{ij} \,\|\, \mathbf r_{ij}])` (target :math:`i`, source :math:`j`, optional
-    invariant extras :math:`\mathbf r_{ij}`)."""
+    r"""$\mathbf e'_{ij} = \mathbf e_{ij} + \phi_e([\mathbf x_i \,\|\, \mathbf x_j \,\|\,
+    \mathbf e_{ij} \,\|\, \mathbf r_{ij}])$ (target $i$, source $j$, optional
+    invariant extras $\mathbf r_{ij}$)."""
 
     def __init__(self, hidden: int, edge_channels: int, extra: int = 0,
                  dropout: float = 0.0) -> None:
@@ -144,8 +142,8 @@ class _EdgeUpdate(nn.Module):
 
 
 class MetaNetBlock(nn.Module):
-    """:class:`~graphspace.nn.conv.MetaNetworkConv` (edge update, FiLM messages, PNA
-    aggregation); ``backbone_kwargs`` go to the conv."""
+    """[`MetaNetworkConv`][graphspace.nn.conv.MetaNetworkConv] (edge update, FiLM messages, PNA
+    aggregation); `backbone_kwargs` go to the conv."""
 
     def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
                  **kwargs: Any) -> None:
@@ -169,22 +167,22 @@ Coords = Literal["learned", "positional"]
 
 
 class CoordinateEncoder(nn.Module):
-    r"""Initial node coordinates for the ``egnn`` backbone.
+    r"""Initial node coordinates for the `egnn` backbone.
 
-    * ``"learned"``: :math:`\mathbf p_i = W_p \mathbf h^0_i \in \mathbb R^{k}`, a bias-free
+    * `"learned"`: $\mathbf p_i = W_p \mathbf h^0_i \in \mathbb R^{k}$, a bias-free
       projection of the encoder's node embedding (a translation would not matter: EGNN only
       sees differences).
-    * ``"positional"``: fixed :math:`\mathbf p_i = (\ell_i / \max(1, \ell_{\max}),\
-      [\text{input}]\,(q_i + 1)/n_{in},\ [\text{output}]\,(q_i + 1)/n_{out}) \in [0, 1]^3`
-      from the layer index :math:`\ell_i`, the input/output position :math:`q_i` and the
+    * `"positional"`: fixed $\mathbf p_i = (\ell_i / \max(1, \ell_{\max}),\
+      [\text{input}]\,(q_i + 1)/n_{in},\ [\text{output}]\,(q_i + 1)/n_{out}) \in [0, 1]^3$
+      from the layer index $\ell_i$, the input/output position $q_i$ and the
       per-network maxima. These attributes do not change under hidden-neuron permutations
       (all hidden neurons of a layer share a position), so the coordinates never give hidden
       neurons an identity.
 
     Args:
         hidden: node embedding size.
-        coords: ``"learned"`` or ``"positional"``.
-        coord_dim: :math:`k` for learned coordinates (default 3; positional ones are 3-D).
+        coords: `"learned"` or `"positional"`.
+        coord_dim: $k$ for learned coordinates (default 3; positional ones are 3-D).
     """
 
     def __init__(self, hidden: int, coords: Coords = "learned",
@@ -228,34 +226,37 @@ class CoordinateEncoder(nn.Module):
 
 @register_backbone("egnn")
 class EGNNBlock(nn.Module):
-    r"""An :class:`~graphspace.nn.conv.EGNNConv` block (Satorras et al. 2021) for parameter
+    r"""An [`EGNNConv`][graphspace.nn.conv.EGNNConv] block (Satorras et al. 2021) for parameter
     graphs, followed by an edge update that sees the new coordinates:
 
-    .. math::
+    $$
+    \begin{aligned}
         (\mathbf h', \mathbf p') &= \mathrm{EGCL}(\mathbf h, \mathbf p,
             \mathbf a = \mathbf e) \\
         \mathbf e'_{ij} &= \mathbf e_{ij} + \phi_e\big([\mathbf h'_i \,\|\, \mathbf h'_j
             \,\|\, \mathbf e_{ij} \,\|\, \lVert \mathbf p'_i - \mathbf p'_j\rVert^2]\big)
+    \end{aligned}
+    $$
 
-    The parameter-value edge features enter every message as :math:`\mathbf a_{ij}`; with
-    ``attention=True`` they also gate it. The edge update makes the coordinate update of
+    The parameter-value edge features enter every message as $\mathbf a_{ij}$; with
+    `attention=True` they also gate it. The edge update makes the coordinate update of
     every block (the last one included) reach the output through invariant distances.
-    Coordinates :math:`\mathbf p` come from :class:`CoordinateEncoder`
-    (``coords="learned"``: a projection of the initial node embeddings; ``"positional"``:
+    Coordinates $\mathbf p$ come from `CoordinateEncoder`
+    (`coords="learned"`: a projection of the initial node embeddings; `"positional"`:
     layer index and input/output position) and are carried from block to block. The
     coordinate stream is E(k)-equivariant and everything else
     depends on coordinates only through distances, so rotating/reflecting or translating the
     initial coordinates changes nothing downstream; the block is node-permutation
-    equivariant. Cost: two edge MLPs, :math:`O(|\mathcal E| F^2)`.
+    equivariant. Cost: two edge MLPs, $O(|\mathcal E| F^2)$.
 
-    Args (``backbone_kwargs``):
-        coords: ``"learned"`` (default) or ``"positional"``.
+    Args (`backbone_kwargs`):
+        coords: `"learned"` (default) or `"positional"`.
         coord_dim: size of learned coordinates (default 3).
-        attention: gate messages (default ``True``).
-        normalize: unit-length coordinate differences (default ``True``).
-        tanh: bound the coordinate weights by ``coords_range * tanh`` (default ``True``).
+        attention: gate messages (default `True`).
+        normalize: unit-length coordinate differences (default `True`).
+        tanh: bound the coordinate weights by `coords_range * tanh` (default `True`).
         coords_range: default 1.0.
-        coords_agg: ``"mean"`` (default) or ``"sum"``.
+        coords_agg: `"mean"` (default) or `"sum"`.
     """
 
     def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
@@ -300,36 +301,39 @@ class SheafBlock(nn.Module):
     r"""A Neural Sheaf Diffusion block (Bodnar et al., NeurIPS 2022) whose restriction maps
     see the edge features.
 
-    Node features :math:`(n, F)` are read as :math:`d`-dimensional stalks with :math:`F/d`
-    channels. Every edge :math:`e = (j \to i)` of the batch (both directions, and every
+    Node features $(n, F)$ are read as $d$-dimensional stalks with $F/d$
+    channels. Every edge $e = (j \to i)$ of the batch (both directions, and every
     parallel kernel-entry edge, are separate edges of a multigraph sheaf) gets
 
-    .. math::
+    $$
+    \begin{aligned}
         \mathbf e' &= \mathbf e + \phi_e([\mathbf x_i \,\|\, \mathbf x_j \,\|\, \mathbf e]) \\
         \mathcal F_{j \trianglelefteq e} &= \mathrm{maps}\big(\sigma(W [\mathbf x_j \,\|\,
             \mathbf x_i] + V \mathbf e')\big), \qquad
         \mathcal F_{i \trianglelefteq e} = \mathrm{maps}\big(\sigma(W [\mathbf x_i \,\|\,
             \mathbf x_j] + V \mathbf e')\big)
+    \end{aligned}
+    $$
 
-    (:math:`W` and :math:`\sigma` = tanh are the :class:`~graphspace.nn.conv.SheafConv` map
-    learner, :math:`V` the added edge term; ``maps`` is diagonal, orthogonal or general; with
-    orthogonal maps and ``edge_weights``, :math:`\mathcal F \leftarrow w_e \mathcal F` with
-    :math:`w_e = s_j s_i`, :math:`s = \mathrm{sigmoid}(U[\mathbf x \| \mathbf x'] +
-    u^\top \mathbf e')`). Then the normalised sheaf Laplacian
-    :math:`\Delta_{\mathcal F}` of this multigraph (:class:`~graphspace.nn.conv.SheafLaplacian`,
-    built from the batch's ``edge_index`` at every call: inductive) drives the NSD update of
-    :class:`~graphspace.nn.conv.SheafConv`,
-    :math:`X' = (1 + \tanh\varepsilon) \odot X - \sigma(\Delta_{\mathcal F}(I \otimes W_1) X W_2)`.
-    Cost :math:`O(|\mathcal E|(F^2 + d F))` (edge MLP, map learner, block coboundary).
+    ($W$ and $\sigma$ = tanh are the [`SheafConv`][graphspace.nn.conv.SheafConv] map
+    learner, $V$ the added edge term; `maps` is diagonal, orthogonal or general; with
+    orthogonal maps and `edge_weights`, $\mathcal F \leftarrow w_e \mathcal F$ with
+    $w_e = s_j s_i$, $s = \mathrm{sigmoid}(U[\mathbf x \| \mathbf x'] +
+    u^\top \mathbf e')$). Then the normalised sheaf Laplacian
+    $\Delta_{\mathcal F}$ of this multigraph ([`SheafLaplacian`][graphspace.nn.conv.SheafLaplacian],
+    built from the batch's `edge_index` at every call: inductive) drives the NSD update of
+    [`SheafConv`][graphspace.nn.conv.SheafConv],
+    $X' = (1 + \tanh\varepsilon) \odot X - \sigma(\Delta_{\mathcal F}(I \otimes W_1) X W_2)$.
+    Cost $O(|\mathcal E|(F^2 + d F))$ (edge MLP, map learner, block coboundary).
 
-    Args (``backbone_kwargs``):
-        stalk_dim: :math:`d` (default 4; must divide the hidden width).
-        map_type: ``"diag"`` (default), ``"orthogonal"`` or ``"general"``.
-        orthogonal_map: ``"householder"`` (default), ``"cayley"`` or ``"matrix_exp"``.
+    Args (`backbone_kwargs`):
+        stalk_dim: $d$ (default 4; must divide the hidden width).
+        map_type: `"diag"` (default), `"orthogonal"` or `"general"`.
+        orthogonal_map: `"householder"` (default), `"cayley"` or `"matrix_exp"`.
         edge_weights: learned edge weights for orthogonal maps (default: on for
-            ``map_type="orthogonal"``).
+            `map_type="orthogonal"`).
         augmented, left_weights, right_weights, epsilon, act: as in
-            :class:`~graphspace.nn.conv.SheafConv`.
+            [`SheafConv`][graphspace.nn.conv.SheafConv].
     """
 
     def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
@@ -359,7 +363,7 @@ class SheafBlock(nn.Module):
                 lin.reset_parameters()
 
     def laplacian(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> SheafLaplacian:
-        """The normalised sheaf Laplacian of the multigraph ``edge_index`` with maps from the
+        """The normalised sheaf Laplacian of the multigraph `edge_index` with maps from the
         node features and the (updated) edge features."""
         conv, d, n = self.conv, self.conv.stalk_dim, x.size(0)
         src, dst = edge_index[0], edge_index[1]
@@ -395,14 +399,14 @@ class SheafBlock(nn.Module):
 
 
 class SymmetricPairs(NamedTuple):
-    """Coalesced symmetric support of a batch's edges (state of the ``unitary`` backbone).
+    """Coalesced symmetric support of a batch's edges (state of the `unitary` backbone).
 
     Attributes:
-        pair_index: ``(2, P + N)`` distinct node pairs ``(source, target)`` of the symmetrised
-            edge set, followed by the ``N`` self-loops.
-        edge_to_pair: ``(2E,)``: the pair of every edge ``j -> i`` (first ``E`` entries,
-            feeding :math:`A_{ij}`) and of its transpose (last ``E``, feeding :math:`A_{ji}`).
-        num_pairs: :math:`P`.
+        pair_index: `(2, P + N)` distinct node pairs `(source, target)` of the symmetrised
+            edge set, followed by the `N` self-loops.
+        edge_to_pair: `(2E,)`: the pair of every edge `j -> i` (first `E` entries,
+            feeding $A_{ij}$) and of its transpose (last `E`, feeding $A_{ji}$).
+        num_pairs: $P$.
     """
 
     pair_index: Tensor
@@ -411,8 +415,8 @@ class SymmetricPairs(NamedTuple):
 
 
 class SymmetricOperator(nn.Module):
-    """Computes :class:`SymmetricPairs` once per forward pass (no parameters, no gradient):
-    ``torch.unique`` over the keys of every edge and its reverse, :math:`O(E \\log E)`."""
+    r"""Computes `SymmetricPairs` once per forward pass (no parameters, no gradient):
+    `torch.unique` over the keys of every edge and its reverse, $O(E \log E)$."""
 
     @torch.no_grad()
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor,
@@ -431,7 +435,8 @@ class UnitaryBlock(nn.Module):
     r"""A unitary-convolution block (Kiani et al., NeurIPS 2024) on a symmetric operator
     weighted by the edge features.
 
-    .. math::
+    $$
+    \begin{aligned}
         \mathbf e'_{ij} &= \mathbf e_{ij} + \phi_e([\mathbf x_i \,\|\, \mathbf x_j \,\|\,
             \mathbf e_{ij}]), \qquad w^{(h)}_{ij} = \tanh(\mathbf u_h^\top \mathbf e'_{ij}) \\
         A^{(h)} &= \tfrac12 \textstyle\sum_{(j\to i)} w^{(h)}_{ij}\,
@@ -442,34 +447,36 @@ class UnitaryBlock(nn.Module):
             \quad\text{or}\quad \exp\big(\hat A^{(h)} \otimes W_h^\top\big) X^{(h)}
             \ \text{(Lie, orthogonal)} \\
         \mathbf x'_i &= \mathbf x_i + \phi_h([\mathbf x_i \,\|\, \mathbf z_i])
+    \end{aligned}
+    $$
 
     with one signed scalar weight per edge and head (the hidden channels are split into
-    ``heads`` groups :math:`X^{(h)}`; for UniConv each group is read as complex channels in
-    the ``[Re | Im]`` paired form). Parallel edges (kernel entries) between two neurons add up.
+    `heads` groups $X^{(h)}$; for UniConv each group is read as complex channels in
+    the `[Re | Im]` paired form). Parallel edges (kernel entries) between two neurons add up.
 
-    **Why the operator is unitary-compatible.** :math:`\exp(it\hat A)` is unitary (and
-    :math:`\exp(\hat A \otimes W^\top)` orthogonal for skew :math:`W`) only for a real
-    symmetric (Hermitian) :math:`\hat A`. Every edge contributes half its weight to both
-    :math:`A_{ij}` and :math:`A_{ji}`; with ``bidirectional=True`` (the model's default) every
+    **Why the operator is unitary-compatible.** $\exp(it\hat A)$ is unitary (and
+    $\exp(\hat A \otimes W^\top)$ orthogonal for skew $W$) only for a real
+    symmetric (Hermitian) $\hat A$. Every edge contributes half its weight to both
+    $A_{ij}$ and $A_{ji}$; with `bidirectional=True` (the model's default) every
     parameter is present as a forward and a reversed edge, each with its own
-    direction-embedded features, so :math:`A_{ij} = A_{ji} = \tfrac12(w(\mathbf e^{\to}) +
-    w(\mathbf e^{\leftarrow}))` summed over the parameters between the two neurons: the
+    direction-embedded features, so $A_{ij} = A_{ji} = \tfrac12(w(\mathbf e^{\to}) +
+    w(\mathbf e^{\leftarrow}))$ summed over the parameters between the two neurons: the
     operator is symmetric by construction, for any weights. Normalising by absolute degrees
-    (self-loops included) keeps :math:`\lVert \hat A \rVert_2 \le 1`, so the Taylor series of
-    order :math:`K` is accurate to :math:`t^{K+1}/(K+1)!`. Signed weights let the operator
+    (self-loops included) keeps $\lVert \hat A \rVert_2 \le 1$, so the Taylor series of
+    order $K$ is accurate to $t^{K+1}/(K+1)!$. Signed weights let the operator
     reflect the sign of the network's parameters.
 
-    Cost: the edge MLP, :math:`O(|\mathcal E| F^2)`, plus :math:`K` sparse products over
-    the :math:`P` coalesced node pairs, :math:`O(K P F)` with :math:`P \ll |\mathcal E|` for
+    Cost: the edge MLP, $O(|\mathcal E| F^2)$, plus $K$ sparse products over
+    the $P$ coalesced node pairs, $O(K P F)$ with $P \ll |\mathcal E|$ for
     convolution kernels.
 
-    Args (``backbone_kwargs``):
-        conv: ``"uniconv"`` (:class:`~graphspace.nn.conv.UnitaryConv`, default) or ``"lie"``
-            (:class:`~graphspace.nn.conv.LieUnitaryConv`, real orthogonal).
+    Args (`backbone_kwargs`):
+        conv: `"uniconv"` ([`UnitaryConv`][graphspace.nn.conv.UnitaryConv], default) or `"lie"`
+            ([`LieUnitaryConv`][graphspace.nn.conv.LieUnitaryConv], real orthogonal).
         heads: number of operators (default 4; must divide the width, twice for UniConv).
-        order: Taylor order :math:`K` (default 10).
-        t: UniConv time (default 1.0); ``learn_t`` to learn it.
-        weight: UniConv weight type (``"dense"`` default, ``"unitary"``, ``"identity"``).
+        order: Taylor order $K$ (default 10).
+        t: UniConv time (default 1.0); `learn_t` to learn it.
+        weight: UniConv weight type (`"dense"` default, `"unitary"`, `"identity"`).
     """
 
     def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,
@@ -508,8 +515,8 @@ class UnitaryBlock(nn.Module):
         _reset_linears(self.node_update)
 
     def operator(self, edge_attr: Tensor, pairs: SymmetricPairs) -> Tensor:
-        r"""Normalised symmetric weights :math:`\hat A^{(h)}` on ``pairs.pair_index``,
-        ``(P + N, heads)``."""
+        r"""Normalised symmetric weights $\hat A^{(h)}$ on `pairs.pair_index`,
+        `(P + N, heads)`."""
         w = torch.tanh(self.edge_weight(edge_attr))
         p = pairs.num_pairs
         a = scatter(0.5 * torch.cat([w, w]), pairs.edge_to_pair, 0, p, "sum")
@@ -538,19 +545,19 @@ class UnitaryBlock(nn.Module):
 
 
 class EgoNets(NamedTuple):
-    """The bag of 1-hop ego-networks of every node (state of the ``subgraph`` backbone).
+    """The bag of 1-hop ego-networks of every node (state of the `subgraph` backbone).
 
-    Bag node ``v < N`` is the (marked) root of the ego-net of node ``v``; bag node ``N + p``
-    is the copy of node ``member[p]`` in the ego-net of ``center[p]``.
+    Bag node `v < N` is the (marked) root of the ego-net of node `v`; bag node `N + p`
+    is the copy of node `member[p]` in the ego-net of `center[p]`.
 
     Attributes:
-        node_map: ``(N_bag,)`` original node of each bag node.
-        subgraph_id: ``(N_bag,)`` ego-net (= its root node) of each bag node.
-        bag_batch: ``(N_bag,)`` network of each bag node.
-        bag_edge_index: ``(2, E_bag)`` root-member edges and, for every triangle of the
+        node_map: `(N_bag,)` original node of each bag node.
+        subgraph_id: `(N_bag,)` ego-net (= its root node) of each bag node.
+        bag_batch: `(N_bag,)` network of each bag node.
+        bag_edge_index: `(2, E_bag)` root-member edges and, for every triangle of the
             graph, the member-member edges it induces, both directions.
-        edge_to_bag: ``(E,)`` for every edge ``j -> i``, the bag node "copy of ``j`` in the
-            ego-net of ``i``" (``i`` itself for a self-loop).
+        edge_to_bag: `(E,)` for every edge `j -> i`, the bag node "copy of `j` in the
+            ego-net of `i`" (`i` itself for a self-loop).
         num_nodes, num_graphs, num_triangles: sizes.
     """
 
@@ -565,11 +572,11 @@ class EgoNets(NamedTuple):
 
 
 def _triangles(u: Tensor, v: Tensor, n: int, chunk: int) -> Tensor:
-    """All triangles of the simple undirected graph ``{u_k, v_k}`` (``u < v`` unique) as
-    ``(T, 3)``, with the compact-forward algorithm: orient every edge from lower to higher
+    r"""All triangles of the simple undirected graph `{u_k, v_k}` (`u < v` unique) as
+    `(T, 3)`, with the compact-forward algorithm: orient every edge from lower to higher
     (degree, id) rank and intersect out-neighbourhoods, scanning the shorter list of each
-    edge (:math:`O(\\sum_{a \\to b} \\min(d^+_a, d^+_b)) \\le O(U^{3/2})` candidate checks,
-    processed ``chunk`` at a time)."""
+    edge ($O(\sum_{a \to b} \min(d^+_a, d^+_b)) \le O(U^{3/2})$ candidate checks,
+    processed `chunk` at a time)."""
     device = u.device
     deg = torch.bincount(torch.cat([u, v]), minlength=n)
     ru, rv = deg[u] * n + u, deg[v] * n + v
@@ -609,16 +616,16 @@ def _triangles(u: Tensor, v: Tensor, n: int, chunk: int) -> Tensor:
 
 
 class EgoNetBag(nn.Module):
-    r"""Builds :class:`EgoNets`, the bag of node-marked 1-hop ego-networks (ESAN's
+    r"""Builds `EgoNets`, the bag of node-marked 1-hop ego-networks (ESAN's
     "ego-nets+" policy), once per forward pass (no parameters, no gradient).
 
-    Parallel and reversed edges are coalesced first (:math:`U` distinct neighbour pairs);
-    the bag has :math:`N + 2U` nodes and :math:`4U + 6T` edges (:math:`T` triangles), i.e.
+    Parallel and reversed edges are coalesced first ($U$ distinct neighbour pairs);
+    the bag has $N + 2U$ nodes and $4U + 6T$ edges ($T$ triangles), i.e.
     it is linear in the graph size for the nearly triangle-free parameter graphs of
-    feed-forward networks, instead of the :math:`O(N^2)` of a node-marking or node-deletion
+    feed-forward networks, instead of the $O(N^2)$ of a node-marking or node-deletion
     bag. Deeper ego-nets are not offered: two hops around a neuron already span two full
-    layers, so their bag grows like :math:`N \cdot \text{width}^2`. Construction: sorting
-    (:math:`O(E \log E)`) and triangle listing (see :func:`_triangles`).
+    layers, so their bag grows like $N \cdot \text{width}^2$. Construction: sorting
+    ($O(E \log E)$) and triangle listing (see `_triangles`).
 
     Args:
         chunk: candidate triangle checks processed at a time (bounds memory).
@@ -671,12 +678,13 @@ class EgoNetBag(nn.Module):
 @register_backbone("subgraph")
 class SubgraphBlock(nn.Module):
     r"""A subgraph block: a SPEN-style layer (Mitton & Murray-Smith, TMLR 2023;
-    :class:`~graphspace.nn.conv.SPENConv`) on the bag of node-marked 1-hop ego-networks
-    (ESAN's ego-nets+ policy, Bevilacqua et al., ICLR 2022), built by :class:`EgoNetBag`.
+    [`SPENConv`][graphspace.nn.conv.SPENConv]) on the bag of node-marked 1-hop ego-networks
+    (ESAN's ego-nets+ policy, Bevilacqua et al., ICLR 2022), built by `EgoNetBag`.
 
-    For the copy of node :math:`v` in the ego-net of root :math:`i`,
+    For the copy of node $v$ in the ego-net of root $i$,
 
-    .. math::
+    $$
+    \begin{aligned}
         \mathbf e' &= \mathbf e + \phi_e([\mathbf x_i \,\|\, \mathbf x_j \,\|\, \mathbf e]) \\
         \mathbf h_{i,v} &= \mathbf x_v + [v = i]\, \mathbf m
             + [v \ne i]\, \operatorname*{mean}_{(v \to i) \in \mathcal E} W_e \mathbf e'_{iv}
@@ -684,21 +692,23 @@ class SubgraphBlock(nn.Module):
         \mathbf h'_{i,v} &= \sigma\big(\mathrm{SPEN}(\mathbf h)_{i,v}\big) \\
         \mathbf x'_v &= \mathbf x_v + \phi_h\big([\mathbf x_v \,\|\, \mathbf h'_{v,v} \,\|\,
             \operatorname*{mean}_{i : v \in \mathrm{ego}(i)} \mathbf h'_{i,v}]\big)
+    \end{aligned}
+    $$
 
-    The root marker :math:`\mathbf m` is the node marking; the edges between root and member
+    The root marker $\mathbf m$ is the node marking; the edges between root and member
     (all parallel kernel-entry edges, both directions) enter the member's features, so each
     ego-net sees the parameter values of its root. SPEN combines the message passing inside
     every ego-net with pooling within the ego-net, over the copies of a node and over the
     bag; the readout uses the root copy and the mean over the copies. Every step is
     equivariant to node permutations (and invariant to the order of the ego-nets).
 
-    Cost: the edge MLP :math:`O(|\mathcal E| F^2)` plus SPEN on :math:`N + 2U` bag nodes and
-    :math:`4U + 6T` bag edges, :math:`O((N + U + T) F^2)` (:math:`U` distinct neighbour
-    pairs, :math:`T` triangles; see :class:`EgoNetBag`).
+    Cost: the edge MLP $O(|\mathcal E| F^2)$ plus SPEN on $N + 2U$ bag nodes and
+    $4U + 6T$ bag edges, $O((N + U + T) F^2)$ ($U$ distinct neighbour
+    pairs, $T$ triangles; see `EgoNetBag`).
 
-    Args (``backbone_kwargs``):
-        aggr: SPEN pooling, ``"mean"`` (default) or ``"sum"``.
-        bag_term: SPEN's pooled-over-the-bag term (default ``True``).
+    Args (`backbone_kwargs`):
+        aggr: SPEN pooling, `"mean"` (default) or `"sum"`.
+        bag_term: SPEN's pooled-over-the-bag term (default `True`).
     """
 
     def __init__(self, hidden: int, edge_channels: int, dropout: float = 0.0,

@@ -1,4 +1,4 @@
-r"""``GraphMetaNetwork``: a GNN over parameter graphs, invariant to hidden-neuron permutations."""
+r"""`GraphMetaNetwork`: a GNN over parameter graphs, invariant to hidden-neuron permutations."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ _SORTED_EDGE_BACKBONES = ("metanet",)
 class ParameterGraphEncoder(nn.Module):
     r"""Embeds parameter-graph nodes and edges.
 
-    Node embedding: :math:`W_x \mathbf{x} + E_{type} + E_{layer} + E_{io} + E_{act}` where the
-    input/output embedding :math:`E_{io}` distinguishes each input and output position (inputs
+    Node embedding: $W_x \mathbf{x} + E_{type} + E_{layer} + E_{io} + E_{act}$ where the
+    input/output embedding $E_{io}$ distinguishes each input and output position (inputs
     and outputs are not permutable) and gives all hidden neurons one shared vector, so the
     encoding is invariant to permutations of hidden neurons (Lim et al. 2024; Kofinas et al.
-    2024). Edge embedding: :math:`W_e \mathbf{e} + E_{type} + E_{layer} + \sum_d E^{(d)}_{pos}`.
+    2024). Edge embedding: $W_e \mathbf{e} + E_{type} + E_{layer} + \sum_d E^{(d)}_{pos}$.
     Attention head indices are deliberately not encoded (heads are permutable).
 
-    ``edge_pos=False`` drops :math:`E_{pos}` (graphs built with ``kernel="channel"`` carry the
+    `edge_pos=False` drops $E_{pos}$ (graphs built with `kernel="channel"` carry the
     kernel as edge features and have no per-edge spatial offset); when it is enabled and a batch
-    has no ``edge_pos``, every edge gets offset 0, so all parameters take part in every forward
+    has no `edge_pos`, every edge gets offset 0, so all parameters take part in every forward
     pass (as DDP requires).
     """
 
@@ -57,14 +57,15 @@ class ParameterGraphEncoder(nn.Module):
 
     def edges_both_directions(self, data: Any, order: Tensor,
                               direction: Tensor) -> Tensor:
-        r"""The edge embedding of the forward and reversed copy of every edge, in ``order``
-        (position :math:`p < E_0` of ``order`` is edge :math:`p` forwards, :math:`p \ge E_0`
-        edge :math:`p - E_0` reversed), plus ``direction[0]`` / ``direction[1]``; the same
-        values as ``cat([e + d[0], e + d[1]])[order]`` with ``e`` from :meth:`forward`.
+        r"""The edge embedding of the forward and reversed copy of every edge, in `order`
+        (position $p < E_0$ of `order` is edge $p$ forwards, $p \ge E_0$
+        edge $p - E_0$ reversed), plus `direction[0]` / `direction[1]`; the same
+        values as `cat([e + d[0], e + d[1]])[order]` with `e` from
+        [`forward`][graphspace.tasks.contrastive.GraphContrastive.forward].
 
-        Without spatial offsets the type, layer and direction embeddings (and ``edge_lin``'s
-        bias) are one table of :math:`|types| \cdot L \cdot 2` rows, built per call, so each
-        edge copy costs one row gather and one ``edge_in``-wide product, and the backward
+        Without spatial offsets the type, layer and direction embeddings (and `edge_lin`'s
+        bias) are one table of $|types| \cdot L \cdot 2$ rows, built per call, so each
+        edge copy costs one row gather and one `edge_in`-wide product, and the backward
         pass is one scatter into that table instead of one per embedding plus the gathers of
         the direction copies.
         """
@@ -83,8 +84,8 @@ class ParameterGraphEncoder(nn.Module):
                            data.edge_attr.index_select(0, which), self.edge_lin.weight.t())
 
     def _edge_embedding(self, data: Any, rows: Tensor | None = None) -> Tensor:
-        """``edge_lin`` + type + layer (+ offset) embeddings of the edges ``rows`` (all if
-        ``None``)."""
+        """`edge_lin` + type + layer (+ offset) embeddings of the edges `rows` (all if
+        `None`)."""
         def pick(t: Tensor) -> Tensor:
             return t if rows is None else t.index_select(0, rows)
 
@@ -117,49 +118,51 @@ class ParameterGraphEncoder(nn.Module):
 class GraphMetaNetwork(nn.Module):
     r"""A graph metanetwork: encoder, message-passing blocks, readout.
 
-    It consumes :class:`~graphspace.graphs.ParameterGraph` batches (``torch_geometric`` ``Batch``
-    objects) of any architectures and returns one vector per network. Every block is equivariant
-    to node permutations and the encoder gives hidden neurons no identity, so the output is
-    invariant to permutations of each input network's hidden neurons (but not of its input or
+    It consumes [`ParameterGraph`][graphspace.graphs.ParameterGraph] batches (`torch_geometric`
+    `Batch` objects) of any architectures and returns one vector per network. Every block is
+    equivariant to node permutations and the encoder gives hidden neurons no identity, so the output
+    is invariant to permutations of each input network's hidden neurons (but not of its input or
     output neurons).
 
     Args:
         out_channels (int): size of the per-network output.
         hidden_channels (int): node width (default 64).
-        edge_channels (int): edge width (default ``hidden_channels``).
+        edge_channels (int): edge width (default `hidden_channels`).
         num_layers (int): message-passing blocks (default 4).
         backbone (str): the message-passing family of the blocks, one of
-            :data:`~graphspace.nn.models.backbones.BACKBONES`: ``"metanet"``
-            (:class:`~graphspace.nn.conv.MetaNetworkConv`, default), ``"egnn"``
-            (:class:`~graphspace.nn.conv.EGNNConv` with learned or positional coordinates),
-            ``"sheaf"`` (:class:`~graphspace.nn.conv.SheafConv`, neural sheaf diffusion),
-            ``"unitary"`` (:class:`~graphspace.nn.conv.UnitaryConv` /
-            :class:`~graphspace.nn.conv.LieUnitaryConv`) or ``"subgraph"``
-            (:class:`~graphspace.nn.conv.SPENConv` on node-marked ego-nets). Every backbone
+            `BACKBONES`: `"metanet"`
+            ([`MetaNetworkConv`][graphspace.nn.conv.MetaNetworkConv], default), `"egnn"`
+            ([`EGNNConv`][graphspace.nn.conv.EGNNConv] with learned or positional coordinates),
+            `"sheaf"` ([`SheafConv`][graphspace.nn.conv.SheafConv], neural sheaf diffusion),
+            `"unitary"` ([`UnitaryConv`][graphspace.nn.conv.UnitaryConv] /
+            [`LieUnitaryConv`][graphspace.nn.conv.LieUnitaryConv]) or `"subgraph"`
+            ([`SPENConv`][graphspace.nn.conv.SPENConv] on node-marked ego-nets). Every backbone
             uses the edge features and keeps the invariance to hidden-neuron permutations;
-            see :mod:`graphspace.nn.models.backbones` for the equations, options and costs.
+            see `graphspace.nn.models.backbones` for the equations, options and costs.
             New families are added with
-            :func:`~graphspace.nn.models.backbones.register_backbone`.
-        readout (str): ``"pool"`` (DeepSets: mean and max over nodes and mean over edges, then an
-            MLP) or ``"output"`` (concatenate the output neurons' features in output order,
+            [`register_backbone`][graphspace.nn.models.backbones.register_backbone].
+        readout (str): `"pool"` (DeepSets: mean and max over nodes and mean over edges, then an
+            MLP) or `"output"` (concatenate the output neurons' features in output order,
             plus the pooled features; every network in a batch must have as many outputs as
-            ``num_outputs``).
-        num_outputs (int): output neurons per network for ``readout="output"``.
+            `num_outputs`).
+        num_outputs (int): output neurons per network for `readout="output"`.
         bidirectional (bool): also pass messages along reversed edges (with a direction
-            embedding) (default ``True``).
-        node_in (int), edge_in (int): raw feature sizes (3 and 1 for ``kernel="edge"`` graphs;
-            ``edge_in = kh * kw`` of the largest kernel for ``kernel="channel"`` graphs).
+            embedding) (default `True`).
+        node_in (int), edge_in (int): raw feature sizes (3 and 1 for `kernel="edge"` graphs;
+            `edge_in = kh * kw` of the largest kernel for `kernel="channel"` graphs).
         edge_pos (bool, optional): embed the per-edge spatial kernel offset (default: only when
-            ``edge_in == 1``, i.e. for ``kernel="edge"`` graphs).
+            `edge_in == 1`, i.e. for `kernel="edge"` graphs).
         backbone_kwargs (dict): extra arguments for the blocks, e.g.
-            ``{"coords": "positional"}`` for ``"egnn"``, ``{"map_type": "orthogonal"}`` for
-            ``"sheaf"``, ``{"conv": "lie", "heads": 2}`` for ``"unitary"``.
+            `{"coords": "positional"}` for `"egnn"`, `{"map_type": "orthogonal"}` for
+            `"sheaf"`, `{"conv": "lie", "heads": 2}` for `"unitary"`.
 
-    Example::
+    Example:
 
-        net = GraphMetaNetwork(1, hidden_channels=32, backbone="sheaf",
-                               backbone_kwargs={"stalk_dim": 4, "map_type": "orthogonal"})
-        y = net(Batch.from_data_list([ParameterGraph.from_module(m) for m in models]))
+    ```python
+    net = GraphMetaNetwork(1, hidden_channels=32, backbone="sheaf",
+                           backbone_kwargs={"stalk_dim": 4, "map_type": "orthogonal"})
+    y = net(Batch.from_data_list([ParameterGraph.from_module(m) for m in models]))
+    ```
     """
 
     def __init__(
@@ -252,10 +255,10 @@ class GraphMetaNetwork(nn.Module):
         return self.head(torch.cat(pooled, dim=-1))
 
     def _sorted_order(self, edge_index: Tensor) -> Tensor | None:
-        """For the backbones of :data:`_SORTED_EDGE_BACKBONES` (eager mode): the stable order
-        that sorts the forward and reversed edges (``cat([edge_index, edge_index.flip(0)])``)
+        """For the backbones of `_SORTED_EDGE_BACKBONES` (eager mode): the stable order
+        that sorts the forward and reversed edges (`cat([edge_index, edge_index.flip(0)])`)
         by target node, which every edge-order-invariant block accepts and the CSR-based ones
-        run faster on; ``None`` otherwise (forward edges first, then the reversed ones)."""
+        run faster on; `None` otherwise (forward edges first, then the reversed ones)."""
         if self.backbone not in _SORTED_EDGE_BACKBONES or torch.compiler.is_compiling() \
                 or edge_index.size(1) == 0:
             return None
