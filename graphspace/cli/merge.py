@@ -58,10 +58,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="merge checkpoints holding NaN or Inf (refused by default; weight "
                         "matching refuses them regardless)")
+    p.add_argument("--eval", default=None, metavar="CLASS_PATH",
+                   help="evaluation data (a LightningDataModule, whose test loader is used, or "
+                        "an iterable of (x, y) batches): prints the accuracies and loss barriers "
+                        "and saves the interpolation plot next to the output")
+    p.add_argument("--eval-kwargs", default="{}", metavar="MAPPING")
+    p.add_argument("--eval-points", type=int, default=11,
+                   help="interpolation points in [0, 1] for --eval (default 11)")
     p.add_argument("-o", "--output", required=True, help="output file (.safetensors or .pt)")
 
 
-def _data(spec: str | None, kwargs: dict[str, Any]) -> Any:
+def _data(spec: str | None, kwargs: dict[str, Any], stage: str = "fit",
+          flag: str = "--data") -> Any:
     if spec is None:
         return None
     import lightning.pytorch as pl
@@ -71,12 +79,45 @@ def _data(spec: str | None, kwargs: dict[str, Any]) -> Any:
     try:
         obj = import_object(spec)
     except ValueError as e:
-        raise CLIError(f"--data: {e}") from None
+        raise CLIError(f"{flag}: {e}") from None
     data = obj(**kwargs) if callable(obj) else obj
     if isinstance(data, pl.LightningDataModule):
-        data.setup("fit")
-        return data.train_dataloader()
+        data.setup(stage)
+        return data.train_dataloader() if stage == "fit" else data.test_dataloader()
     return data
+
+
+def _evaluate(a: argparse.Namespace, models: list, merged: Any, loader: Any,
+              extra: dict[str, Any]) -> None:
+    """`--eval`: accuracies of the inputs and the merge, loss barriers along the straight
+    lines A -> B (naive) and A -> aligned B, and their plot next to the output."""
+    from graphspace.merge.api import align
+    from graphspace.merge.interpolation import evaluate, interpolation_curve, plot_curves
+
+    ev = _data(a.eval, parse_mapping(a.eval_kwargs, "--eval-kwargs"), stage="test",
+               flag="--eval")
+    n = a.num_batches
+
+    def fmt(loss: float, acc: float | None) -> str:
+        return f"loss {loss:.4f}" + ("" if acc is None else f", accuracy {acc:.4f}")
+
+    for i, m in enumerate(models):
+        print(f"  model {i} ({a.checkpoints[i]}): {fmt(*evaluate(m, ev, num_batches=n))}")
+    print(f"  merged ({a.method}): {fmt(*evaluate(merged, ev, num_batches=n))}")
+    if len(models) != 2:
+        return
+    curves = {"naive": interpolation_curve(models[0], models[1], ev, a.eval_points,
+                                           num_batches=n)}
+    if a.method in ("weight_matching", "activation_matching", "ste"):
+        aligned, _ = align(models[0], models[1], a.method, loader=loader, num_batches=n,
+                           seed=a.seed, **extra)
+        curves[a.method] = interpolation_curve(models[0], aligned, ev, a.eval_points,
+                                               num_batches=n)
+    for label, c in curves.items():
+        print(f"  loss barrier, {label}: {c.barrier:.4f}")
+    stem = os.path.splitext(a.output)[0]
+    plot_curves(curves, stem + ".interpolation.png",  # prints where it saved the plot
+                title=f"{a.method}: {os.path.basename(a.output)}")
 
 
 def _validate(a: argparse.Namespace) -> None:
@@ -89,6 +130,8 @@ def _validate(a: argparse.Namespace) -> None:
         if any(w < 0 for w in a.weights) or sum(a.weights) <= 0:
             raise CLIError(f"--weights must be non-negative with a positive sum, got "
                            f"{a.weights}")
+    if a.eval_points < 2:
+        raise CLIError(f"--eval-points must be >= 2, got {a.eval_points}")
     for name in ("num_batches", "max_passes", "epochs"):
         v = getattr(a, name)
         if v is not None and v < 1:
@@ -144,4 +187,6 @@ def run(a: argparse.Namespace) -> int:
     save_state_dict(merged.state_dict(), a.output,
                     metadata=meta if str(a.output).endswith(".safetensors") else None)
     print(f"merged {len(models)} checkpoints with {a.method} -> {a.output}")
+    if a.eval is not None:
+        _evaluate(a, models, merged, loader, extra)
     return 0

@@ -20,6 +20,7 @@ edge_weight)`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -117,6 +118,27 @@ def check_node_features(x: object, name: str = "x", *, layer: str | None = None,
     return x
 
 
+_LAST_RANGE: tuple[weakref.ref, int, int, int] | None = None
+
+
+def _index_range(index: Tensor) -> tuple[int, int]:
+    """`(min, max)` of `index`, remembered for the last tensor checked: the layers of one
+    model all check the same `edge_index`, so only the first pays the pass and the host sync.
+    The memo holds a weak reference and the tensor's version counter, so a new tensor or an
+    in-place change is always checked again."""
+    global _LAST_RANGE
+    last = _LAST_RANGE
+    if last is not None and last[0]() is index and last[1] == index._version:
+        return last[2], last[3]
+    lo_t, hi_t = torch.aminmax(index)
+    lo, hi = int(lo_t), int(hi_t)
+    try:
+        _LAST_RANGE = (weakref.ref(index), index._version, lo, hi)
+    except TypeError:  # a tensor type without weak references: no memo
+        _LAST_RANGE = None
+    return lo, hi
+
+
 def check_edge_index(edge_index: object, num_nodes: int | None = None, *,
                      name: str = "edge_index", layer: str | None = None) -> Tensor:
     """Check an `edge_index` of shape `(2, E)`: integer dtype, orientation, index range.
@@ -144,7 +166,7 @@ def check_edge_index(edge_index: object, num_nodes: int | None = None, *,
         raise GraphInputError(f"{where} must have shape (2, E), got "
                               f"{_shape(edge_index)}{hint}")
     if edge_index.numel() and num_nodes is not None and not torch.compiler.is_compiling():
-        lo, hi = int(edge_index.min()), int(edge_index.max())
+        lo, hi = _index_range(edge_index)
         if lo < 0:
             raise GraphInputError(f"{where} holds a negative node index ({lo}); indices must "
                                   f"lie in [0, {num_nodes})")

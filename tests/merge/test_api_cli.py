@@ -192,3 +192,30 @@ def test_cli_with_data_and_repair(tmp_path):
     assert rc == 0 and out.exists()
     assert main(["--help"]) == 0
     assert main([paths[0]]) == 2  # --model and -o missing: usage error
+
+
+def test_cli_eval_prints_accuracies_and_barriers_and_saves_the_plot(tmp_path, capsys):
+    from graphspace.merge.interpolation import evaluate, interpolation_curve
+    from graphspace.merge.digits import DigitsDataModule
+
+    models = _models(2, sizes=(64, 32, 10))
+    paths = _write(models, tmp_path)
+    out = tmp_path / "m.safetensors"
+    rc = main(paths + ["--model", FACTORY, "--init-args", '{"sizes": [64, 32, 10]}',
+                       "--eval", "graphspace.merge.digits:DigitsDataModule",
+                       "--eval-points", "3", "-o", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    plot = tmp_path / "m.interpolation.png"
+    assert plot.exists() and plot.stat().st_size > 1000
+    assert f"interpolation plot -> {plot}" in text
+    dm = DigitsDataModule()
+    dm.setup("test")
+    loss0, acc0 = evaluate(models[0], dm.test_dataloader())
+    assert f"model 0 ({paths[0]}): loss {loss0:.4f}, accuracy {acc0:.4f}" in text
+    naive = interpolation_curve(models[0], models[1], dm.test_dataloader(), 3)
+    assert f"loss barrier, naive: {naive.barrier:.4f}" in text
+    assert "loss barrier, weight_matching:" in text
+    assert main(paths + ["--model", FACTORY, "--init-args", '{"sizes": [64, 32, 10]}',
+                         "--eval", "nowhere:Nothing", "-o", str(out)]) != 0
+    assert "--eval" in capsys.readouterr().err

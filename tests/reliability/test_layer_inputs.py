@@ -223,3 +223,18 @@ def test_fuzz_bad_inputs_give_clear_errors(name, data):
     assert (arg, kind) in {("edge_index", "channels"), ("orig_edge_index", "channels")}, \
         f"{name}: {arg} damaged by {kind} was accepted (output {tuple(out.shape)})"
     assert out.size(0) == bad["x"].size(0)
+
+
+def test_the_index_range_memo_never_skips_a_changed_or_new_tensor():
+    from graphspace.nn.validation import GraphInputError, check_edge_index
+
+    e = torch.tensor([[0, 1], [1, 2]])
+    check_edge_index(e, 3)
+    check_edge_index(e, 3)  # remembered
+    with pytest.raises(GraphInputError, match="node 2"):
+        check_edge_index(e, 2)  # same tensor, fewer nodes
+    e[1, 1] = 7  # in place: the version counter moves
+    with pytest.raises(GraphInputError, match="node 7"):
+        check_edge_index(e, 3)
+    with pytest.raises(GraphInputError, match="negative"):
+        check_edge_index(torch.tensor([[0, -1], [1, 2]]), 3)  # a new tensor
