@@ -195,8 +195,8 @@ def test_cli_with_data_and_repair(tmp_path):
 
 
 def test_cli_eval_prints_accuracies_and_barriers_and_saves_the_plot(tmp_path, capsys):
-    from graphspace.merge.interpolation import evaluate, interpolation_curve
     from graphspace.merge.digits import DigitsDataModule
+    from graphspace.merge.interpolation import evaluate, interpolation_curve
 
     models = _models(2, sizes=(64, 32, 10))
     paths = _write(models, tmp_path)
