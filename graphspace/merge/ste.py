@@ -37,6 +37,7 @@ from torch.func import functional_call
 from graphspace.merge._utils import batch_input, batch_target, iterate, to_device
 from graphspace.merge.spec import AlignmentSpec
 from graphspace.merge.weight_matching import MatchResult, align_state, weight_matching
+from graphspace.tasks.outputs import PredictionsFile
 
 
 def _sanitize(key: str) -> str:
@@ -55,7 +56,7 @@ def _load_endpoint(model: str | None, kwargs: dict[str, Any] | None,
     return m
 
 
-class STEMatching(pl.LightningModule):
+class STEMatching(PredictionsFile, pl.LightningModule):
     r"""Learn B's permutation with a straight-through estimator of the midpoint loss.
 
     Args:
@@ -222,6 +223,31 @@ class STEMatching(pl.LightningModule):
                 r[1] += acc_v * n
                 r[2] += n
                 self._log(f"test/{name.replace(' ', '_')}_loss", loss)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+                     ) -> dict[str, Tensor]:
+        """Per-sample predictions of A, B, the naive midpoint and the STE midpoint (written to
+        the run's predictions file, see `graphspace.tasks.outputs.PredictionsFile`).
+
+        Returns:
+            `{"target": [B], "pred_<model>": [B], "loss_<model>": [B]}` for the models `a`,
+            `b`, `naive_midpoint` and `ste_midpoint` (per-sample cross-entropy; no loss
+            columns when the batches carry no targets).
+        """
+        x, y = batch_input(batch), batch_target(batch)
+        sa, sb = self._states()
+        rows = {"a": sa, "b": sb, "naive_midpoint": self.midpoint_state(self.spec.identity()),
+                "ste_midpoint": self.midpoint_state(self.permutations())}
+        out: dict[str, Tensor] = {}
+        if y is not None:
+            out["target"] = y
+        with torch.no_grad():
+            for name, st in rows.items():
+                logits = functional_call(self.model_a, st, (x,))
+                out[f"pred_{name}"] = logits.argmax(-1)
+                if y is not None:
+                    out[f"loss_{name}"] = F.cross_entropy(logits.float(), y, reduction="none")
+        return out
 
     def results_table(self) -> str:
         """Markdown table of the test losses/accuracies (A, B, naive and STE midpoints)."""

@@ -94,7 +94,12 @@ def swap_io_neurons(model: nn.Module, example_input: Any = None) -> nn.Module:
 
 def to_networkx(graph: ParameterGraph, decimals: int = 8) -> nx.DiGraph:
     """A networkx view with string labels (node: type/role/position/features; edge: the sorted
-    labels type/weight/offset of all parameter edges between the two neurons)."""
+    labels type/weight/offset of all parameter edges between the two neurons).
+
+    Not PyG's `torch_geometric.utils.to_networkx`: a parameter graph has parallel edges (one
+    per kernel entry between two channels), and the Weisfeiler-Lehman hash in `wl_hash` needs
+    them folded into one labelled edge, which a `DiGraph` from PyG would overwrite and a
+    `MultiDiGraph` would keep apart."""
     g = nx.DiGraph()
     x = graph.x.tolist()
     types, roles, poss = (graph.node_type.tolist(), graph.node_role.tolist(),

@@ -110,3 +110,28 @@ def test_yaml_config_instantiates_and_fits(endpoint_files, tmp_path, monkeypatch
     table = cli.model.results_table()
     assert "STE midpoint" in table and "naive midpoint" in table
     assert cli.model.best["val"][1] is not None
+
+
+def test_ste_predict_writes_per_sample_predictions(tmp_path):
+    import lightning.pytorch as pl
+    from torch.func import functional_call
+
+    from graphspace.testing.models import MLP
+
+    torch.manual_seed(0)
+    a, b = MLP((8, 16, 4)), MLP((8, 16, 4))
+    mod = STEMatching(model_a=a, model_b=b)
+    batches = [(torch.randn(5, 8), torch.randint(0, 4, (5,))) for _ in range(2)]
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*(torch.cat(t) for t in zip(*batches))), batch_size=5)
+    got = trainer.predict(mod, loader)
+    x = torch.cat([bt[0] for bt in batches])
+    y = torch.cat([bt[1] for bt in batches])
+    mid = functional_call(mod.model_a, mod.midpoint_state(mod.permutations()), (x,))
+    assert torch.equal(torch.cat([g["target"] for g in got]), y)
+    assert torch.equal(torch.cat([g["pred_ste_midpoint"] for g in got]), mid.argmax(-1))
+    assert torch.equal(torch.cat([g["pred_a"] for g in got]), a(x).argmax(-1))
+    path = mod.predictions_path
+    assert path is not None and path.exists() and path.parent == tmp_path
