@@ -24,6 +24,9 @@ SCALERS = ("identity", "amplification", "attenuation")
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Sequential:
+    # Not PyG's `MLP`: the fused edge kernels (`graphspace.ops.metanetwork`) split the first
+    # Linear of `edge_mlp` by position (`edge_mlp[0]`, the rest applied after it), and
+    # checkpoints' keys (`edge_mlp.0.weight`) follow this layout.
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Dropout(dropout),
                          nn.Linear(hidden, out_dim))
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GraphConv
 
 from graphspace.nn.conv.egnn_conv import EGNNConv
-from graphspace.nn.conv.metanetwork_conv import MetaNetworkConv
+from graphspace.nn.conv.metanetwork_conv import MetaNetworkConv, _mlp
 from graphspace.nn.conv.sheaf_conv import SheafConv, SheafLaplacian, maps_from_params
 from graphspace.nn.conv.subgraph_conv import DSConv, DSSConv, SPENConv, bag_to_nodes
 from graphspace.nn.conv.unitary_conv import LieUnitaryConv, UnitaryConv
@@ -104,11 +104,6 @@ def make_state(name: str, hidden: int, edge_channels: int, **kwargs: Any) -> nn.
     """The backbone's state module (`None` for stateless backbones)."""
     maker = getattr(_factory(name), "make_state", None)
     return None if maker is None else maker(hidden, edge_channels, **kwargs)
-
-
-def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.0) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, out_dim))
 
 
 def _reset_linears(module: nn.Module) -> None:
