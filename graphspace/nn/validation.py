@@ -127,6 +127,9 @@ def _index_range(index: Tensor) -> tuple[int, int]:
     The memo holds a weak reference and the tensor's version counter, so a new tensor or an
     in-place change is always checked again."""
     global _LAST_RANGE
+    if index.is_inference():  # no version counter to tell an in-place change: no memo
+        lo_t, hi_t = torch.aminmax(index)
+        return int(lo_t), int(hi_t)
     last = _LAST_RANGE
     if last is not None and last[0]() is index and last[1] == index._version:
         return last[2], last[3]

@@ -238,3 +238,13 @@ def test_the_index_range_memo_never_skips_a_changed_or_new_tensor():
         check_edge_index(e, 3)
     with pytest.raises(GraphInputError, match="negative"):
         check_edge_index(torch.tensor([[0, -1], [1, 2]]), 3)  # a new tensor
+
+
+def test_index_range_check_works_on_inference_tensors():
+    from graphspace.nn.validation import GraphInputError, check_edge_index
+
+    with torch.inference_mode():  # Lightning's test and predict loops
+        e = torch.tensor([[0, 1], [1, 2]])
+        check_edge_index(e, 3)
+        with pytest.raises(GraphInputError, match="node 2"):
+            check_edge_index(e, 2)
